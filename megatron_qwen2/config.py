@@ -1,0 +1,257 @@
+"""Configuration dataclasses, one per concern, used as Hydra structured configs.
+
+Every field a user may change lives here with a default that serves. `validate()` on each
+raises `ValueError` naming the field and the bad value before anything is allocated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _positive(obj, *names: str, prefix: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(isinstance(value, int) and value > 0, f"{prefix}.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a Qwen2 dense or MoE decoder (field names follow Megatron, values HF config.json)."""
+
+    name: str = "tiny"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
+    ffn_hidden_size: int = 128
+    vocab_size: int = 4096
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1_000_000.0
+    # YaRN / linear scaling for long context; None means plain RoPE.
+    rope_scaling_type: Optional[str] = None
+    rope_scaling_factor: float = 1.0
+    rope_original_max_position_embeddings: Optional[int] = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = True
+    init_std: float = 0.02
+    # Mixture of experts (num_experts == 0: dense model).
+    num_experts: int = 0
+    moe_top_k: int = 0
+    moe_ffn_hidden_size: int = 0
+    shared_expert_ffn_hidden_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    aux_loss_coef: float = 0.001
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Same rule as HF Qwen2MoeDecoderLayer."""
+        return (
+            self.num_experts > 0
+            and layer_idx not in self.mlp_only_layers
+            and (layer_idx + 1) % self.decoder_sparse_step == 0
+        )
+
+    def validate(self) -> "ModelConfig":
+        p = "model"
+        _positive(self, "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads",
+                  "ffn_hidden_size", "vocab_size", "max_position_embeddings", prefix=p)
+        _require(self.num_attention_heads % self.num_kv_heads == 0,
+                 f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                 f"model.num_kv_heads={self.num_kv_heads}")
+        if self.head_dim is None:
+            _require(self.hidden_size % self.num_attention_heads == 0,
+                     f"model.hidden_size={self.hidden_size} is not divisible by "
+                     f"model.num_attention_heads={self.num_attention_heads}; set model.head_dim")
+        else:
+            _positive(self, "head_dim", prefix=p)
+        _require(self.kv_channels % 2 == 0, f"model.head_dim={self.kv_channels} must be even for RoPE")
+        _require(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
+        _require(self.rms_norm_eps > 0, f"model.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        _require(self.init_std > 0, f"model.init_std must be > 0, got {self.init_std}")
+        _require(self.rope_scaling_type in (None, "yarn", "linear"),
+                 f"model.rope_scaling_type must be null, 'yarn' or 'linear', got {self.rope_scaling_type!r}")
+        if self.rope_scaling_type is not None:
+            _require(self.rope_scaling_factor >= 1.0,
+                     f"model.rope_scaling_factor must be >= 1, got {self.rope_scaling_factor}")
+        _require(self.num_experts >= 0, f"model.num_experts must be >= 0, got {self.num_experts}")
+        if self.num_experts > 0:
+            _positive(self, "moe_top_k", "moe_ffn_hidden_size", "decoder_sparse_step", prefix=p)
+            _require(self.moe_top_k <= self.num_experts,
+                     f"model.moe_top_k={self.moe_top_k} exceeds model.num_experts={self.num_experts}")
+            _require(self.shared_expert_ffn_hidden_size >= 0,
+                     f"model.shared_expert_ffn_hidden_size must be >= 0, got {self.shared_expert_ffn_hidden_size}")
+            _require(self.aux_loss_coef >= 0, f"model.aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
+            bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+            _require(not bad, f"model.mlp_only_layers has indices outside [0, {self.num_layers}): {bad}")
+        return self
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel degrees; dp is derived from the world size."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    cp: int = 1
+    ep: int = 1
+    sequence_parallel: Optional[bool] = None  # None: on when tp > 1
+    pp_layout: Optional[list[int]] = None  # layers per pipeline stage (None: even split)
+
+    def validate(self) -> "ParallelConfig":
+        _positive(self, "tp", "pp", "vpp", "cp", "ep", prefix="parallel")
+        return self
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (Qwen2 report defaults)."""
+
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine | constant | linear
+    decay_steps: Optional[int] = None  # None: train.steps - warmup_steps
+
+    def validate(self) -> "OptimConfig":
+        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _require(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            _require(0 <= v < 1, f"optim.{name} must be in [0, 1), got {v}")
+        _require(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
+        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 disables), got {self.clip_grad}")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(self.schedule in ("cosine", "constant", "linear"),
+                 f"optim.schedule must be 'cosine', 'constant' or 'linear', got {self.schedule!r}")
+        if self.decay_steps is not None:
+            _require(self.decay_steps > 0, f"optim.decay_steps must be > 0, got {self.decay_steps}")
+        return self
+
+
+@dataclass
+class DataConfig:
+    """Training corpus and tokenizer."""
+
+    corpus: str = "stdlib"  # 'stdlib': the Python standard library's source, or a path/glob of text files
+    tokenizer: Optional[str] = None  # tokenizer.json or a directory holding one; None: the repo's tokenizer
+    cache_dir: Optional[str] = None  # where tokenised corpora are cached; None: ~/.cache/megatron_qwen2
+    max_files: Optional[int] = None  # cap on the number of corpus files (None: all)
+
+    def validate(self) -> "DataConfig":
+        _require(bool(self.corpus), "data.corpus must name 'stdlib' or a path/glob of text files")
+        if self.max_files is not None:
+            _require(self.max_files > 0, f"data.max_files must be > 0, got {self.max_files}")
+        return self
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: batch geometry, steps, precision, logging."""
+
+    steps: int = 200
+    seed: int = 1234
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    seq_length: int = 128
+    dtype: str = "fp32"  # fp32 | bf16 (compute dtype; master weights stay fp32)
+    log_interval: int = 10
+    save_interval: int = 0  # 0: no periodic checkpoints
+
+    def validate(self) -> "TrainConfig":
+        _positive(self, "steps", "micro_batch_size", "global_batch_size", "seq_length", "log_interval",
+                  prefix="train")
+        _require(self.save_interval >= 0, f"train.save_interval must be >= 0, got {self.save_interval}")
+        _require(self.dtype in ("fp32", "bf16"), f"train.dtype must be 'fp32' or 'bf16', got {self.dtype!r}")
+        return self
+
+
+@dataclass
+class WandbConfig:
+    """wandb logging; offline unless WANDB_API_KEY is set or mode says otherwise."""
+
+    enabled: bool = False
+    project: str = "megatron_qwen2"
+    mode: Optional[str] = None  # None: 'online' if WANDB_API_KEY is set, else 'offline'
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    device: str = "cpu"
+
+    def validate(self, world_size: int = 1) -> "Config":
+        self.model.validate()
+        self.parallel.validate()
+        self.optim.validate()
+        self.data.validate()
+        self.train.validate()
+        _require(self.device in ("cpu", "cuda"), f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.model.tie_word_embeddings is None:
+            raise ValueError("model.tie_word_embeddings must be true or false")
+        p, t = self.parallel, self.train
+        model_parallel = p.tp * p.pp * p.cp
+        _require(world_size % model_parallel == 0,
+                 f"world size {world_size} is not divisible by tp*pp*cp = {p.tp}*{p.pp}*{p.cp} = {model_parallel}")
+        dp = world_size // model_parallel
+        m = self.model
+        for name, value in (("num_attention_heads", m.num_attention_heads), ("num_kv_heads", m.num_kv_heads),
+                            ("ffn_hidden_size", m.ffn_hidden_size), ("vocab_size", m.vocab_size)):
+            _require(value % p.tp == 0, f"model.{name}={value} is not divisible by parallel.tp={p.tp}")
+        _require(m.num_layers % p.pp == 0 or p.pp_layout is not None,
+                 f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}; set parallel.pp_layout")
+        _require(dp % p.ep == 0, f"parallel.ep={p.ep} does not divide the data-parallel size {dp}")
+        if m.is_moe:
+            _require(m.num_experts % p.ep == 0,
+                     f"model.num_experts={m.num_experts} is not divisible by parallel.ep={p.ep}")
+        _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+                 f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                 f"train.micro_batch_size={t.micro_batch_size} x dp={dp}")
+        return self
+
+
+def resolve_config(cfg, world_size: int | None = None) -> Config:
+    """Merge a composed Hydra/OmegaConf config onto the typed schema and validate it.
+
+    Unknown keys and values of the wrong type fail in OmegaConf (naming the full key);
+    out-of-range values fail in `validate` with a ValueError naming field and value.
+    """
+    import os
+
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return OmegaConf.to_object(merged).validate(world_size)

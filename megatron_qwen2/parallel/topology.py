@@ -1,0 +1,95 @@
+"""The one source of truth for the parallel layout (DESIGN principle 1).
+
+Rank grid order, innermost first: tp, cp, dp, pp. Tensor parallelism is innermost because
+its collectives run every layer and must stay on the fastest links (NVLink inside a node);
+pipeline is outermost because it only sends activations between neighbouring stages.
+Expert parallelism is carved out of the dp dimension (ep divides dp), as in Megatron.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.distributed as dist
+
+from megatron_qwen2.config import ParallelConfig
+
+
+@dataclass
+class Topology:
+    """Degrees, this rank's coordinates, and the process groups that connect it."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    dp: int = 1
+    ep: int = 1
+    vpp: int = 1
+    rank: int = 0
+    sequence_parallel: bool = False
+    tp_rank: int = 0
+    cp_rank: int = 0
+    dp_rank: int = 0
+    pp_rank: int = 0
+    # Process groups; None where the degree is 1 (no communication needed).
+    groups: dict[str, Optional[dist.ProcessGroup]] = field(default_factory=dict)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.cp * self.dp * self.pp
+
+    def group(self, name: str) -> Optional[dist.ProcessGroup]:
+        """The process group for 'tp', 'cp', 'dp', 'pp' or 'ep'; None when that degree is 1."""
+        return self.groups.get(name)
+
+    @classmethod
+    def single(cls) -> "Topology":
+        """Trivial layout of one process."""
+        return cls()
+
+    @classmethod
+    def build(cls, cfg: ParallelConfig, world_size: int, rank: int) -> "Topology":
+        """Validate the degrees against the world size and create every process group."""
+        cfg.validate()
+        mp = cfg.tp * cfg.cp * cfg.pp
+        if world_size % mp != 0:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tp*cp*pp = {cfg.tp}*{cfg.cp}*{cfg.pp} = {mp}")
+        dp = world_size // mp
+        if dp % cfg.ep != 0:
+            raise ValueError(f"parallel.ep={cfg.ep} must divide the data-parallel size {dp}")
+        sp = cfg.sequence_parallel if cfg.sequence_parallel is not None else cfg.tp > 1
+        tp_rank = rank % cfg.tp
+        cp_rank = (rank // cfg.tp) % cfg.cp
+        dp_rank = (rank // (cfg.tp * cfg.cp)) % dp
+        pp_rank = rank // (cfg.tp * cfg.cp * dp)
+        topo = cls(tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, dp=dp, ep=cfg.ep, vpp=cfg.vpp, rank=rank,
+                   sequence_parallel=sp, tp_rank=tp_rank, cp_rank=cp_rank, dp_rank=dp_rank, pp_rank=pp_rank)
+        if world_size > 1:
+            topo.groups = topo._make_groups()
+        return topo
+
+    def _ranks_along(self, dim: str) -> list[list[int]]:
+        """All rank lists that vary only along `dim` of the (pp, dp, cp, tp) grid."""
+        sizes = {"tp": self.tp, "cp": self.cp, "dp": self.dp, "pp": self.pp}
+        strides = {"tp": 1, "cp": self.tp, "dp": self.tp * self.cp, "pp": self.tp * self.cp * self.dp}
+        others = [d for d in ("tp", "cp", "dp", "pp") if d != dim]
+        lists = []
+        for idx in range(self.world_size // sizes[dim]):
+            base, rem = 0, idx
+            for d in others:
+                base += (rem % sizes[d]) * strides[d]
+                rem //= sizes[d]
+            lists.append([base + i * strides[dim] for i in range(sizes[dim])])
+        return lists
+
+    def _make_groups(self) -> dict[str, Optional[dist.ProcessGroup]]:
+        # new_group must be called by every rank for every group, in the same order.
+        groups: dict[str, Optional[dist.ProcessGroup]] = {}
+        for dim in ("tp", "cp", "dp", "pp"):
+            for ranks in self._ranks_along(dim):
+                g = dist.new_group(ranks) if len(ranks) > 1 else None
+                if self.rank in ranks:
+                    groups[dim] = g
+        return groups

@@ -1,0 +1,94 @@
+"""Config composition through Hydra, the shipped model configs, and bad-value errors."""
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf.errors import OmegaConfBaseException
+
+from megatron_qwen2.checkpoint.hf import expected_native_shapes
+from megatron_qwen2.config import resolve_config
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def load(*overrides, world_size=1):
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        return resolve_config(compose(config_name="config", overrides=list(overrides)), world_size)
+
+
+def n_params(cfg):
+    return sum(math.prod(s) for s in expected_native_shapes(cfg).values())
+
+
+# (hidden, layers, heads, kv heads, head dim, ffn, vocab, tied, published size in billions)
+SHIPPED = {
+    "qwen2_0.5b": (896, 24, 14, 2, 64, 4864, 151936, True, 0.494),
+    "qwen2_1.5b": (1536, 28, 12, 2, 128, 8960, 151936, True, 1.544),
+    "qwen2_7b": (3584, 28, 28, 4, 128, 18944, 152064, False, 7.616),
+    "qwen2_72b": (8192, 80, 64, 8, 128, 29568, 152064, False, 72.71),
+    "qwen2_57b_a14b": (3584, 28, 28, 4, 128, 18944, 151936, False, 57.41),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_models_match_published_shapes(name):
+    m = load(f"model={name}").model
+    hidden, layers, heads, kv, d, ffn, vocab, tied, billions = SHIPPED[name]
+    assert (m.hidden_size, m.num_layers, m.num_attention_heads, m.num_kv_heads, m.kv_channels,
+            m.ffn_hidden_size, m.vocab_size, m.tie_word_embeddings) == (hidden, layers, heads, kv, d, ffn, vocab, tied)
+    assert m.rope_theta == 1e6 and m.rms_norm_eps == 1e-6
+    assert n_params(m) / 1e9 == pytest.approx(billions, rel=2e-3)
+
+
+def test_moe_shipped_config():
+    m = load("model=qwen2_57b_a14b").model
+    assert (m.num_experts, m.moe_top_k, m.moe_ffn_hidden_size, m.shared_expert_ffn_hidden_size) == (64, 8, 2560, 20480)
+    assert not m.norm_topk_prob and m.aux_loss_coef == 0.001
+    assert all(m.is_moe_layer(i) for i in range(m.num_layers))
+
+
+def test_overrides_compose():
+    cfg = load("model=qwen2_7b", "model.num_layers=4", "train.steps=3", "parallel.tp=2", "optim.lr=1e-4",
+               world_size=2)
+    assert cfg.model.num_layers == 4 and cfg.model.hidden_size == 3584
+    assert cfg.train.steps == 3 and cfg.parallel.tp == 2 and cfg.optim.lr == 1e-4
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.num_kv_heads=3", "model.num_attention_heads=4 is not divisible by model.num_kv_heads=3"),
+    ("model.hidden_size=-8", "model.hidden_size must be a positive integer, got -8"),
+    ("model.head_dim=7", "model.head_dim=7 must be even"),
+    ("optim.schedule=step", "optim.schedule must be 'cosine', 'constant' or 'linear', got 'step'"),
+    ("train.global_batch_size=6", "train.global_batch_size=6 is not divisible by train.micro_batch_size=4"),
+    ("parallel.tp=0", "parallel.tp must be a positive integer, got 0"),
+    ("parallel.pp=3", "world size 1 is not divisible by tp*pp*cp = 1*3*1 = 3"),
+    ("train.dtype=fp8", "train.dtype must be 'fp32' or 'bf16', got 'fp8'"),
+])
+def test_bad_values_name_field_and_value(override, needle):
+    with pytest.raises(ValueError, match="^" + re.escape(needle)):
+        load(override)
+
+
+def test_bad_moe_values():
+    with pytest.raises(ValueError, match="model.moe_top_k=9 exceeds model.num_experts=8"):
+        load("model=tiny_moe", "model.moe_top_k=9")
+    with pytest.raises(ValueError, match=r"model.mlp_only_layers has indices outside \[0, 4\): \[7\]"):
+        load("model=tiny_moe", "model.mlp_only_layers=[7]")
+
+
+def test_unknown_field_and_wrong_type_are_rejected():
+    with pytest.raises(OmegaConfBaseException, match="num_layer"):
+        load("+model.num_layer=3")
+    with pytest.raises(OmegaConfBaseException, match="model.num_layers"):
+        load("model.num_layers=abc")
+
+
+def test_layout_checks_against_model():
+    with pytest.raises(ValueError, match=r"model.num_attention_heads=28 is not divisible by parallel.tp=8"):
+        load("model=qwen2_7b", "parallel.tp=8", "train.global_batch_size=4", world_size=8)
+    with pytest.raises(ValueError, match=r"model.num_experts=64 is not divisible by parallel.ep=3"):
+        load("model=qwen2_57b_a14b", "parallel.ep=3", "train.micro_batch_size=1", "train.global_batch_size=3",
+             world_size=3)
