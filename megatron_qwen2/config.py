@@ -115,9 +115,14 @@ class ParallelConfig:
     ep: int = 1
     sequence_parallel: Optional[bool] = None  # None: on when tp > 1
     pp_layout: Optional[list[int]] = None  # layers per pipeline stage (None: even split)
+    distributed_optimizer: bool = False  # shard fp32 masters and Adam state over dp (ZeRO-1)
+    overlap_grad_reduce: bool = True  # reduce gradient buckets during backward
+    bucket_size: int = 40_000_000  # elements per gradient bucket
 
     def validate(self) -> "ParallelConfig":
-        _positive(self, "tp", "pp", "vpp", "cp", "ep", prefix="parallel")
+        _positive(self, "tp", "pp", "vpp", "cp", "ep", "bucket_size", prefix="parallel")
+        if self.sequence_parallel is None:
+            self.sequence_parallel = self.tp > 1
         return self
 
 
@@ -226,9 +231,16 @@ class Config:
                  f"world size {world_size} is not divisible by tp*pp*cp = {p.tp}*{p.pp}*{p.cp} = {model_parallel}")
         dp = world_size // model_parallel
         m = self.model
-        for name, value in (("num_attention_heads", m.num_attention_heads), ("num_kv_heads", m.num_kv_heads),
+        for name, value in (("num_attention_heads", m.num_attention_heads),
                             ("ffn_hidden_size", m.ffn_hidden_size), ("vocab_size", m.vocab_size)):
             _require(value % p.tp == 0, f"model.{name}={value} is not divisible by parallel.tp={p.tp}")
+        # More tp ranks than kv heads: each kv head is replicated on tp / num_kv_heads ranks.
+        _require(m.num_kv_heads % p.tp == 0 or p.tp % m.num_kv_heads == 0,
+                 f"model.num_kv_heads={m.num_kv_heads} and parallel.tp={p.tp}: one must divide the other")
+        if p.sequence_parallel and p.tp > 1:
+            _require(t.seq_length % p.tp == 0,
+                     f"train.seq_length={t.seq_length} is not divisible by parallel.tp={p.tp} "
+                     "(sequence parallelism cuts the sequence across tp ranks)")
         _require(m.num_layers % p.pp == 0 or p.pp_layout is not None,
                  f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}; set parallel.pp_layout")
         _require(dp % p.ep == 0, f"parallel.ep={p.ep} does not divide the data-parallel size {dp}")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -22,7 +24,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
                       WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        queue.put((rank, fn(rank, world_size, *args), None))
+        # Tensors travel as bytes: shared-memory handles die with the worker that made them.
+        buf = io.BytesIO()
+        torch.save(fn(rank, world_size, *args), buf)
+        queue.put((rank, buf.getvalue(), None))
     except BaseException:  # report every failure to the parent, which raises it
         queue.put((rank, None, traceback.format_exc()))
     finally:
@@ -44,7 +49,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
             rank, value, err = queue.get(timeout=timeout)
             if err is not None:
                 raise RuntimeError(f"rank {rank} failed:\n{err}")
-            results[rank] = value
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=30)

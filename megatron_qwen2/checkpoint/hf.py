@@ -169,8 +169,17 @@ class _Consumer:
         return sorted(set(self.tensors) - self.used)
 
 
+def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF on-disk tensor name with its shape (per-expert MoE names)."""
+    meta = {k: torch.empty(v, device="meta") for k, v in expected_native_shapes(cfg).items()}
+    return {k: tuple(v.shape) for k, v in native_to_hf(meta, cfg).items()}
+
+
 def hf_to_native(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """HF state (on-disk names) -> native global state. Missing, extra or mis-shaped: ValueError."""
+    for name, shape in expected_hf_shapes(cfg).items():
+        if name in tensors and tuple(tensors[name].shape) != shape:
+            raise ValueError(f"HF checkpoint: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
     src = _Consumer(tensors)
     nq, nkv, d = cfg.num_attention_heads, cfg.num_kv_heads, cfg.kv_channels
     g = nq // nkv

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -11,33 +13,63 @@ from megatron_qwen2.parallel.layers import ColumnParallelLinear, RowParallelLine
 from megatron_qwen2.parallel.topology import Topology
 
 
+def replicated_kv_rows(cfg: ModelConfig, tp: int, tp_rank: int) -> tuple[torch.Tensor, int]:
+    """Global QKV rows held by `tp_rank` when tp > kv heads, and the kv head it shares.
+
+    Each kv head is replicated on tp / num_kv_heads consecutive ranks; each of those ranks
+    holds a distinct slice of that head's query heads plus the whole k and v of the head.
+    """
+    d, nkv = cfg.kv_channels, cfg.num_kv_heads
+    g = cfg.num_attention_heads // nkv
+    replicas = tp // nkv
+    kv_head, part = divmod(tp_rank, replicas)
+    q_local = g // replicas
+    group_start = kv_head * (g + 2) * d
+    q_rows = torch.arange(group_start + part * q_local * d, group_start + (part + 1) * q_local * d)
+    kv_rows = torch.arange(group_start + g * d, group_start + (g + 2) * d)
+    return torch.cat([q_rows, kv_rows]), kv_head
+
+
 class SelfAttention(nn.Module):
     """QKV (column-parallel) -> RoPE -> causal GQA -> output projection (row-parallel).
 
     The fused QKV weight has rows ordered by kv group: for each kv head j, its q_per_kv query
     heads, then k_j, then v_j. Splitting the rows across tp ranks therefore hands each rank
-    whole groups, and the query heads of a rank only read the kv heads it holds.
+    whole groups, and the query heads of a rank only read the kv heads it holds. With more
+    tp ranks than kv heads, each rank holds one kv head (shared with tp / kv_heads - 1 other
+    ranks, whose k/v gradients are summed by `sync_tp_grads`) and a slice of its query heads.
     """
 
     def __init__(self, cfg: ModelConfig, topo: Topology):
         super().__init__()
-        tp_group = topo.group("tp")
-        if cfg.num_kv_heads % topo.tp != 0:
-            raise ValueError(f"model.num_kv_heads={cfg.num_kv_heads} is not divisible by parallel.tp={topo.tp}")
-        self.head_dim = cfg.kv_channels
-        self.q_per_kv = cfg.num_attention_heads // cfg.num_kv_heads
-        self.kv_heads_local = cfg.num_kv_heads // topo.tp
-        self.softmax_scale = self.head_dim ** -0.5
-        qkv_out = (cfg.num_attention_heads + 2 * cfg.num_kv_heads) * self.head_dim
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, bias=cfg.qkv_bias, group=tp_group)
-        self.out = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size,
-                                     bias=False, group=tp_group)
+        tp, tp_group, sp = topo.tp, topo.group("tp"), topo.sequence_parallel
+        nq, nkv = cfg.num_attention_heads, cfg.num_kv_heads
+        if nq % tp != 0 or (nkv % tp != 0 and tp % nkv != 0):
+            raise ValueError(f"model.num_attention_heads={nq} / model.num_kv_heads={nkv} cannot be split "
+                             f"over parallel.tp={tp}")
+        self.head_dim = d = cfg.kv_channels
+        self.kv_heads_local = max(nkv // tp, 1)
+        self.q_per_kv = (nq // tp) // self.kv_heads_local  # query heads per local kv head
+        self.softmax_scale = d ** -0.5
+        qkv_out = (nq + 2 * nkv) * d
+        rows: Optional[torch.Tensor] = None
+        if tp > nkv:
+            rows, kv_head = replicated_kv_rows(cfg, tp, topo.tp_rank)
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, bias=cfg.qkv_bias, group=tp_group,
+                                        sequence_parallel=sp, local_rows=rows)
+        if rows is not None:
+            kv_local = torch.arange(len(rows) - 2 * d, len(rows))
+            for p in (self.qkv.weight, self.qkv.bias):
+                if p is not None:
+                    p.tp_kv_replica = (kv_head, nkv, kv_local)
+        self.out = RowParallelLinear(nq * d, cfg.hidden_size, bias=False, group=tp_group, sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [s, b, h] -> [s, b, h]."""
-        s, b, _ = x.shape
+        """x [s, b, h] -> [s, b, h] (both [s/tp, b, h] with sequence parallelism)."""
+        qkv = self.qkv(x)  # [s, b, local heads * d]: the full sequence either way
+        s, b = qkv.shape[:2]
         g = self.q_per_kv
-        qkv = self.qkv(x).view(s, b, self.kv_heads_local, g + 2, self.head_dim)
+        qkv = qkv.view(s, b, self.kv_heads_local, g + 2, self.head_dim)
         q = qkv[:, :, :, :g].reshape(s, b, self.kv_heads_local * g, self.head_dim)
         k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
         q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)

@@ -12,10 +12,12 @@ from megatron_qwen2.parallel.layers import ColumnParallelLinear, RowParallelLine
 class MLP(nn.Module):
     """down(silu(gate(x)) * up(x)); gate and up live in one weight [2, ffn, hidden]."""
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, tp_group=None):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, tp_group=None, sequence_parallel: bool = False):
         super().__init__()
-        self.gate_up = ColumnParallelLinear(hidden_size, ffn_hidden_size, bias=False, group=tp_group, stack=2)
-        self.down = RowParallelLinear(ffn_hidden_size, hidden_size, bias=False, group=tp_group)
+        self.gate_up = ColumnParallelLinear(hidden_size, ffn_hidden_size, bias=False, group=tp_group, stack=2,
+                                            sequence_parallel=sequence_parallel)
+        self.down = RowParallelLinear(ffn_hidden_size, hidden_size, bias=False, group=tp_group,
+                                      sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(ops.swiglu(self.gate_up(x)))

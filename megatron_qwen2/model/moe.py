@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from megatron_qwen2 import ops
 from megatron_qwen2.config import ModelConfig
 from megatron_qwen2.model.mlp import MLP
+from megatron_qwen2.parallel.mappings import gather_from_sp, scatter_to_sp
 from megatron_qwen2.parallel.topology import Topology
 
 
@@ -82,10 +83,16 @@ class Experts(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    """out = sum_k w_k expert_k(x) + sigmoid(shared_expert_gate(x)) * shared_expert(x)."""
+    """out = sum_k w_k expert_k(x) + sigmoid(shared_expert_gate(x)) * shared_expert(x).
+
+    Router, gate and routed experts are replicated over tp and see every token: under
+    sequence parallelism the block gathers the sequence on entry (its backward only splits,
+    since every rank computes the same thing) and keeps its own shard on exit.
+    """
 
     def __init__(self, cfg: ModelConfig, topo: Topology):
         super().__init__()
+        self.sp_group = topo.group("tp") if topo.sequence_parallel else None
         self.router = Router(cfg)
         self.experts = Experts(cfg)
         if cfg.shared_expert_ffn_hidden_size > 0:
@@ -95,11 +102,12 @@ class MoEBlock(nn.Module):
             self.shared_expert = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
-        """x [s, b, h] -> [s, b, h], router stats."""
+        """x [s, b, h] ([s/tp, b, h] with sequence parallelism) -> same shape, router stats."""
+        x = gather_from_sp(x, self.sp_group, grad_is_partial=False)
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         weights, experts, stats = self.router(tokens)
         out = self.experts(tokens, weights, experts)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
-        return out.view(shape), stats
+        return scatter_to_sp(out.view(shape), self.sp_group), stats

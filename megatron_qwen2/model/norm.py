@@ -7,10 +7,14 @@ from megatron_qwen2 import ops
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
+    """HF Qwen2RMSNorm. Under sequence parallelism it sees only this rank's tokens, so its
+    weight gradient is partial and is summed over tp before the step."""
+
+    def __init__(self, hidden_size: int, eps: float, sequence_parallel: bool = False):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight.tp_partial_grad = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)

@@ -22,8 +22,8 @@ from megatron_qwen2.model.moe import MoEBlock, RouterStats, load_balancing_loss
 from megatron_qwen2.model.norm import RMSNorm
 from megatron_qwen2.model.rope import RotaryEmbedding
 from megatron_qwen2.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatron_qwen2.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
-from megatron_qwen2.parallel.mappings import copy_to_tp, gather_from_tp
+from megatron_qwen2.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, global_shape, local_shard
+from megatron_qwen2.parallel.mappings import copy_to_tp, gather_from_sp, gather_from_tp
 from megatron_qwen2.parallel.topology import Topology
 
 
@@ -38,14 +38,15 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, topo: Topology, layer_idx: int):
         super().__init__()
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        sp = topo.sequence_parallel
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sequence_parallel=sp)
         self.attention = SelfAttention(cfg, topo)
-        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sequence_parallel=sp)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         if self.is_moe:
             self.mlp = MoEBlock(cfg, topo)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.ffn_hidden_size, topo.group("tp"))
+            self.mlp = MLP(cfg.hidden_size, cfg.ffn_hidden_size, topo.group("tp"), sequence_parallel=sp)
 
     def forward(self, x, cos, sin) -> tuple[torch.Tensor, Optional[RouterStats]]:
         x = x + self.attention(self.input_norm(x), cos, sin)
@@ -64,14 +65,16 @@ class Qwen2Model(nn.Module):
         topo = topo or Topology.single()
         self.cfg, self.topo = cfg, topo
         self.tp_group = topo.group("tp")
-        self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, self.tp_group)
+        sp = self.sequence_parallel = topo.sequence_parallel and self.tp_group is not None
+        self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, self.tp_group, sequence_parallel=sp)
         self.rotary = RotaryEmbedding(cfg)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, topo, i) for i in range(cfg.num_layers)})
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sequence_parallel=sp)
         if cfg.tie_word_embeddings:
             self.output = None
         else:
-            self.output = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, bias=False, group=self.tp_group)
+            self.output = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, bias=False, group=self.tp_group,
+                                               sequence_parallel=sp)
         self.init_weights(seed=0)
 
     @torch.no_grad()
@@ -88,19 +91,8 @@ class Qwen2Model(nn.Module):
                 p.zero_()
             else:
                 gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-                full = torch.empty(self._global_shape(p)).normal_(0.0, self.cfg.init_std, generator=gen)
-                p.copy_(self._local_shard(p, full))
-
-    def _global_shape(self, p: nn.Parameter) -> tuple[int, ...]:
-        dim = getattr(p, "tp_split_dim", None)
-        shape = list(p.shape)
-        if dim is not None:
-            shape[dim] *= self.topo.tp
-        return tuple(shape)
-
-    def _local_shard(self, p: nn.Parameter, full: torch.Tensor) -> torch.Tensor:
-        dim = getattr(p, "tp_split_dim", None)
-        return full if dim is None else full.chunk(self.topo.tp, dim=dim)[self.topo.tp_rank]
+                full = torch.empty(global_shape(p, self.topo.tp)).normal_(0.0, self.cfg.init_std, generator=gen)
+                p.copy_(local_shard(p, full, self.topo.tp, self.topo.tp_rank))
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None):
@@ -108,7 +100,7 @@ class Qwen2Model(nn.Module):
         b, s = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
-        h = self.embedding(input_ids.t())  # [s, b, h]
+        h = self.embedding(input_ids.t())  # [s, b, h] ([s/tp, b, h] with sequence parallelism)
         cos, sin = self.rotary(position_ids.t(), h.dtype)
         stats: list[RouterStats] = []
         for layer in self.layers.values():
@@ -117,7 +109,8 @@ class Qwen2Model(nn.Module):
                 stats.append(st)
         h = self.final_norm(h)
         if self.output is None:  # tied: the (vocab-parallel) embedding table is the head
-            logits = F.linear(copy_to_tp(h, self.tp_group), self.embedding.weight)
+            h = gather_from_sp(h, self.tp_group) if self.sequence_parallel else copy_to_tp(h, self.tp_group)
+            logits = F.linear(h, self.embedding.weight)
         else:
             logits = self.output(h)  # [s, b, V/tp]
         if labels is None:

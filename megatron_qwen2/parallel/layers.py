@@ -2,6 +2,12 @@
 
 Every sharded parameter carries `tp_split_dim` (the dimension cut across tp ranks), so
 checkpointing can name the global tensor and this rank's offset in it (DESIGN principle 4).
+
+With sequence parallelism the activations between tp regions are cut along the sequence
+([s/tp, b, h]): a column-parallel layer all-gathers its input instead of copying it, and a
+row-parallel layer (or the embedding) reduce-scatters its output instead of all-reducing it.
+Parameters that then see only this rank's tokens carry `tp_partial_grad = True`: their
+gradients are summed over tp before the optimizer step.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron_qwen2.parallel.mappings import copy_to_tp, reduce_from_tp
+from megatron_qwen2.parallel.mappings import (copy_to_tp, gather_from_sp, reduce_from_tp,
+                                              reduce_scatter_to_sp)
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -32,69 +39,133 @@ def _sharded_param(shape: tuple[int, ...], split_dim: Optional[int]) -> nn.Param
     return p
 
 
+def global_shape(p: torch.Tensor, tp: int) -> tuple[int, ...]:
+    """Shape of the full (unsharded) tensor of which `p` is this rank's shard."""
+    dim = getattr(p, "tp_split_dim", None)
+    shape = list(p.shape)
+    if dim is not None:
+        rows = getattr(p, "tp_row_index", None)
+        shape[dim] = p.tp_global_size if rows is not None else shape[dim] * tp
+    return tuple(shape)
+
+
+def local_shard(p: torch.Tensor, full: torch.Tensor, tp: int, tp_rank: int) -> torch.Tensor:
+    """This rank's shard of the full tensor `full` (contiguous chunk, or explicit rows)."""
+    dim = getattr(p, "tp_split_dim", None)
+    if dim is None:
+        return full
+    rows = getattr(p, "tp_row_index", None)
+    if rows is not None:
+        return full.index_select(dim, rows)
+    return full.chunk(tp, dim=dim)[tp_rank]
+
+
+def gather_full(p: torch.Tensor, local: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """Reassemble the full tensor from every tp rank's shard `local` of parameter `p`."""
+    dim = getattr(p, "tp_split_dim", None)
+    if dim is None or group is None:
+        return local
+    n = dist.get_world_size(group)
+    parts = [torch.empty_like(local) for _ in range(n)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    rows = getattr(p, "tp_row_index", None)
+    if rows is None:
+        return torch.cat(parts, dim=dim)
+    all_rows = [torch.empty_like(rows) for _ in range(n)]
+    dist.all_gather(all_rows, rows, group=group)
+    full = local.new_empty(global_shape(p, n))
+    for r, part in zip(all_rows, parts):  # replicated rows are equal on every rank that holds them
+        full.index_copy_(dim, r, part)
+    return full
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W split along its output rows; the input is shared by all tp ranks.
 
     `stack` > 1 keeps several projections fused in one weight of shape
     [stack, out/tp, in] (e.g. SwiGLU's [gate | up]); each rank holds its slice of every
     one of them, and the output is laid out [..., stack * out/tp].
+
+    `local_rows` (global output-row indices, stack 1 only) overrides the even split, for
+    layouts where ranks hold uneven or overlapping rows (replicated kv heads).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, group=None, stack: int = 1):
+    def __init__(self, in_features: int, out_features: int, bias: bool, group=None, stack: int = 1,
+                 sequence_parallel: bool = False, local_rows: Optional[torch.Tensor] = None):
         super().__init__()
         tp = _group_size(group)
         self.group = group
+        self.sequence_parallel = sequence_parallel and group is not None
         self.stack = stack
-        out_local = _divide(out_features, tp, "output features")
+        if local_rows is not None:
+            assert stack == 1, "explicit local rows are for unstacked weights"
+            out_local = len(local_rows)
+        else:
+            out_local = _divide(out_features, tp, "output features")
         shape = (out_local, in_features) if stack == 1 else (stack, out_local, in_features)
         self.weight = _sharded_param(shape, split_dim=0 if stack == 1 else 1)
+        params = [self.weight]
         if bias:
             bshape = (out_local,) if stack == 1 else (stack, out_local)
             self.bias = _sharded_param(bshape, split_dim=0 if stack == 1 else 1)
+            params.append(self.bias)
         else:
             self.register_parameter("bias", None)
+        if local_rows is not None:
+            for p in params:
+                p.tp_row_index, p.tp_global_size = local_rows, out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = copy_to_tp(x, self.group)
+        """x [s, b, in] ([s/tp, b, in] with sequence parallelism) -> [s, b, stack * out/tp]."""
+        x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
         w = self.weight.reshape(-1, self.weight.shape[-1])
         b = None if self.bias is None else self.bias.reshape(-1)
         return F.linear(x, w, b)
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T + b with W split along its input columns; partial sums all-reduced over tp."""
+    """y = x W^T + b with W split along its input columns; partial sums reduced over tp."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, group=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool, group=None,
+                 sequence_parallel: bool = False):
         super().__init__()
         tp = _group_size(group)
         self.group = group
+        self.sequence_parallel = sequence_parallel and group is not None
         self.weight = _sharded_param((out_features, _divide(in_features, tp, "input features")), split_dim=1)
         if bias:
             self.bias = _sharded_param((out_features,), split_dim=None)
+            self.bias.tp_partial_grad = self.sequence_parallel
         else:
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tp(F.linear(x, self.weight), self.group)
+        """x [s, b, in/tp] -> [s, b, out] ([s/tp, b, out] with sequence parallelism)."""
+        y = F.linear(x, self.weight)
+        y = reduce_scatter_to_sp(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
         return y if self.bias is None else y + self.bias
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Embedding table split by vocabulary rows; each rank looks up its rows, then all-reduce."""
+    """Embedding table split by vocabulary rows; each rank looks up its rows, then reduce."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, group=None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, group=None, sequence_parallel: bool = False):
         super().__init__()
         tp = _group_size(group)
         self.group = group
+        self.sequence_parallel = sequence_parallel and group is not None
         self.rows_per_rank = _divide(num_embeddings, tp, "vocab size")
         self.vocab_start = (0 if group is None else dist.get_rank(group)) * self.rows_per_rank
         self.weight = _sharded_param((self.rows_per_rank, embedding_dim), split_dim=0)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [s, b] -> [s, b, h] ([s/tp, b, h] with sequence parallelism)."""
         if self.group is None:
             return F.embedding(ids, self.weight)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.rows_per_rank)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sp(out, self.group)
         return reduce_from_tp(out, self.group)

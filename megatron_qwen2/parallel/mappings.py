@@ -67,3 +67,90 @@ class _GatherFromTP(torch.autograd.Function):
 
 def gather_from_tp(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     return x if group is None else _GatherFromTP.apply(x, group)
+
+
+# --- Sequence parallelism: activations outside the tp regions are cut along dim 0 (s/tp). ---
+
+# Older torch names of the single-tensor collectives (same signatures).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _all_gather_dim0(x: torch.Tensor, group) -> torch.Tensor:
+    n = dist.get_world_size(group)
+    out = torch.empty((n * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    _all_gather_single(out, x.contiguous(), group=group)
+    return out
+
+
+def _reduce_scatter_dim0(x: torch.Tensor, group) -> torch.Tensor:
+    n = dist.get_world_size(group)
+    if x.shape[0] % n != 0:
+        raise ValueError(f"sequence length {x.shape[0]} is not divisible by tp={n} (sequence parallelism)")
+    out = torch.empty((x.shape[0] // n,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    _reduce_scatter_single(out, x.contiguous(), group=group)
+    return out
+
+
+def _split_dim0(x: torch.Tensor, group) -> torch.Tensor:
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    if x.shape[0] % n != 0:
+        raise ValueError(f"sequence length {x.shape[0]} is not divisible by tp={n} (sequence parallelism)")
+    return x.chunk(n, dim=0)[r].contiguous()
+
+
+class _GatherFromSP(torch.autograd.Function):
+    """Forward: all-gather the sequence shards. Backward: reduce-scatter (partial grads) or split.
+
+    Before a column-parallel layer every rank's gradient is a partial sum, so the backward
+    reduce-scatters; before work that every rank repeats identically it only splits.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group, grad_is_partial):
+        ctx.group, ctx.grad_is_partial = group, grad_is_partial
+        return _all_gather_dim0(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.grad_is_partial:
+            return _reduce_scatter_dim0(grad, ctx.group), None, None
+        return _split_dim0(grad, ctx.group), None, None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    """Forward: reduce-scatter partial sums into sequence shards. Backward: all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_dim0(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_dim0(grad, ctx.group), None
+
+
+class _ScatterToSP(torch.autograd.Function):
+    """Forward: keep this rank's sequence shard of a replicated tensor. Backward: all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_dim0(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_dim0(grad, ctx.group), None
+
+
+def gather_from_sp(x: torch.Tensor, group: Optional[dist.ProcessGroup], grad_is_partial: bool = True) -> torch.Tensor:
+    return x if group is None else _GatherFromSP.apply(x, group, grad_is_partial)
+
+
+def reduce_scatter_to_sp(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    return x if group is None else _ReduceScatterToSP.apply(x, group)
+
+
+def scatter_to_sp(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    return x if group is None else _ScatterToSP.apply(x, group)

@@ -59,7 +59,7 @@ class Topology:
         dp = world_size // mp
         if dp % cfg.ep != 0:
             raise ValueError(f"parallel.ep={cfg.ep} must divide the data-parallel size {dp}")
-        sp = cfg.sequence_parallel if cfg.sequence_parallel is not None else cfg.tp > 1
+        sp = cfg.tp > 1 if cfg.sequence_parallel is None else (cfg.sequence_parallel and cfg.tp > 1)
         tp_rank = rank % cfg.tp
         cp_rank = (rank // cfg.tp) % cfg.cp
         dp_rank = (rank // (cfg.tp * cfg.cp)) % dp

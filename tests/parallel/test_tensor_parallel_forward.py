@@ -1,11 +1,13 @@
-"""Tensor-parallel layers give the single-process model's logits, losses and gradients."""
+"""Tensor (+ sequence) parallel layers give the single-process model's logits, losses and gradients."""
 
+import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_qwen2.config import ModelConfig, ParallelConfig
 from megatron_qwen2.model import Qwen2Model
 from megatron_qwen2.parallel import Topology
+from megatron_qwen2.parallel.layers import gather_full
+from megatron_qwen2.parallel.tp_grads import sync_tp_grads
 from tests.distributed import run_distributed
 
 DENSE = dict(hidden_size=48, num_layers=2, num_attention_heads=4, num_kv_heads=2, ffn_hidden_size=64,
@@ -22,27 +24,22 @@ def _run(model_kwargs, topo, ids):
     out = model(ids, labels=ids.roll(-1, 1))
     loss = out.token_loss.mean() + (0 if out.aux_loss is None else 0.01 * out.aux_loss)
     loss.backward()
+    sync_tp_grads(model.parameters(), topo.group("tp"))
     grads = {}
     for name, p in model.named_parameters():
-        g = p.grad
-        dim = getattr(p, "tp_split_dim", None)
-        if dim is not None and topo.tp > 1:
-            parts = [torch.empty_like(g) for _ in range(topo.tp)]
-            dist.all_gather(parts, g.contiguous(), group=topo.group("tp"))
-            g = torch.cat(parts, dim=dim)
-        grads[name] = g
+        grads[name] = gather_full(p, p.grad, topo.group("tp"))
     return logits.detach(), loss.detach(), grads
 
 
-def _tp_worker(rank, world_size, model_kwargs, ids):
-    topo = Topology.build(ParallelConfig(tp=world_size, sequence_parallel=False), world_size, rank)
+def _tp_worker(rank, world_size, model_kwargs, ids, sp):
+    topo = Topology.build(ParallelConfig(tp=world_size, sequence_parallel=sp), world_size, rank)
     return _run(model_kwargs, topo, ids)
 
 
-def _check(model_kwargs):
-    ids = torch.randint(0, model_kwargs["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(0))
+def _check(model_kwargs, sp, seq=12, world_size=2):
+    ids = torch.randint(0, model_kwargs["vocab_size"], (2, seq), generator=torch.Generator().manual_seed(0))
     ref_logits, ref_loss, ref_grads = _run(model_kwargs, Topology.single(), ids)
-    for logits, loss, grads in run_distributed(_tp_worker, 2, model_kwargs, ids):
+    for logits, loss, grads in run_distributed(_tp_worker, world_size, model_kwargs, ids, sp):
         torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
         assert grads.keys() == ref_grads.keys()
@@ -50,9 +47,22 @@ def _check(model_kwargs):
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_tp2_dense_matches_single_process():
-    _check(DENSE)
+@pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp+sp"])
+def test_tp2_dense_matches_single_process(sp):
+    _check(DENSE, sp)
 
 
-def test_tp2_moe_tied_matches_single_process():
-    _check(MOE)
+@pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp+sp"])
+def test_tp2_moe_tied_matches_single_process(sp):
+    _check(MOE, sp)
+
+
+def test_tp_without_sp_takes_odd_sequence_lengths():
+    _check(DENSE, sp=False, seq=11)
+
+
+
+def test_tp4_replicates_kv_heads_when_tp_exceeds_them():
+    # 8 query / 2 kv heads at tp 4: each kv head lives on two ranks (as Qwen2-1.5B at tp 4).
+    model = dict(DENSE, num_attention_heads=8, num_kv_heads=2, head_dim=8, ffn_hidden_size=32, vocab_size=64)
+    _check(model, sp=True, world_size=4, seq=8)

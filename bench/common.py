@@ -1,0 +1,59 @@
+"""Shared pieces of the GPU benchmarks: timing, the copy-bandwidth ceiling, result files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def time_ms(fn, warmup: int = 10, iters: int = 50) -> float:
+    """Median milliseconds of fn() over `iters` runs, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 * 1024**3) -> float:
+    """Device copy bandwidth (bytes read + written per second, GB/s): the memory-bound ceiling."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), warmup=5, iters=20)
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def git_commit() -> str:
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_result(name: str, payload: dict, out_dir: str | None) -> Path:
+    """bench/results/<name>_<device>_<date>.json (or under out_dir), with device, commit and date."""
+    device = torch.cuda.get_device_name()
+    date = datetime.date.today().isoformat()
+    payload = dict(payload, device=device, commit=git_commit(), date=date, torch=torch.__version__,
+                   cuda=torch.version.cuda)
+    root = Path(out_dir) if out_dir else Path(__file__).resolve().parent / "results"
+    root.mkdir(parents=True, exist_ok=True)
+    slug = device.replace("NVIDIA ", "").replace(" ", "-").lower()
+    path = root / f"{name}_{slug}_{date}.json"
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    return path

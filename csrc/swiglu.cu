@@ -1,0 +1,173 @@
+// Fused SwiGLU: y = silu(gate) * up for x laid out [..., gate | up] along the last dimension.
+// Forward reads 2F and writes F elements per row; backward reads x and dy and writes dx.
+// Math is fp32 whatever the storage type. Rows are processed with vectors of 16 bytes when
+// F and the pointers allow it, with a scalar loop otherwise.
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace {
+
+template <typename T> __device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
+template <> __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T from_float(float v) { return static_cast<T>(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half from_float(float v) { return __float2half(v); }
+
+__device__ __forceinline__ float sigmoidf(float v) { return 1.0f / (1.0f + __expf(-v)); }
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// One thread handles VEC consecutive output elements of a row; grid-stride over all of them.
+template <typename T, int VEC>
+__global__ void swiglu_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t f) {
+  const int64_t per_row = f / VEC;
+  const int64_t total = rows * per_row;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = i / per_row, c = (i % per_row) * VEC;
+    const T* xr = x + r * 2 * f;
+    Pack<T, VEC> g = *reinterpret_cast<const Pack<T, VEC>*>(xr + c);
+    Pack<T, VEC> u = *reinterpret_cast<const Pack<T, VEC>*>(xr + f + c);
+    Pack<T, VEC> out;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float gv = to_float(g.v[k]);
+      out.v[k] = from_float<T>(gv * sigmoidf(gv) * to_float(u.v[k]));
+    }
+    *reinterpret_cast<Pack<T, VEC>*>(y + r * f + c) = out;
+  }
+}
+
+template <typename T, int VEC>
+__global__ void swiglu_bwd_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx,
+                                  int64_t rows, int64_t f) {
+  const int64_t per_row = f / VEC;
+  const int64_t total = rows * per_row;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = i / per_row, c = (i % per_row) * VEC;
+    const T* xr = x + r * 2 * f;
+    Pack<T, VEC> g = *reinterpret_cast<const Pack<T, VEC>*>(xr + c);
+    Pack<T, VEC> u = *reinterpret_cast<const Pack<T, VEC>*>(xr + f + c);
+    Pack<T, VEC> d = *reinterpret_cast<const Pack<T, VEC>*>(dy + r * f + c);
+    Pack<T, VEC> dg, du;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float gv = to_float(g.v[k]), uv = to_float(u.v[k]), dv = to_float(d.v[k]);
+      const float s = sigmoidf(gv);
+      const float silu = gv * s;
+      // d silu(g)/dg = s * (1 + g * (1 - s))
+      dg.v[k] = from_float<T>(dv * uv * s * (1.0f + gv * (1.0f - s)));
+      du.v[k] = from_float<T>(dv * silu);
+    }
+    T* dxr = dx + r * 2 * f;
+    *reinterpret_cast<Pack<T, VEC>*>(dxr + c) = dg;
+    *reinterpret_cast<Pack<T, VEC>*>(dxr + f + c) = du;
+  }
+}
+
+int blocks_for(int64_t work, int threads) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t needed = (work + threads - 1) / threads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(needed, (int64_t)sms * 32)));
+}
+
+bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+void check_input(const torch::Tensor& x, const char* name) {
+  TORCH_CHECK(x.is_cuda(), "swiglu: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(x.is_contiguous(), "swiglu: ", name, " must be contiguous");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "swiglu: ", name, " must be float32, bfloat16 or float16, got ", x.scalar_type());
+}
+
+template <typename T, typename Launch>
+void dispatch_vec(int64_t f, std::initializer_list<const void*> ptrs, Launch launch) {
+  constexpr int kVec = 16 / sizeof(T);
+  bool ok = f % kVec == 0;
+  for (const void* p : ptrs) ok = ok && aligned(p, 16);
+  if (ok) {
+    launch(std::integral_constant<int, kVec>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
+}
+
+}  // namespace
+
+torch::Tensor swiglu_forward(const torch::Tensor& x) {
+  check_input(x, "x");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 2 == 0, "swiglu: last dimension of x must be even, got shape ",
+              x.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t f = x.size(-1) / 2;
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = f;
+  auto y = torch::empty(out_shape, x.options());
+  const int64_t rows = f == 0 ? 0 : x.numel() / (2 * f);
+  if (rows == 0 || f == 0) return y;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_SWITCH(x.scalar_type(), "swiglu_forward",
+    AT_DISPATCH_CASE(at::kFloat, [&] { using T = float;
+      dispatch_vec<T>(f, {x.data_ptr(), y.data_ptr()}, [&](auto vec) {
+        constexpr int V = decltype(vec)::value; const int threads = 256;
+        swiglu_fwd_kernel<T, V><<<blocks_for(rows * f / V, threads), threads, 0, stream>>>(
+            x.data_ptr<T>(), y.data_ptr<T>(), rows, f); }); })
+    AT_DISPATCH_CASE(at::kBFloat16, [&] { using T = __nv_bfloat16;
+      dispatch_vec<T>(f, {x.data_ptr(), y.data_ptr()}, [&](auto vec) {
+        constexpr int V = decltype(vec)::value; const int threads = 256;
+        swiglu_fwd_kernel<T, V><<<blocks_for(rows * f / V, threads), threads, 0, stream>>>(
+            reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<T*>(y.data_ptr()), rows, f); }); })
+    AT_DISPATCH_CASE(at::kHalf, [&] { using T = __half;
+      dispatch_vec<T>(f, {x.data_ptr(), y.data_ptr()}, [&](auto vec) {
+        constexpr int V = decltype(vec)::value; const int threads = 256;
+        swiglu_fwd_kernel<T, V><<<blocks_for(rows * f / V, threads), threads, 0, stream>>>(
+            reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<T*>(y.data_ptr()), rows, f); }); }));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
+torch::Tensor swiglu_backward(const torch::Tensor& x, const torch::Tensor& dy) {
+  check_input(x, "x");
+  check_input(dy, "dy");
+  TORCH_CHECK(x.scalar_type() == dy.scalar_type(), "swiglu: x and dy dtypes differ: ", x.scalar_type(), " vs ",
+              dy.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 2 == 0, "swiglu: last dimension of x must be even, got shape ",
+              x.sizes());
+  const int64_t f = x.size(-1) / 2;
+  auto expect = x.sizes().vec();
+  expect.back() = f;
+  TORCH_CHECK(dy.sizes().vec() == expect, "swiglu: dy has shape ", dy.sizes(), ", expected ", at::IntArrayRef(expect));
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto dx = torch::empty_like(x);
+  const int64_t rows = f == 0 ? 0 : x.numel() / (2 * f);
+  if (rows == 0 || f == 0) return dx;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_SWITCH(x.scalar_type(), "swiglu_backward",
+    AT_DISPATCH_CASE(at::kFloat, [&] { using T = float;
+      dispatch_vec<T>(f, {x.data_ptr(), dy.data_ptr(), dx.data_ptr()}, [&](auto vec) {
+        constexpr int V = decltype(vec)::value; const int threads = 256;
+        swiglu_bwd_kernel<T, V><<<blocks_for(rows * f / V, threads), threads, 0, stream>>>(
+            x.data_ptr<T>(), dy.data_ptr<T>(), dx.data_ptr<T>(), rows, f); }); })
+    AT_DISPATCH_CASE(at::kBFloat16, [&] { using T = __nv_bfloat16;
+      dispatch_vec<T>(f, {x.data_ptr(), dy.data_ptr(), dx.data_ptr()}, [&](auto vec) {
+        constexpr int V = decltype(vec)::value; const int threads = 256;
+        swiglu_bwd_kernel<T, V><<<blocks_for(rows * f / V, threads), threads, 0, stream>>>(
+            reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(dy.data_ptr()),
+            reinterpret_cast<T*>(dx.data_ptr()), rows, f); }); })
+    AT_DISPATCH_CASE(at::kHalf, [&] { using T = __half;
+      dispatch_vec<T>(f, {x.data_ptr(), dy.data_ptr(), dx.data_ptr()}, [&](auto vec) {
+        constexpr int V = decltype(vec)::value; const int threads = 256;
+        swiglu_bwd_kernel<T, V><<<blocks_for(rows * f / V, threads), threads, 0, stream>>>(
+            reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(dy.data_ptr()),
+            reinterpret_cast<T*>(dx.data_ptr()), rows, f); }); }));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dx;
+}

@@ -1,0 +1,145 @@
+"""Data-parallel gradients: contiguous fp32 main grads, reduced in buckets during backward.
+
+Every parameter gets `main_grad`, a view into one flat fp32 buffer, and (for the
+distributed optimizer) its data is moved into a flat parameter buffer with the same layout.
+Parameters are laid out in reverse registration order, roughly the order backward produces
+their gradients, and cut into buckets of about `bucket_size` elements. When the last
+gradient of a bucket arrives, the bucket is summed over dp asynchronously (all-reduce, or
+reduce-scatter when each rank only updates its own shard), overlapping the rest of the
+backward pass. Gradient accumulation: hooks keep adding into `main_grad`, and only the
+last micro-batch (`sync_on_backward(True)`) launches communication.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_qwen2.parallel.mappings import _all_gather_single, _reduce_scatter_single
+
+
+@dataclass
+class Bucket:
+    """A contiguous range [start, end) of the flat buffers; its length is a multiple of dp."""
+
+    start: int
+    end: int
+    params: list[torch.nn.Parameter]
+    pending: set = field(default_factory=set)
+    handle: Optional[dist.Work] = None
+
+    def shard(self, dp: int, dp_rank: int) -> tuple[int, int]:
+        """The flat range of this bucket that `dp_rank` owns under the distributed optimizer."""
+        size = (self.end - self.start) // dp
+        return self.start + dp_rank * size, self.start + (dp_rank + 1) * size
+
+
+class GradBuffer:
+    """fp32 main grads for `params`, summed over the dp group bucket by bucket."""
+
+    def __init__(self, params: list[torch.nn.Parameter], dp_group: Optional[dist.ProcessGroup],
+                 bucket_size: int = 40_000_000, shard: bool = False, overlap: bool = True):
+        params = [p for p in params if p.requires_grad]
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) != 1:
+            raise ValueError(f"all parameters must share one dtype for the flat buffers, found {sorted(map(str, dtypes))}")
+        self.params = params
+        self.dp_group = dp_group
+        self.dp = 1 if dp_group is None else dist.get_world_size(dp_group)
+        self.dp_rank = 0 if dp_group is None else dist.get_rank(dp_group)
+        self.shard, self.overlap = shard, overlap
+        self.buckets = self._plan(params[::-1], bucket_size)
+        total = self.buckets[-1].end if self.buckets else 0
+        device = params[0].device
+        self.grad_data = torch.zeros(total, dtype=torch.float32, device=device)
+        # Parameters live in one flat buffer too, so that updated shards can be all-gathered.
+        self.param_data = torch.zeros(total, dtype=params[0].dtype, device=device)
+        self.bucket_of: dict[torch.nn.Parameter, Bucket] = {}
+        self.offset: dict[torch.nn.Parameter, int] = {}
+        for bucket in self.buckets:
+            pos = bucket.start
+            for p in bucket.params:
+                n = p.numel()
+                self.param_data[pos:pos + n].copy_(p.detach().reshape(-1))
+                p.data = self.param_data[pos:pos + n].view_as(p)
+                p.main_grad = self.grad_data[pos:pos + n].view_as(p)
+                self.bucket_of[p], self.offset[p] = bucket, pos
+                pos += n
+        self._sync = True
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+        self.reset()
+
+    def _plan(self, params: list[torch.nn.Parameter], bucket_size: int) -> list[Bucket]:
+        buckets, current, start, pos = [], [], 0, 0
+        for p in params:
+            current.append(p)
+            pos += p.numel()
+            if pos - start >= bucket_size:
+                buckets.append(self._close(current, start, pos))
+                start = pos = buckets[-1].end
+                current = []
+        if current:
+            buckets.append(self._close(current, start, pos))
+        return buckets
+
+    def _close(self, params, start: int, end: int) -> Bucket:
+        end = start + -(-(end - start) // self.dp) * self.dp  # pad so every dp rank gets an equal shard
+        return Bucket(start, end, list(params))
+
+    def sync_on_backward(self, enabled: bool) -> None:
+        """Whether the next backward launches the dp reduction (True on the last micro-batch)."""
+        self._sync = enabled
+
+    def reset(self) -> None:
+        """Zero the main grads before a new step."""
+        self.grad_data.zero_()
+        for b in self.buckets:
+            b.pending = set(map(id, b.params))
+            b.handle = None
+
+    def _on_grad(self, p: torch.nn.Parameter) -> None:
+        p.main_grad.add_(p.grad)
+        p.grad = None
+        if not self._sync:
+            return
+        bucket = self.bucket_of[p]
+        bucket.pending.discard(id(p))
+        if not bucket.pending and self.overlap:
+            self._launch(bucket)
+
+    def _launch(self, bucket: Bucket) -> None:
+        if self.dp_group is None or bucket.handle is not None:
+            return
+        data = self.grad_data[bucket.start:bucket.end]
+        if self.shard:
+            s, e = bucket.shard(self.dp, self.dp_rank)
+            src = data if data.is_cuda else data.clone()  # NCCL reduces in place; gloo wants a copy
+            bucket.handle = _reduce_scatter_single(self.grad_data[s:e], src, group=self.dp_group, async_op=True)
+        else:
+            bucket.handle = dist.all_reduce(data, group=self.dp_group, async_op=True)
+
+    def finish(self) -> None:
+        """Wait for every bucket's reduction (launching those whose grads never arrived)."""
+        for bucket in self.buckets:
+            self._launch(bucket)
+        for bucket in self.buckets:
+            if bucket.handle is not None:
+                bucket.handle.wait()
+                bucket.handle = None
+
+    def gather_params(self) -> None:
+        """After a sharded update: all-gather every bucket's updated shards into all ranks."""
+        if self.dp_group is None or not self.shard:
+            return
+        handles = []
+        for bucket in self.buckets:
+            s, e = bucket.shard(self.dp, self.dp_rank)
+            mine = self.param_data[s:e]
+            mine = mine if mine.is_cuda else mine.clone()
+            handles.append(_all_gather_single(self.param_data[bucket.start:bucket.end], mine,
+                                              group=self.dp_group, async_op=True))
+        for h in handles:
+            h.wait()

@@ -1,0 +1,75 @@
+"""Install megatron_qwen2; build the CUDA extension `megatron_qwen2._C` from csrc/ when possible.
+
+The extension is built only when torch has CUDA and nvcc is found (or CUDA_HOME is set).
+Otherwise the package installs as pure Python and the ops fall back to PyTorch.
+Set MEGATRON_QWEN2_NO_EXT=1 to skip the build, TORCH_CUDA_ARCH_LIST / MEGATRON_QWEN2_GENCODE
+to change the target (default: Hopper, sm_90a).
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _say(msg: str) -> None:
+    print(f"megatron_qwen2: {msg}", file=sys.stderr)
+
+
+def _extension_setup() -> dict:
+    if os.environ.get("MEGATRON_QWEN2_NO_EXT") == "1":
+        _say("MEGATRON_QWEN2_NO_EXT=1, installing pure Python (PyTorch fallbacks for every op)")
+        return {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        _say("torch not importable at build time, installing pure Python (PyTorch fallbacks)")
+        return {}
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
+    if torch.version.cuda is None or not nvcc or not os.path.exists(nvcc):
+        why = "torch is a CPU build" if torch.version.cuda is None else "nvcc not found"
+        _say(f"{why}, installing pure Python without the CUDA extension (PyTorch fallbacks)")
+        return {}
+    gencode = os.environ.get("MEGATRON_QWEN2_GENCODE", "-gencode=arch=compute_90a,code=sm_90a").split()
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    _say(f"building megatron_qwen2._C for CUDA {torch.version.cuda} ({' '.join(gencode)})")
+    ext = CUDAExtension(
+        name="megatron_qwen2._C",
+        sources=sources,
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *gencode],
+        },
+    )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+
+
+setup(
+    name="megatron_qwen2",
+    version="0.1.0",
+    description="Megatron-style 3D-parallel training for the Qwen2 dense and MoE family",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_qwen2", "megatron_qwen2.*"]),
+    package_data={"megatron_qwen2.data": ["assets/tokenizer.json"]},
+    install_requires=[
+        "torch>=2.4",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "safetensors",
+        "tokenizers>=0.15",
+        "wandb",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "transformers>=4.45"],
+        "convert": ["transformers>=4.45"],
+        "build": ["pybind11", "ninja"],
+    },
+    **_extension_setup(),
+)
