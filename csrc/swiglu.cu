@@ -81,13 +81,7 @@ int blocks_for(int64_t work, int threads) {
 
 bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
-void check_input(const torch::Tensor& x, const char* name) {
-  TORCH_CHECK(x.is_cuda(), "swiglu: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(x.is_contiguous(), "swiglu: ", name, " must be contiguous");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-              "swiglu: ", name, " must be float32, bfloat16 or float16, got ", x.scalar_type());
-}
-
+// Launch with 16-byte vectors when the row length and every pointer allow it, else scalars.
 template <typename T, typename Launch>
 void dispatch_vec(int64_t f, std::initializer_list<const void*> ptrs, Launch launch) {
   constexpr int kVec = 16 / sizeof(T);
@@ -100,74 +94,51 @@ void dispatch_vec(int64_t f, std::initializer_list<const void*> ptrs, Launch lau
   }
 }
 
-}  // namespace
-
-torch::Tensor swiglu_forward(const torch::Tensor& x) {
-  check_input(x, "x");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 2 == 0, "swiglu: last dimension of x must be even, got shape ",
-              x.sizes());
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t f = x.size(-1) / 2;
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = f;
-  auto y = torch::empty(out_shape, x.options());
-  const int64_t rows = f == 0 ? 0 : x.numel() / (2 * f);
-  if (rows == 0 || f == 0) return y;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_SWITCH(x.scalar_type(), "swiglu_forward",
-    AT_DISPATCH_CASE(at::kFloat, [&] { using T = float;
-      dispatch_vec<T>(f, {x.data_ptr(), y.data_ptr()}, [&](auto vec) {
-        constexpr int V = decltype(vec)::value; const int threads = 256;
-        swiglu_fwd_kernel<T, V><<<blocks_for(rows * f / V, threads), threads, 0, stream>>>(
-            x.data_ptr<T>(), y.data_ptr<T>(), rows, f); }); })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] { using T = __nv_bfloat16;
-      dispatch_vec<T>(f, {x.data_ptr(), y.data_ptr()}, [&](auto vec) {
-        constexpr int V = decltype(vec)::value; const int threads = 256;
-        swiglu_fwd_kernel<T, V><<<blocks_for(rows * f / V, threads), threads, 0, stream>>>(
-            reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<T*>(y.data_ptr()), rows, f); }); })
-    AT_DISPATCH_CASE(at::kHalf, [&] { using T = __half;
-      dispatch_vec<T>(f, {x.data_ptr(), y.data_ptr()}, [&](auto vec) {
-        constexpr int V = decltype(vec)::value; const int threads = 256;
-        swiglu_fwd_kernel<T, V><<<blocks_for(rows * f / V, threads), threads, 0, stream>>>(
-            reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<T*>(y.data_ptr()), rows, f); }); }));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return y;
+template <typename T>
+void launch_fwd(const void* x, void* y, int64_t rows, int64_t f, cudaStream_t stream) {
+  dispatch_vec<T>(f, {x, y}, [&](auto vec) {
+    constexpr int V = decltype(vec)::value;
+    const int threads = 256;
+    swiglu_fwd_kernel<T, V><<<blocks_for(rows * f / V, threads), threads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<T*>(y), rows, f);
+  });
 }
 
-torch::Tensor swiglu_backward(const torch::Tensor& x, const torch::Tensor& dy) {
-  check_input(x, "x");
-  check_input(dy, "dy");
-  TORCH_CHECK(x.scalar_type() == dy.scalar_type(), "swiglu: x and dy dtypes differ: ", x.scalar_type(), " vs ",
-              dy.scalar_type());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 2 == 0, "swiglu: last dimension of x must be even, got shape ",
-              x.sizes());
-  const int64_t f = x.size(-1) / 2;
-  auto expect = x.sizes().vec();
-  expect.back() = f;
-  TORCH_CHECK(dy.sizes().vec() == expect, "swiglu: dy has shape ", dy.sizes(), ", expected ", at::IntArrayRef(expect));
+template <typename T>
+void launch_bwd(const void* x, const void* dy, void* dx, int64_t rows, int64_t f, cudaStream_t stream) {
+  dispatch_vec<T>(f, {x, dy, dx}, [&](auto vec) {
+    constexpr int V = decltype(vec)::value;
+    const int threads = 256;
+    swiglu_bwd_kernel<T, V><<<blocks_for(rows * f / V, threads), threads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dx), rows, f);
+  });
+}
+
+}  // namespace
+
+// Inputs are validated by the callers in bindings.cpp: contiguous CUDA tensors of one
+// supported dtype, x [rows, 2f], y / dy [rows, f], dx like x, rows * f > 0.
+void swiglu_forward_cuda(const torch::Tensor& x, torch::Tensor& y, int64_t rows, int64_t f) {
   const c10::cuda::CUDAGuard guard(x.device());
-  auto dx = torch::empty_like(x);
-  const int64_t rows = f == 0 ? 0 : x.numel() / (2 * f);
-  if (rows == 0 || f == 0) return dx;
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_SWITCH(x.scalar_type(), "swiglu_backward",
-    AT_DISPATCH_CASE(at::kFloat, [&] { using T = float;
-      dispatch_vec<T>(f, {x.data_ptr(), dy.data_ptr(), dx.data_ptr()}, [&](auto vec) {
-        constexpr int V = decltype(vec)::value; const int threads = 256;
-        swiglu_bwd_kernel<T, V><<<blocks_for(rows * f / V, threads), threads, 0, stream>>>(
-            x.data_ptr<T>(), dy.data_ptr<T>(), dx.data_ptr<T>(), rows, f); }); })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] { using T = __nv_bfloat16;
-      dispatch_vec<T>(f, {x.data_ptr(), dy.data_ptr(), dx.data_ptr()}, [&](auto vec) {
-        constexpr int V = decltype(vec)::value; const int threads = 256;
-        swiglu_bwd_kernel<T, V><<<blocks_for(rows * f / V, threads), threads, 0, stream>>>(
-            reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(dy.data_ptr()),
-            reinterpret_cast<T*>(dx.data_ptr()), rows, f); }); })
-    AT_DISPATCH_CASE(at::kHalf, [&] { using T = __half;
-      dispatch_vec<T>(f, {x.data_ptr(), dy.data_ptr(), dx.data_ptr()}, [&](auto vec) {
-        constexpr int V = decltype(vec)::value; const int threads = 256;
-        swiglu_bwd_kernel<T, V><<<blocks_for(rows * f / V, threads), threads, 0, stream>>>(
-            reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(dy.data_ptr()),
-            reinterpret_cast<T*>(dx.data_ptr()), rows, f); }); }));
+  switch (x.scalar_type()) {
+    case at::kFloat: launch_fwd<float>(x.data_ptr(), y.data_ptr(), rows, f, stream); break;
+    case at::kBFloat16: launch_fwd<__nv_bfloat16>(x.data_ptr(), y.data_ptr(), rows, f, stream); break;
+    default: launch_fwd<__half>(x.data_ptr(), y.data_ptr(), rows, f, stream); break;
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return dx;
+}
+
+void swiglu_backward_cuda(const torch::Tensor& x, const torch::Tensor& dy, torch::Tensor& dx, int64_t rows,
+                          int64_t f) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  switch (x.scalar_type()) {
+    case at::kFloat: launch_bwd<float>(x.data_ptr(), dy.data_ptr(), dx.data_ptr(), rows, f, stream); break;
+    case at::kBFloat16:
+      launch_bwd<__nv_bfloat16>(x.data_ptr(), dy.data_ptr(), dx.data_ptr(), rows, f, stream);
+      break;
+    default: launch_bwd<__half>(x.data_ptr(), dy.data_ptr(), dx.data_ptr(), rows, f, stream); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -1,15 +1,15 @@
 #!/usr/bin/env python
-"""Convert checkpoints: `hf-to-native --input HF_DIR --output CKPT_DIR` or `native-to-hf ...`."""
+"""Convert Qwen2 checkpoints: `hf-to-native --input HF_DIR --output CKPT_DIR`, or `native-to-hf ...`."""
 
 import sys
 from pathlib import Path
 
 try:
     import megatron_qwen2  # noqa: F401
-except ImportError:  # run from a source checkout without installing
+except ImportError:  # a source checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_qwen2.checkpoint.convert import main
+from megatron_qwen2.checkpoint.convert import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""Native checkpoints and Hugging Face import / export (transformers is not needed here)."""
+"""Native checkpoints and Hugging Face import / export (importing this does not need transformers)."""
 
 from megatron_qwen2.checkpoint.hf import (expected_native_shapes, hf_config_to_model_config, hf_to_native,
                                           model_config_to_hf_config, native_to_hf)

@@ -11,17 +11,22 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from megatron_qwen2.checkpoint import load_model, load_native_state, save_native  # noqa: E402
-from megatron_qwen2.checkpoint.convert import main as convert  # noqa: E402
+from megatron_qwen2.checkpoint.convert import main as convert, parse_size  # noqa: E402
 from megatron_qwen2.checkpoint.hf_io import INDEX_FILE, read_hf_dir, write_hf_dir  # noqa: E402
+from megatron_qwen2.config import ModelConfig  # noqa: E402
+from megatron_qwen2.model import Qwen2Model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DENSE = dict(vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3,
              intermediate_size=40, rope_theta=10000.0, max_position_embeddings=128)
-MOE = dict(DENSE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-           shared_expert_intermediate_size=24, decoder_sparse_step=1, mlp_only_layers=[1], num_hidden_layers=3)
+# Layer 1 is sparse (step 2); layer 3 would be too but is listed as dense.
+MOE = dict(DENSE, num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+           shared_expert_intermediate_size=24, decoder_sparse_step=2, mlp_only_layers=[3])
+EXPERT_NAME = "model.layers.1.mlp.experts.0.gate_proj.weight"
 
 
 def make_hf(path: Path, kind: str, tied: bool, dtype=torch.float32, seed=0) -> Path:
+    """A tiny random HF checkpoint, saved by transformers itself."""
     torch.manual_seed(seed)
     if kind == "dense":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**DENSE, tie_word_embeddings=tied))
@@ -34,36 +39,34 @@ def make_hf(path: Path, kind: str, tied: bool, dtype=torch.float32, seed=0) -> P
     return path
 
 
+def leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
 CASES = [("dense", True, torch.float32), ("dense", False, torch.bfloat16), ("moe", False, torch.float32),
          ("moe", True, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("kind,tied,dtype", CASES, ids=[f"{k}-{'tied' if t else 'untied'}-{str(d)[6:]}"
-                                                       for k, t, d in CASES])
+@pytest.mark.parametrize("kind,tied,dtype", CASES,
+                         ids=[f"{k}-{'tied' if t else 'untied'}-{str(d)[6:]}" for k, t, d in CASES])
 def test_round_trip_is_bit_exact(tmp_path, kind, tied, dtype):
     src = make_hf(tmp_path / "hf", kind, tied, dtype)
     assert convert(["hf-to-native", "--input", str(src), "--output", str(tmp_path / "native")]) == 0
+    state, cfg = load_native_state(tmp_path / "native")
+    assert cfg.tie_word_embeddings == tied and ("output.weight" in state) != tied
+    assert all(t.dtype == dtype for t in state.values())
     # A small shard size forces several safetensors files and an index.
     assert convert(["native-to-hf", "--input", str(tmp_path / "native"), "--output", str(tmp_path / "out"),
-                    "--max-shard-size", "20KB"]) == 0
-    assert (tmp_path / "out" / INDEX_FILE).is_file()
-    first, _ = read_hf_dir(src)
-    second, config = read_hf_dir(tmp_path / "out")
-    if kind == "moe":
-        assert "model.layers.0.mlp.experts.3.gate_proj.weight" in second
-    # HF may keep experts fused on disk; compare in the per-expert form both ways.
-    assert convert(["hf-to-native", "--input", str(tmp_path / "out"), "--output", str(tmp_path / "native2")]) == 0
-    assert convert(["native-to-hf", "--input", str(tmp_path / "native2"), "--output", str(tmp_path / "out2"),
-                    "--max-shard-size", "20KB"]) == 0
-    third, _ = read_hf_dir(tmp_path / "out2")
-    assert second.keys() == third.keys()
-    for name in second:
-        assert second[name].dtype == dtype and torch.equal(second[name], third[name]), name
-    state1, _ = load_native_state(tmp_path / "native")
-    state2, _ = load_native_state(tmp_path / "native2")
-    assert state1.keys() == state2.keys() and all(torch.equal(state1[k], state2[k]) for k in state1)
-    if set(first) == set(second):  # HF wrote per-expert (or dense) names: compare with the original
-        assert all(torch.equal(first[k], second[k]) for k in first)
+                    "--max-shard-size", "8KiB"]) == 0
+    index = json.loads((tmp_path / "out" / INDEX_FILE).read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    original, _ = read_hf_dir(src)
+    exported, config = read_hf_dir(tmp_path / "out")
+    assert config["dtype"] == config["torch_dtype"] == str(dtype)[6:]
+    assert sorted(exported) == sorted(original)
+    for name, t in original.items():
+        assert exported[name].dtype == t.dtype and torch.equal(exported[name], t), name
+    assert (EXPERT_NAME in exported) == (kind == "moe")
 
 
 @pytest.mark.parametrize("kind,tied", [("dense", False), ("moe", True)])
@@ -71,10 +74,13 @@ def test_native_checkpoint_gives_hf_logits_and_exports_loadable_hf(tmp_path, kin
     src = make_hf(tmp_path / "hf", kind, tied)
     assert convert(["hf-to-native", "--input", str(src), "--output", str(tmp_path / "native")]) == 0
     assert convert(["native-to-hf", "--input", str(tmp_path / "native"), "--output", str(tmp_path / "out")]) == 0
+    assert not (tmp_path / "out" / INDEX_FILE).exists()  # one shard under the default 5GB
     ids = torch.randint(0, DENSE["vocab_size"], (2, 19))
     model = load_model(tmp_path / "native")
+    assert not model.training
     ref = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back) is type(ref)
     with torch.no_grad():
         expected = ref(ids).logits
         assert (model(ids) - expected).abs().max().item() <= 1e-5
@@ -84,22 +90,35 @@ def test_native_checkpoint_gives_hf_logits_and_exports_loadable_hf(tmp_path, kin
 def _corrupt(src: Path, edit) -> Path:
     tensors, config = read_hf_dir(src)
     edit(tensors)
-    out = src.with_name(src.name + "-bad")
-    write_hf_dir(tensors, config, out, progress=False)
-    return out
+    return write_hf_dir(tensors, config, src.with_name(src.name + "-bad"), progress=False)
 
 
-@pytest.mark.parametrize("edit,needle", [
-    (lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"), "model.layers.1.self_attn.k_proj.bias"),
-    (lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(2)}), "model.layers.0.extra.weight"),
-    (lambda t: t.update({"model.norm.weight": torch.zeros(5)}), "model.norm.weight"),
-], ids=["missing", "extra", "misshaped"])
+BAD = [(lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"), "model.layers.1.self_attn.k_proj.bias"),
+       (lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(2)}), "model.layers.0.extra.weight"),
+       (lambda t: t.update({"model.norm.weight": torch.zeros(5)}), "model.norm.weight")]
+
+
+@pytest.mark.parametrize("edit,needle", BAD, ids=["missing", "extra", "misshaped"])
 def test_bad_tensors_are_named_and_leave_no_output(tmp_path, capsys, edit, needle):
     bad = _corrupt(make_hf(tmp_path / "hf", "dense", False), edit)
     out = tmp_path / "native"
     assert convert(["hf-to-native", "--input", str(bad), "--output", str(out)]) == 2
-    assert needle in capsys.readouterr().err
-    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".native")]
+    err = capsys.readouterr().err.splitlines()[-1]  # transformers' save bar may come before
+    assert err.startswith("error: ") and needle in err
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+def test_bad_native_checkpoint_leaves_existing_output_unchanged(tmp_path, capsys):
+    assert convert(["hf-to-native", "--input", str(make_hf(tmp_path / "hf", "moe", False)),
+                    "--output", str(tmp_path / "native")]) == 0
+    cfg_file = tmp_path / "native" / "model_config.json"
+    cfg_file.write_text(cfg_file.read_text().replace('"moe_ffn_hidden_size": 16', '"moe_ffn_hidden_size": 8'))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert convert(["native-to-hf", "--input", str(tmp_path / "native"), "--output", str(out), "--overwrite"]) == 2
+    assert "layers.1.mlp.experts.gate_up_weight" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and not leftovers(tmp_path)
 
 
 def test_existing_output_and_bad_input_are_refused(tmp_path, capsys):
@@ -108,35 +127,66 @@ def test_existing_output_and_bad_input_are_refused(tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert convert(["hf-to-native", "--input", str(src), "--output", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
-    assert convert(["native-to-hf", "--input", str(src), "--output", str(tmp_path / "x")]) == 2
-    assert "not a native checkpoint" in capsys.readouterr().err and not (tmp_path / "x").exists()
-    assert convert(["hf-to-native", "--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "y")]) == 2
-    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "y").exists()
+    assert f"{out} already exists" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    for direction, bad_input in [("native-to-hf", src), ("hf-to-native", out), ("hf-to-native", tmp_path / "nowhere")]:
+        assert convert([direction, "--input", str(bad_input), "--output", str(tmp_path / "x")]) == 2
+        assert str(bad_input) in capsys.readouterr().err and not (tmp_path / "x").exists()
     # --overwrite replaces the directory once the new one is complete.
     assert convert(["hf-to-native", "--input", str(src), "--output", str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and load_model(out) is not None
+    assert not (out / "keep.txt").exists() and not leftovers(tmp_path)
+    # An empty directory holds nothing to clobber.
+    (tmp_path / "empty").mkdir()
+    assert convert(["native-to-hf", "--input", str(out), "--output", str(tmp_path / "empty")]) == 0
+    assert (tmp_path / "empty" / "model.safetensors").is_file()
 
 
-def test_latest_is_followed_and_save_refuses_to_clobber(tmp_path):
-    state = {"w": torch.arange(6.0).view(2, 3)}
-    from megatron_qwen2.config import ModelConfig
+def tiny_model_state(**overrides):
     cfg = ModelConfig(hidden_size=32, num_layers=1, num_attention_heads=2, num_kv_heads=1, ffn_hidden_size=8,
-                      vocab_size=16)
-    save_native(state, cfg, tmp_path / "ckpts" / "step_000002")
-    (tmp_path / "ckpts" / "latest").write_text("step_000002\n")
-    loaded, loaded_cfg = load_native_state(tmp_path / "ckpts")
-    assert torch.equal(loaded["w"], state["w"]) and loaded_cfg == cfg
-    with pytest.raises(FileExistsError):
-        save_native(state, cfg, tmp_path / "ckpts" / "step_000002")
+                      vocab_size=16, **overrides)
+    torch.manual_seed(0)
+    return {k: v.detach() for k, v in Qwen2Model(cfg).state_dict().items()}, cfg
+
+
+def test_save_native_is_atomic_follows_latest_and_checks_names(tmp_path):
+    state, cfg = tiny_model_state()
+    root = tmp_path / "checkpoints"
+    save_native(state, cfg, root / "step_000002")
+    with pytest.raises(FileExistsError, match="step_000002"):
+        save_native(state, cfg, root / "step_000002")
+    newer = {k: v + 1 for k, v in state.items()}
+    save_native(newer, cfg, root / "step_000002", overwrite=True)
+    (root / "latest").write_text("step_000002\n")
+    loaded, loaded_cfg = load_native_state(root)
+    assert loaded_cfg == cfg and loaded.keys() == newer.keys()
+    assert all(torch.equal(loaded[k], newer[k]) for k in newer)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000002"]
+    model = load_model(root, dtype=torch.bfloat16)
+    assert model.embedding.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="final_norm.weight"):
+        save_native({k: v for k, v in state.items() if k != "final_norm.weight"}, cfg, root / "step_000003")
+    assert not (root / "step_000003").exists() and not leftovers(root)
+    with pytest.raises(ValueError, match="not a native checkpoint"):
+        load_native_state(tmp_path)
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("20KiB") == 20 * 1024 and parse_size("1048576") == 2**20
+    for bad in ("", "5XB", "-1", "0"):
+        with pytest.raises(Exception, match="bad size"):
+            parse_size(bad)
 
 
 def test_command_line_tool(tmp_path):
     src = make_hf(tmp_path / "hf", "dense", True)
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "hf-to-native",
                              "--input", str(src), "--output", str(tmp_path / "native"), "--dtype", "bf16"],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    state, _ = load_native_state(tmp_path / "native")
-    assert all(t.dtype == torch.bfloat16 for t in state.values())
-    assert json.loads((tmp_path / "native" / "model_config.json").read_text())["hidden_size"] == 48
+    state, cfg = load_native_state(tmp_path / "native")
+    assert cfg.hidden_size == 48 and all(t.dtype == torch.bfloat16 for t in state.values())
+
+
+def test_checkpoint_package_does_not_import_transformers():
+    code = ("import sys, megatron_qwen2.checkpoint, megatron_qwen2.checkpoint.convert; "
+            "sys.exit('transformers' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
