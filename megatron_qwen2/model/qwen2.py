@@ -90,8 +90,11 @@ class Qwen2Model(nn.Module):
             elif name.endswith("bias"):
                 p.zero_()
             else:
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-                full = torch.empty(global_shape(p, self.topo.tp)).normal_(0.0, self.cfg.init_std, generator=gen)
+                # Drawn on the parameter's device: the same seed gives the same model on every
+                # rank of that device type, whatever the layout.
+                gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                full = torch.empty(global_shape(p, self.topo.tp), device=p.device).normal_(
+                    0.0, self.cfg.init_std, generator=gen)
                 p.copy_(local_shard(p, full, self.topo.tp, self.topo.tp_rank))
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,

@@ -1,0 +1,144 @@
+"""One training step of a Qwen2-72B-shaped slice under tensor (+ sequence) parallelism.
+
+    torchrun --nproc-per-node N bench/bench_tp_step.py [--layers 4] [--seq 4096] [--micro 4] [--out DIR]
+
+All N ranks form one tp group (dp = 1). Reports tokens/s, model FLOP utilisation (MFU, model
+FLOPs only: no recomputation), the GPU time spent in NCCL kernels (the tp collectives) from a
+profiled step, and the measured bf16 matmul ceiling of the same GPU. Then checks in bf16 that
+3 steps of a small model at this tp give the losses of one GPU (the tolerance is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import time_ms, write_result  # noqa: E402
+from megatron_qwen2.config import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
+from megatron_qwen2.model import Qwen2Model  # noqa: E402
+from megatron_qwen2.parallel import Topology  # noqa: E402
+from megatron_qwen2.parallel.distributed_optimizer import MixedPrecisionOptimizer  # noqa: E402
+from megatron_qwen2.parallel.grad_buffer import GradBuffer  # noqa: E402
+from megatron_qwen2.parallel.tp_grads import sync_tp_grads  # noqa: E402
+
+SPEC_PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16
+
+
+def model_flops_per_token(cfg: ModelConfig, seq: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), causal attention."""
+    h, d, nq, nkv, f = cfg.hidden_size, cfg.kv_channels, cfg.num_attention_heads, cfg.num_kv_heads, cfg.ffn_hidden_size
+    per_layer = 2 * (h * (nq + 2 * nkv) * d + nq * d * h + 3 * h * f) + 2 * nq * d * seq  # causal: half of 4*s*nq*d
+    return 3 * (cfg.num_layers * per_layer + 2 * h * cfg.vocab_size)
+
+
+def matmul_ceiling_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = time_ms(lambda: a @ b, warmup=5, iters=20)
+    return 2 * 8192**3 / ms / 1e9
+
+
+def build(cfg: ModelConfig, topo: Topology, seed: int = 0):
+    with torch.device("cuda"):
+        model = Qwen2Model(cfg, topo)
+    model.init_weights(seed)
+    model.to(torch.bfloat16)
+    grads = GradBuffer(list(model.parameters()), topo.group("dp"))
+    opt = MixedPrecisionOptimizer(grads, OptimConfig(lr=1e-4, warmup_steps=0), topo.group("tp"),
+                                  norm_groups=[topo.group("tp")])
+    return model, grads, opt
+
+
+def train_step(model, grads, opt, topo, batch, micro: int) -> float:
+    grads.reset()
+    total = 0.0
+    for i, mb in enumerate(batch.split(batch.shape[0] // micro)):
+        grads.sync_on_backward(i == micro - 1)
+        loss = model(mb[:, :-1], labels=mb[:, 1:]).token_loss.mean()
+        (loss / micro).backward()
+        total += loss.detach()
+    grads.finish()
+    sync_tp_grads(model.parameters(), topo.group("tp"))
+    opt.step(1e-4)
+    return float(total) / micro
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--micro", type=int, default=4, help="micro-batches of one sequence per step")
+    parser.add_argument("--sp", type=int, default=1)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    topo = Topology.build(ParallelConfig(tp=world, sequence_parallel=bool(args.sp)), world, rank)
+    cfg = ModelConfig(name="qwen2_72b_slice", hidden_size=8192, num_layers=args.layers, num_attention_heads=64,
+                      num_kv_heads=8, ffn_hidden_size=29568, vocab_size=152064, max_position_embeddings=32768)
+    model, grads, opt = build(cfg, topo)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    batch = torch.randint(0, cfg.vocab_size, (args.micro, args.seq + 1), device="cuda", generator=gen)
+    for _ in range(2):  # warm-up
+        train_step(model, grads, opt, topo, batch, args.micro)
+    torch.cuda.synchronize()
+    dist.barrier()
+    steps = 5
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, grads, opt, topo, batch, args.micro)
+    torch.cuda.synchronize()
+    step_s = (time.perf_counter() - start) / steps
+    tokens = args.micro * args.seq
+    flops = model_flops_per_token(cfg, args.seq) * tokens
+    achieved = flops / step_s / world / 1e12  # per GPU
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        train_step(model, grads, opt, topo, batch, args.micro)
+        torch.cuda.synchronize()
+    nccl_ms = sum(e.device_time_total for e in prof.key_averages() if "nccl" in e.key.lower()) / 1e3
+    gpu_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+    top = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)[:15]
+    top_kernels = [(e.key[:90], round(e.self_device_time_total / 1e3, 2)) for e in top]
+    ceiling = matmul_ceiling_tflops()
+    mem_gb = torch.cuda.max_memory_allocated() / 1e9
+    del model, grads, opt
+    torch.cuda.empty_cache()
+
+    # bf16 equivalence: a small model at this tp vs the same model on one GPU.
+    small = ModelConfig(hidden_size=256, num_layers=2, num_attention_heads=8, num_kv_heads=2, ffn_hidden_size=512,
+                        vocab_size=1024)
+    sb = torch.randint(0, small.vocab_size, (4, 129), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    par = build(small, topo, seed=3)
+    ref = build(small, Topology.single(), seed=3)
+    losses = [(train_step(*par[:3], topo, sb, 2), train_step(*ref[:3], Topology.single(), sb, 2)) for _ in range(3)]
+    max_rel = max(abs(a - b) / abs(b) for a, b in losses)
+
+    if rank == 0:
+        row = dict(tp=world, sp=bool(args.sp), layers=args.layers, seq=args.seq, micro_batches=args.micro,
+                   step_s=step_s, tokens_per_s=tokens / step_s, tflops_per_gpu=achieved,
+                   mfu_vs_spec=achieved / SPEC_PEAK_TFLOPS, fraction_of_matmul_ceiling=achieved / ceiling,
+                   matmul_ceiling_tflops=ceiling, nccl_ms_per_step=nccl_ms, gpu_kernel_ms_per_step=gpu_ms,
+                   max_memory_gb=mem_gb, top_kernels_ms=top_kernels, bf16_losses_tp_vs_single=losses, bf16_max_rel_loss_diff=max_rel,
+                   bf16_tolerance=2e-2)
+        for k, v in row.items():
+            print(f"{k:>28}: {v}")
+        print(f"wrote {write_result(f'tp_step_tp{world}', row, args.out)}")
+        if max_rel > 2e-2:
+            raise SystemExit(f"bf16 losses at tp={world} differ from one GPU by {max_rel:.3g} (> 2e-2)")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
