@@ -5,7 +5,8 @@
 All N ranks form one tp group (dp = 1). Reports tokens/s, model FLOP utilisation (MFU, model
 FLOPs only: no recomputation), the GPU time spent in NCCL kernels (the tp collectives) from a
 profiled step, and the measured bf16 matmul ceiling of the same GPU. Then checks in bf16 that
-3 steps of a small model at this tp give the losses of one GPU (the tolerance is printed).
+3 steps of a small model at this tp, and at dp = N with the distributed optimizer, give the
+losses of one GPU (the tolerance is printed).
 """
 
 from __future__ import annotations
@@ -46,28 +47,33 @@ def matmul_ceiling_tflops() -> float:
     return 2 * 8192**3 / ms / 1e9
 
 
-def build(cfg: ModelConfig, topo: Topology, seed: int = 0):
+def build(cfg: ModelConfig, topo: Topology, seed: int = 0, distributed_optimizer: bool = False):
     with torch.device("cuda"):
         model = Qwen2Model(cfg, topo)
     model.init_weights(seed)
     model.to(torch.bfloat16)
-    grads = GradBuffer(list(model.parameters()), topo.group("dp"))
+    grads = GradBuffer(list(model.parameters()), topo.group("dp"), shard=distributed_optimizer)
     opt = MixedPrecisionOptimizer(grads, OptimConfig(lr=1e-4, warmup_steps=0), topo.group("tp"),
                                   norm_groups=[topo.group("tp")])
     return model, grads, opt
 
 
 def train_step(model, grads, opt, topo, batch, micro: int) -> float:
+    """One step on this dp rank's share of `batch` cut into `micro` micro-batches in all; mean loss."""
     grads.reset()
-    total = 0.0
-    for i, mb in enumerate(batch.split(batch.shape[0] // micro)):
-        grads.sync_on_backward(i == micro - 1)
+    mine = batch.chunk(topo.dp)[topo.dp_rank]
+    total = torch.zeros((), device=batch.device)
+    parts = mine.split(batch.shape[0] // micro)
+    for i, mb in enumerate(parts):
+        grads.sync_on_backward(i == len(parts) - 1)
         loss = model(mb[:, :-1], labels=mb[:, 1:]).token_loss.mean()
         (loss / micro).backward()
         total += loss.detach()
     grads.finish()
     sync_tp_grads(model.parameters(), topo.group("tp"))
     opt.step(1e-4)
+    if topo.group("dp") is not None:
+        dist.all_reduce(total, group=topo.group("dp"))
     return float(total) / micro
 
 
@@ -115,27 +121,34 @@ def main() -> None:
     del model, grads, opt
     torch.cuda.empty_cache()
 
-    # bf16 equivalence: a small model at this tp vs the same model on one GPU.
+    # bf16 equivalence: a small model at this tp, and at dp = world with the distributed
+    # optimizer, against the same model on one GPU.
     small = ModelConfig(hidden_size=256, num_layers=2, num_attention_heads=8, num_kv_heads=2, ffn_hidden_size=512,
                         vocab_size=1024)
     sb = torch.randint(0, small.vocab_size, (4, 129), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-    par = build(small, topo, seed=3)
-    ref = build(small, Topology.single(), seed=3)
-    losses = [(train_step(*par[:3], topo, sb, 2), train_step(*ref[:3], Topology.single(), sb, 2)) for _ in range(3)]
-    max_rel = max(abs(a - b) / abs(b) for a, b in losses)
+    single = Topology.single()
+    dp_topo = Topology.build(ParallelConfig(tp=1), world, rank)
+    runs = {"tp": (build(small, topo, seed=3), topo), "dp_distopt": (build(small, dp_topo, 3, True), dp_topo),
+            "single": (build(small, single, seed=3), single)}
+    losses = {name: [] for name in runs}
+    for _ in range(3):
+        for name, (parts, t) in runs.items():
+            losses[name].append(train_step(*parts, t, sb, 4))
+    max_rel = max(abs(a - b) / abs(b) for name in ("tp", "dp_distopt")
+                  for a, b in zip(losses[name], losses["single"]))
 
     if rank == 0:
         row = dict(tp=world, sp=bool(args.sp), layers=args.layers, seq=args.seq, micro_batches=args.micro,
                    step_s=step_s, tokens_per_s=tokens / step_s, tflops_per_gpu=achieved,
                    mfu_vs_spec=achieved / SPEC_PEAK_TFLOPS, fraction_of_matmul_ceiling=achieved / ceiling,
                    matmul_ceiling_tflops=ceiling, nccl_ms_per_step=nccl_ms, gpu_kernel_ms_per_step=gpu_ms,
-                   max_memory_gb=mem_gb, top_kernels_ms=top_kernels, bf16_losses_tp_vs_single=losses, bf16_max_rel_loss_diff=max_rel,
+                   max_memory_gb=mem_gb, top_kernels_ms=top_kernels, bf16_losses=losses, bf16_max_rel_loss_diff=max_rel,
                    bf16_tolerance=2e-2)
         for k, v in row.items():
             print(f"{k:>28}: {v}")
         print(f"wrote {write_result(f'tp_step_tp{world}', row, args.out)}")
         if max_rel > 2e-2:
-            raise SystemExit(f"bf16 losses at tp={world} differ from one GPU by {max_rel:.3g} (> 2e-2)")
+            raise SystemExit(f"bf16 losses at tp={world} or dp={world} differ from one GPU by {max_rel:.3g} (> 2e-2)")
     dist.barrier()
     dist.destroy_process_group()
 

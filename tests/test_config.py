@@ -92,3 +92,20 @@ def test_layout_checks_against_model():
     with pytest.raises(ValueError, match=r"model.num_experts=64 is not divisible by parallel.ep=3"):
         load("model=qwen2_57b_a14b", "parallel.ep=3", "train.micro_batch_size=1", "train.global_batch_size=3",
              world_size=3)
+
+
+def test_tensor_parallel_layout_checks():
+    # 1.5B at tp 4: 12 query heads split, 2 kv heads each replicated on two ranks.
+    cfg = load("model=qwen2_1.5b", "parallel.tp=4", "train.global_batch_size=4", "train.micro_batch_size=1",
+               world_size=4)
+    assert cfg.parallel.sequence_parallel is True  # on by default when tp > 1
+    assert load("parallel.tp=1").parallel.sequence_parallel is False
+    with pytest.raises(ValueError, match=r"model.num_kv_heads=3 and parallel.tp=2: one must divide the other"):
+        load("model.num_attention_heads=6", "model.num_kv_heads=3", "model.head_dim=16", "parallel.tp=2",
+             "train.global_batch_size=4", world_size=2)
+    with pytest.raises(ValueError, match=r"train.seq_length=127 is not divisible by parallel.tp=2"):
+        load("parallel.tp=2", "train.seq_length=127", world_size=2)
+    assert load("parallel.tp=2", "parallel.sequence_parallel=false", "train.seq_length=127",
+                world_size=2).train.seq_length == 127
+    with pytest.raises(ValueError, match=r"parallel.bucket_size must be a positive integer, got 0"):
+        load("parallel.bucket_size=0")

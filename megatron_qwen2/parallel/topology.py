@@ -1,9 +1,17 @@
 """The one source of truth for the parallel layout (DESIGN principle 1).
 
-Rank grid order, innermost first: tp, cp, dp, pp. Tensor parallelism is innermost because
-its collectives run every layer and must stay on the fastest links (NVLink inside a node);
-pipeline is outermost because it only sends activations between neighbouring stages.
-Expert parallelism is carved out of the dp dimension (ep divides dp), as in Megatron.
+Rank grid order, innermost first: tp, cp, dp, pp (rank = tp_rank + tp * (cp_rank + cp *
+(dp_rank + dp * pp_rank))). Tensor parallelism is innermost because its collectives run
+every layer on activations and must stay on the fastest links (NVLink inside a node);
+context parallelism next, since its ring exchanges K/V every layer too; data parallelism
+reduces gradients once per step and tolerates slower links; pipeline is outermost because it
+only sends activations between neighbouring stages. Expert parallelism is carved out of the dp
+dimension as in Megatron: consecutive blocks of ep data-parallel ranks form an ep group, and
+ranks at the same place in different blocks form the expert-data-parallel group.
+
+Groups: tp, cp, dp, pp (one per grid axis), ep and expert_dp (inside dp), mp (model
+parallel: every rank of one model replica, tp x cp x pp) and embedding (first and last
+pipeline stage, which share the tied embedding).
 """
 
 from __future__ import annotations
@@ -14,6 +22,9 @@ from typing import Optional
 import torch.distributed as dist
 
 from megatron_qwen2.config import ParallelConfig
+
+
+GROUP_KINDS = ("tp", "cp", "dp", "pp", "ep", "expert_dp", "mp", "embedding")
 
 
 @dataclass
@@ -40,7 +51,7 @@ class Topology:
         return self.tp * self.cp * self.dp * self.pp
 
     def group(self, name: str) -> Optional[dist.ProcessGroup]:
-        """The process group for 'tp', 'cp', 'dp', 'pp' or 'ep'; None when that degree is 1."""
+        """The process group of kind `name` (GROUP_KINDS) holding this rank; None when it is alone."""
         return self.groups.get(name)
 
     @classmethod
@@ -49,8 +60,8 @@ class Topology:
         return cls()
 
     @classmethod
-    def build(cls, cfg: ParallelConfig, world_size: int, rank: int) -> "Topology":
-        """Validate the degrees against the world size and create every process group."""
+    def plan(cls, cfg: ParallelConfig, world_size: int, rank: int) -> "Topology":
+        """Validate the degrees against the world size and place `rank` in the grid (no groups)."""
         cfg.validate()
         mp = cfg.tp * cfg.cp * cfg.pp
         if world_size % mp != 0:
@@ -66,6 +77,12 @@ class Topology:
         pp_rank = rank // (cfg.tp * cfg.cp * dp)
         topo = cls(tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, dp=dp, ep=cfg.ep, vpp=cfg.vpp, rank=rank,
                    sequence_parallel=sp, tp_rank=tp_rank, cp_rank=cp_rank, dp_rank=dp_rank, pp_rank=pp_rank)
+        return topo
+
+    @classmethod
+    def build(cls, cfg: ParallelConfig, world_size: int, rank: int) -> "Topology":
+        """The planned layout with every process group created (collective over all ranks)."""
+        topo = cls.plan(cfg, world_size, rank)
         if world_size > 1:
             topo.groups = topo._make_groups()
         return topo
@@ -84,12 +101,31 @@ class Topology:
             lists.append([base + i * strides[dim] for i in range(sizes[dim])])
         return lists
 
+    def rank_lists(self, name: str) -> list[list[int]]:
+        """Every group of kind `name` as lists of global ranks (the partition of the world)."""
+        if name in ("tp", "cp", "dp", "pp"):
+            return self._ranks_along(name)
+        if name in ("ep", "expert_dp"):
+            lists = []
+            for dp_ranks in self._ranks_along("dp"):
+                blocks = [dp_ranks[i:i + self.ep] for i in range(0, self.dp, self.ep)]
+                lists += blocks if name == "ep" else [list(col) for col in zip(*blocks)]
+            return lists
+        if name == "mp":
+            replicas: dict[int, list[int]] = {}
+            for r in range(self.world_size):
+                replicas.setdefault((r // (self.tp * self.cp)) % self.dp, []).append(r)
+            return list(replicas.values())
+        if name == "embedding":
+            return [sorted({ranks[0], ranks[-1]}) for ranks in self._ranks_along("pp")]
+        raise ValueError(f"unknown process group kind {name!r}")
+
     def _make_groups(self) -> dict[str, Optional[dist.ProcessGroup]]:
         # new_group must be called by every rank for every group, in the same order.
         groups: dict[str, Optional[dist.ProcessGroup]] = {}
-        for dim in ("tp", "cp", "dp", "pp"):
-            for ranks in self._ranks_along(dim):
+        for name in GROUP_KINDS:
+            for ranks in self.rank_lists(name):
                 g = dist.new_group(ranks) if len(ranks) > 1 else None
                 if self.rank in ranks:
-                    groups[dim] = g
+                    groups[name] = g
         return groups
