@@ -22,30 +22,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import time_ms, write_result  # noqa: E402
+from bench.common import SPEC_PEAK_TFLOPS, matmul_ceiling_tflops, write_result  # noqa: E402
 from megatron_qwen2.config import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
 from megatron_qwen2.model import Qwen2Model  # noqa: E402
+from megatron_qwen2.model.flops import training_flops_per_token  # noqa: E402
 from megatron_qwen2.parallel import Topology  # noqa: E402
 from megatron_qwen2.parallel.distributed_optimizer import MixedPrecisionOptimizer  # noqa: E402
 from megatron_qwen2.parallel.grad_buffer import GradBuffer  # noqa: E402
 from megatron_qwen2.parallel.tp_grads import sync_tp_grads  # noqa: E402
-
-SPEC_PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16
-
-
-def model_flops_per_token(cfg: ModelConfig, seq: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), causal attention."""
-    h, d, nq, nkv, f = cfg.hidden_size, cfg.kv_channels, cfg.num_attention_heads, cfg.num_kv_heads, cfg.ffn_hidden_size
-    per_layer = 2 * (h * (nq + 2 * nkv) * d + nq * d * h + 3 * h * f) + 2 * nq * d * seq  # causal: half of 4*s*nq*d
-    return 3 * (cfg.num_layers * per_layer + 2 * h * cfg.vocab_size)
-
-
-def matmul_ceiling_tflops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = time_ms(lambda: a @ b, warmup=5, iters=20)
-    return 2 * 8192**3 / ms / 1e9
-
 
 def build(cfg: ModelConfig, topo: Topology, seed: int = 0, distributed_optimizer: bool = False):
     with torch.device("cuda"):
@@ -60,12 +44,11 @@ def build(cfg: ModelConfig, topo: Topology, seed: int = 0, distributed_optimizer
 
 def train_step(model, grads, opt, topo, batch, micro: int) -> float:
     """One step on this dp rank's share of `batch` cut into `micro` micro-batches in all; mean loss."""
-    grads.reset()
     mine = batch.chunk(topo.dp)[topo.dp_rank]
     total = torch.zeros((), device=batch.device)
     parts = mine.split(batch.shape[0] // micro)
-    for i, mb in enumerate(parts):
-        grads.sync_on_backward(i == len(parts) - 1)
+    grads.start_step(len(parts))
+    for mb in parts:
         loss = model(mb[:, :-1], labels=mb[:, 1:]).token_loss.mean()
         (loss / micro).backward()
         total += loss.detach()
@@ -107,7 +90,7 @@ def main() -> None:
     torch.cuda.synchronize()
     step_s = (time.perf_counter() - start) / steps
     tokens = args.micro * args.seq
-    flops = model_flops_per_token(cfg, args.seq) * tokens
+    flops = training_flops_per_token(cfg, args.seq) * tokens
     achieved = flops / step_s / world / 1e12  # per GPU
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         train_step(model, grads, opt, topo, batch, args.micro)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+SPEC_PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16, the MFU denominator
+
 
 def time_ms(fn, warmup: int = 10, iters: int = 50) -> float:
     """Median milliseconds of fn() over `iters` runs, timed with CUDA events."""
@@ -36,7 +38,18 @@ def copy_bandwidth_gbs(nbytes: int = 2 * 1024**3) -> float:
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
-def git_commit() -> str:
+def matmul_ceiling_tflops(n: int = 8192) -> float:
+    """bf16 n x n x n matmul throughput (TFLOP/s): the compute ceiling measured in the run."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = time_ms(lambda: a @ b, warmup=5, iters=20)
+    return 2 * n**3 / ms / 1e9
+
+
+def git_commit(override: str | None = None) -> str:
+    """The commit measured: `override`, else $GIT_COMMIT, else `git rev-parse HEAD`, else 'unknown'."""
+    if override:
+        return override
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
     try:
@@ -45,11 +58,11 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_result(name: str, payload: dict, out_dir: str | None) -> Path:
+def write_result(name: str, payload: dict, out_dir: str | None, commit: str | None = None) -> Path:
     """bench/results/<name>_<device>_<date>.json (or under out_dir), with device, commit and date."""
     device = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()
-    payload = dict(payload, device=device, commit=git_commit(), date=date, torch=torch.__version__,
+    payload = dict(payload, device=device, commit=git_commit(commit), date=date, torch=torch.__version__,
                    cuda=torch.version.cuda)
     root = Path(out_dir) if out_dir else Path(__file__).resolve().parent / "results"
     root.mkdir(parents=True, exist_ok=True)

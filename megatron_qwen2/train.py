@@ -5,6 +5,7 @@ The loop and nothing else: build the model, data and optimizer from the config, 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -17,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from megatron_qwen2.checkpoint import save_native
+from megatron_qwen2.checkpoint import expected_native_shapes, save_native
 from megatron_qwen2.config import Config, resolve_config
 from megatron_qwen2.data import build_packed_dataset
 from megatron_qwen2.logging import MetricsLogger
@@ -27,15 +28,17 @@ from megatron_qwen2.parallel import Topology
 from megatron_qwen2.parallel.distributed_optimizer import MixedPrecisionOptimizer
 from megatron_qwen2.parallel.grad_buffer import GradBuffer
 from megatron_qwen2.parallel.launch import init_distributed
+from megatron_qwen2.parallel.pipeline import PipelineRunner, build_model_chunks
+from megatron_qwen2.parallel.schedule import check_microbatches
 from megatron_qwen2.parallel.layers import gather_full
 from megatron_qwen2.parallel.tp_grads import sync_tp_grads
 
 
 def _check_supported(cfg: Config) -> None:
     p = cfg.parallel
-    if max(p.pp, p.cp, p.ep, p.vpp) > 1:
-        raise ValueError(f"parallel.pp={p.pp}, cp={p.cp}, ep={p.ep}, vpp={p.vpp}: this training loop runs "
-                         "tensor, sequence and data parallelism; pipeline, context and expert degrees must be 1")
+    if max(p.cp, p.ep) > 1:
+        raise ValueError(f"parallel.cp={p.cp}, ep={p.ep}: this training loop runs tensor, sequence, pipeline "
+                         "and data parallelism; context and expert degrees must be 1")
 
 
 def train(cfg: Config, run_dir: Path) -> dict:
@@ -47,6 +50,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
     cfg.validate(world_size)
     topo = Topology.build(cfg.parallel, world_size, rank)
     device = torch.device(cfg.device, torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
+    dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
     t = cfg.train
     torch.manual_seed(t.seed)
 
@@ -54,23 +58,29 @@ def train(cfg: Config, run_dir: Path) -> dict:
     if dataset.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {dataset.vocab_size} tokens but model.vocab_size="
                          f"{cfg.model.vocab_size}; pick a larger model.vocab_size or another tokenizer")
-    model = Qwen2Model(cfg.model, topo)
-    model.init_weights(t.seed)
-    model.to(device=device, dtype=torch.bfloat16 if t.dtype == "bf16" else torch.float32)
-    grads = GradBuffer(list(model.parameters()), topo.group("dp"), bucket_size=cfg.parallel.bucket_size,
-                       shard=cfg.parallel.distributed_optimizer, overlap=cfg.parallel.overlap_grad_reduce)
-    optimizer = MixedPrecisionOptimizer(grads, cfg.optim, topo.group("tp"), norm_groups=[topo.group("tp")])
+    chunks = build_model_chunks(cfg.model, cfg.parallel, topo)
+    for chunk in chunks:
+        chunk.init_weights(t.seed)
+        chunk.to(device=device, dtype=dtype)
+    params = [p for chunk in chunks for p in chunk.parameters()]
+    tied = [p for chunk in chunks for n, p in chunk.named_parameters() if n == "embedding.weight"
+            and cfg.model.tie_word_embeddings and topo.pp > 1]
+    grads = GradBuffer(params, topo.group("dp"), bucket_size=cfg.parallel.bucket_size,
+                       shard=cfg.parallel.distributed_optimizer, overlap=cfg.parallel.overlap_grad_reduce,
+                       deferred=tied)
+    optimizer = MixedPrecisionOptimizer(grads, cfg.optim, topo.group("tp"), norm_groups=[topo.group("mp")])
+    runner = PipelineRunner(chunks, cfg.model, topo, t.micro_batch_size, t.seq_length, dtype, device)
 
     total_micro = t.global_batch_size // t.micro_batch_size  # over all dp ranks
     local_samples = t.global_batch_size // topo.dp
+    check_microbatches(topo.pp, topo.vpp, total_micro // topo.dp)
     is_logger = rank == 0
     logger = MetricsLogger(run_dir, cfg.wandb, OmegaConf.to_container(OmegaConf.structured(cfg)),
                            log_interval=t.log_interval) if is_logger else None
     if is_logger:
-        n_params = sum(p.numel() for p in model.parameters()) * topo.tp  # approximate under tp
-        print(f"model {cfg.model.name}: ~{n_params / 1e6:.2f}M parameters; {len(dataset)} samples of "
-              f"{t.seq_length} tokens per epoch; tp={topo.tp} dp={topo.dp} sp={topo.sequence_parallel}; "
-              f"run dir {run_dir}", flush=True)
+        print(f"model {cfg.model.name}: {count_parameters(cfg.model) / 1e6:.2f}M parameters; {len(dataset)} samples "
+              f"of {t.seq_length} tokens per epoch; tp={topo.tp} pp={topo.pp} vpp={topo.vpp} dp={topo.dp} "
+              f"sp={topo.sequence_parallel}; run dir {run_dir}", flush=True)
 
     metrics: dict = {}
     for step in range(t.steps):
@@ -78,25 +88,18 @@ def train(cfg: Config, run_dir: Path) -> dict:
         lr = learning_rate(step, cfg.optim, t.steps)
         batch = dataset.global_batch(step, t.global_batch_size)  # [gbs, s+1], the same in every layout
         batch = batch[topo.dp_rank * local_samples:(topo.dp_rank + 1) * local_samples].to(device)
-        grads.reset()
-        sums = torch.zeros(2, dtype=torch.float64)  # cross-entropy, aux loss (summed over micro-batches)
-        micro = batch.split(t.micro_batch_size)
-        for i, mb in enumerate(micro):
-            grads.sync_on_backward(i == len(micro) - 1)
-            out = model(mb[:, :-1], labels=mb[:, 1:])
-            loss = out.token_loss.mean()
-            total = loss
-            if out.aux_loss is not None:
-                total = total + cfg.model.aux_loss_coef * out.aux_loss
-                sums[1] += out.aux_loss.item()
-            # Every micro-batch of the global batch weighs 1/total_micro, whichever rank runs it.
-            (total / total_micro).backward()
-            sums[0] += loss.item()
-        grads.finish()
-        sync_tp_grads(model.parameters(), topo.group("tp"))
+        micro = list(batch.split(t.micro_batch_size))
+        grads.start_step(len(micro))
+        # Every micro-batch of the global batch weighs 1/total_micro, whichever rank runs it.
+        result = runner.run(micro, loss_scale=1.0 / total_micro, aux_coef=cfg.model.aux_loss_coef)
+        grads.finish(before_deferred=lambda ps: sum_tied_embedding_grads(ps, topo))
+        sync_tp_grads(params, topo.group("tp"))
         grad_norm = optimizer.step(lr)
-        if topo.group("dp") is not None:
-            dist.all_reduce(sums, group=topo.group("dp"))
+        # Only the last pipeline stage saw the losses; sum over stages and data-parallel ranks.
+        sums = torch.stack([result.loss_sum, result.aux_sum]).cpu()
+        for group in (topo.group("pp"), topo.group("dp")):
+            if group is not None:
+                dist.all_reduce(sums, group=group)
         elapsed = time.perf_counter() - start
         metrics = {
             "step": step + 1,
@@ -111,16 +114,38 @@ def train(cfg: Config, run_dir: Path) -> dict:
         if logger is not None:
             logger.log(metrics)
         if t.save_interval and (step + 1) % t.save_interval == 0 and step + 1 != t.steps:
-            save_checkpoint(model, cfg, topo, run_dir, step + 1)
-    save_checkpoint(model, cfg, topo, run_dir, t.steps)
+            save_checkpoint(chunks, cfg, topo, run_dir, step + 1)
+    save_checkpoint(chunks, cfg, topo, run_dir, t.steps)
     if logger is not None:
         logger.close(summary=metrics)
     return metrics
 
 
-def save_checkpoint(model: Qwen2Model, cfg: Config, topo: Topology, run_dir: Path, step: int) -> None:
-    """Write run_dir/checkpoints/step_N (atomically, full unsharded tensors), then move `latest`."""
-    state = {name: gather_full(p, p.detach(), topo.group("tp")).cpu() for name, p in model.named_parameters()}
+def sum_tied_embedding_grads(params: list[torch.nn.Parameter], topo: Topology) -> None:
+    """First and last stage each hold the tied embedding: give both the sum of their gradients."""
+    group = topo.group("embedding")
+    if group is not None:
+        for p in params:
+            dist.all_reduce(p.main_grad, group=group)
+
+
+def count_parameters(cfg) -> int:
+    return sum(math.prod(shape) for shape in expected_native_shapes(cfg).values())
+
+
+def save_checkpoint(chunks: list[Qwen2Model], cfg: Config, topo: Topology, run_dir: Path, step: int) -> None:
+    """Write run_dir/checkpoints/step_N (atomically, full unsharded tensors), then move `latest`.
+
+    Every stage reassembles its tensors over tp and sends them to rank 0, which writes them all.
+    """
+    state = {name: gather_full(p, p.detach(), topo.group("tp")).cpu()
+             for chunk in chunks for name, p in chunk.named_parameters() if not getattr(p, "pipeline_copy", False)}
+    if topo.world_size > 1:
+        mine = state if topo.tp_rank == 0 and topo.dp_rank == 0 else {}
+        parts = [None] * topo.world_size if topo.rank == 0 else None
+        dist.gather_object(mine, parts, dst=0)
+        if topo.rank == 0:
+            state = {k: v for part in parts for k, v in part.items()}
     if topo.rank == 0:
         ckpt_root = run_dir / "checkpoints"
         name = f"step_{step:06d}"

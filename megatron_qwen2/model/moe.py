@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,24 +13,16 @@ from megatron_qwen2.parallel.mappings import gather_from_sp, scatter_to_sp
 from megatron_qwen2.parallel.topology import Topology
 
 
-@dataclass
-class RouterStats:
-    """What one MoE layer contributes to the load-balancing loss."""
-
-    tokens_per_expert: torch.Tensor  # [E] top-k assignment counts (no gradient)
-    prob_sum: torch.Tensor  # [E] sum over tokens of the router probabilities (carries gradient)
-    num_tokens: int
-
-
-def load_balancing_loss(stats: list[RouterStats], num_experts: int) -> torch.Tensor:
+def load_balancing_loss(router_sums: torch.Tensor, num_tokens: int, num_experts: int) -> torch.Tensor:
     """Switch-style aux loss exactly as HF `load_balancing_loss_func` computes it.
 
-    Counts and probabilities are summed over all MoE layers and tokens first, then
-    loss = E * sum_e f_e * P_e with f_e = count_e / N and P_e = prob_sum_e / N.
+    router_sums [2, E]: top-k assignment counts and router probabilities, each summed over all
+    MoE layers and tokens (num_tokens = tokens x MoE layers). loss = E * sum_e f_e * P_e with
+    f_e = count_e / N and P_e = prob_sum_e / N. Because the sums run over layers before the
+    product, pipeline stages pass the running sums along with the hidden states.
     """
-    n = sum(s.num_tokens for s in stats)
-    f = torch.stack([s.tokens_per_expert for s in stats]).sum(0) / n
-    p = torch.stack([s.prob_sum for s in stats]).sum(0) / n
+    f = router_sums[0].detach() / num_tokens
+    p = router_sums[1] / num_tokens
     return num_experts * torch.sum(f * p)
 
 
@@ -45,16 +35,15 @@ class Router(nn.Module):
         self.norm_topk_prob = cfg.norm_topk_prob
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RouterStats]:
-        """x [t, h] -> top-k weights [t, k] (x's dtype), expert ids [t, k], stats."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [t, h] -> top-k weights [t, k] (x's dtype), expert ids [t, k], sums [2, E] (counts, probs)."""
         logits = F.linear(x, self.weight)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         counts = torch.bincount(experts.reshape(-1), minlength=probs.shape[-1]).to(torch.float32)
-        stats = RouterStats(tokens_per_expert=counts, prob_sum=probs.sum(0), num_tokens=x.shape[0])
-        return weights.to(x.dtype), experts, stats
+        return weights.to(x.dtype), experts, torch.stack([counts, probs.sum(0)])
 
 
 class Experts(nn.Module):
@@ -101,13 +90,13 @@ class MoEBlock(nn.Module):
         else:
             self.shared_expert = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
-        """x [s, b, h] ([s/tp, b, h] with sequence parallelism) -> same shape, router stats."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [s, b, h] ([s/tp, b, h] with sequence parallelism) -> same shape, router sums [2, E]."""
         x = gather_from_sp(x, self.sp_group, grad_is_partial=False)
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        weights, experts, stats = self.router(tokens)
+        weights, experts, sums = self.router(tokens)
         out = self.experts(tokens, weights, experts)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
-        return scatter_to_sp(out.view(shape), self.sp_group), stats
+        return scatter_to_sp(out.view(shape), self.sp_group), sums

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from megatron_qwen2.config import ModelConfig
 from megatron_qwen2.model.attention import SelfAttention
 from megatron_qwen2.model.mlp import MLP
-from megatron_qwen2.model.moe import MoEBlock, RouterStats, load_balancing_loss
+from megatron_qwen2.model.moe import MoEBlock, load_balancing_loss
 from megatron_qwen2.model.norm import RMSNorm
 from megatron_qwen2.model.rope import RotaryEmbedding
 from megatron_qwen2.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -48,33 +48,49 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.ffn_hidden_size, topo.group("tp"), sequence_parallel=sp)
 
-    def forward(self, x, cos, sin) -> tuple[torch.Tensor, Optional[RouterStats]]:
+    def forward(self, x, cos, sin) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """-> new hidden states, and this layer's router sums [2, E] (None for a dense layer)."""
         x = x + self.attention(self.input_norm(x), cos, sin)
         if self.is_moe:
-            y, stats = self.mlp(self.post_attention_norm(x))
-            return x + y, stats
+            y, sums = self.mlp(self.post_attention_norm(x))
+            return x + y, sums
         return x + self.mlp(self.post_attention_norm(x)), None
 
 
 class Qwen2Model(nn.Module):
-    """Qwen2 / Qwen2-MoE causal language model."""
+    """Qwen2 / Qwen2-MoE causal language model, or one pipeline stage of it.
 
-    def __init__(self, cfg: ModelConfig, topo: Optional[Topology] = None):
+    A stage holds the layers `layer_ids` (global indices; all by default), the embedding when it
+    is the first stage (`pre_process`) and the final norm and head when it is the last
+    (`post_process`). With tied embeddings a last stage that is not also first keeps its own copy
+    of `embedding.weight` for the head; the pipeline keeps the copies equal by summing their
+    gradients over the embedding group.
+    """
+
+    def __init__(self, cfg: ModelConfig, topo: Optional[Topology] = None, layer_ids: Optional[Sequence[int]] = None,
+                 pre_process: bool = True, post_process: bool = True):
         super().__init__()
         cfg.validate()
         topo = topo or Topology.single()
         self.cfg, self.topo = cfg, topo
+        self.pre_process, self.post_process = pre_process, post_process
         self.tp_group = topo.group("tp")
         sp = self.sequence_parallel = topo.sequence_parallel and self.tp_group is not None
-        self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, self.tp_group, sequence_parallel=sp)
+        if pre_process or (post_process and cfg.tie_word_embeddings):
+            self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, self.tp_group,
+                                                    sequence_parallel=sp)
+            # The head's copy on a last stage: its gradient joins the first stage's, and it is
+            # counted once in the gradient norm.
+            self.embedding.weight.pipeline_copy = not pre_process
         self.rotary = RotaryEmbedding(cfg)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, topo, i) for i in range(cfg.num_layers)})
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sequence_parallel=sp)
-        if cfg.tie_word_embeddings:
-            self.output = None
-        else:
-            self.output = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, bias=False, group=self.tp_group,
-                                               sequence_parallel=sp)
+        layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, topo, i) for i in layer_ids})
+        # Tokens x MoE layers of the whole model, the denominator of the aux loss.
+        self.num_moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+        if post_process:
+            self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sequence_parallel=sp)
+            self.output = None if cfg.tie_word_embeddings else ColumnParallelLinear(
+                cfg.hidden_size, cfg.vocab_size, bias=False, group=self.tp_group, sequence_parallel=sp)
         self.init_weights(seed=0)
 
     @torch.no_grad()
@@ -100,16 +116,28 @@ class Qwen2Model(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None):
         """input_ids [b, s] -> logits [b, s, vocab]; with labels [b, s] -> LossOutput."""
-        b, s = input_ids.shape
         if position_ids is None:
+            b, s = input_ids.shape
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
-        h = self.embedding(input_ids.t())  # [s, b, h] ([s/tp, b, h] with sequence parallelism)
+        return self.forward_stage(input_ids, position_ids, labels)
+
+    def forward_stage(self, x: torch.Tensor, position_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                      router_sums: Optional[torch.Tensor] = None):
+        """Run this stage. x: input ids [b, s] on the first stage, else hidden states [s(/tp), b, h].
+
+        router_sums [2, E]: the MoE router sums of the stages before (None on the first).
+        Returns (hidden, router_sums) on a stage that is not last; logits or LossOutput on the last.
+        """
+        h = self.embedding(x.t()) if self.pre_process else x  # [s, b, h] ([s/tp, b, h] with sp)
         cos, sin = self.rotary(position_ids.t(), h.dtype)
-        stats: list[RouterStats] = []
         for layer in self.layers.values():
-            h, st = layer(h, cos, sin)
-            if st is not None:
-                stats.append(st)
+            h, sums = layer(h, cos, sin)
+            if sums is not None:
+                router_sums = sums if router_sums is None else router_sums + sums
+        if not self.post_process:
+            if router_sums is None and self.num_moe_layers:  # no MoE layer yet: start the sums at zero
+                router_sums = torch.zeros(2, self.cfg.num_experts, device=h.device)
+            return h, router_sums
         h = self.final_norm(h)
         if self.output is None:  # tied: the (vocab-parallel) embedding table is the head
             h = gather_from_sp(h, self.tp_group) if self.sequence_parallel else copy_to_tp(h, self.tp_group)
@@ -119,5 +147,7 @@ class Qwen2Model(nn.Module):
         if labels is None:
             return gather_from_tp(logits, self.tp_group).transpose(0, 1)
         token_loss = vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group).t()
-        aux = load_balancing_loss(stats, self.cfg.num_experts) if stats else None
+        aux = None
+        if self.num_moe_layers:
+            aux = load_balancing_loss(router_sums, labels.numel() * self.num_moe_layers, self.cfg.num_experts)
         return LossOutput(token_loss=token_loss, aux_loss=aux)

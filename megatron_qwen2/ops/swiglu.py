@@ -1,6 +1,7 @@
 """Fused SwiGLU door: the csrc kernel for CUDA tensors when built, else the reference."""
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from megatron_qwen2.ops import extension, reference
 
@@ -12,12 +13,12 @@ class _SwiGLUKernel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        ext = extension.load()
         x = x.contiguous()
         ctx.save_for_backward(x)
-        return ext.swiglu_forward(x)
+        return extension.load().swiglu_forward(x)
 
     @staticmethod
+    @once_differentiable  # the kernel's backward has no graph: a second derivative must fail loudly
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
         return extension.load().swiglu_backward(x, dy.contiguous())

@@ -68,7 +68,9 @@ class MixedPrecisionOptimizer:
     def _norm_mask(self, p: torch.nn.Parameter) -> torch.Tensor:
         """Elements of p this rank counts in the grad norm: replicated ones count on one rank only."""
         mask = torch.ones(p.numel(), dtype=torch.bool, device=p.device)
-        if getattr(p, "tp_split_dim", None) is None:
+        if getattr(p, "pipeline_copy", False):  # the last stage's copy of the tied embedding
+            mask.fill_(False)
+        elif getattr(p, "tp_split_dim", None) is None:
             mask.fill_(self.tp_rank == 0)
         elif getattr(p, "tp_kv_replica", None) is not None:
             kv_head, nkv, rows = p.tp_kv_replica

@@ -6,8 +6,11 @@ Parameters are laid out in reverse registration order, roughly the order backwar
 their gradients, and cut into buckets of about `bucket_size` elements. When the last
 gradient of a bucket arrives, the bucket is summed over dp asynchronously (all-reduce, or
 reduce-scatter when each rank only updates its own shard), overlapping the rest of the
-backward pass. Gradient accumulation: hooks keep adding into `main_grad`, and only the
-last micro-batch (`sync_on_backward(True)`) launches communication.
+backward pass. Gradient accumulation: a parameter is ready once it has received its
+gradient from every micro-batch of the step (`start_step(num_microbatches)`), whatever order a
+pipeline schedule runs them in. Parameters listed in `deferred` (the tied embedding copies
+of a pipeline) sit in buckets of their own that `finish` reduces only after `before_deferred`
+has run, so that their cross-stage sum happens on the unreduced gradients.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class Bucket:
     start: int
     end: int
     params: list[torch.nn.Parameter]
+    deferred: bool = False
     pending: set = field(default_factory=set)
     handle: Optional[dist.Work] = None
 
@@ -41,7 +45,8 @@ class GradBuffer:
     """fp32 main grads for `params`, summed over the dp group bucket by bucket."""
 
     def __init__(self, params: list[torch.nn.Parameter], dp_group: Optional[dist.ProcessGroup],
-                 bucket_size: int = 40_000_000, shard: bool = False, overlap: bool = True):
+                 bucket_size: int = 40_000_000, shard: bool = False, overlap: bool = True,
+                 deferred: Optional[list[torch.nn.Parameter]] = None):
         params = [p for p in params if p.requires_grad]
         dtypes = {p.dtype for p in params}
         if len(dtypes) != 1:
@@ -51,7 +56,13 @@ class GradBuffer:
         self.dp = 1 if dp_group is None else dist.get_world_size(dp_group)
         self.dp_rank = 0 if dp_group is None else dist.get_rank(dp_group)
         self.shard, self.overlap = shard, overlap
-        self.buckets = self._plan(params[::-1], bucket_size)
+        deferred_ids = {id(p) for p in deferred or []}
+        regular = [p for p in params[::-1] if id(p) not in deferred_ids]
+        late = [p for p in params[::-1] if id(p) in deferred_ids]
+        self.buckets = self._plan(regular, bucket_size)
+        for bucket in self._plan(late, bucket_size, start=self.buckets[-1].end if self.buckets else 0):
+            bucket.deferred = True
+            self.buckets.append(bucket)
         total = self.buckets[-1].end if self.buckets else 0
         device = params[0].device
         self.grad_data = torch.zeros(total, dtype=torch.float32, device=device)
@@ -68,12 +79,13 @@ class GradBuffer:
                 p.main_grad = self.grad_data[pos:pos + n].view_as(p)
                 self.bucket_of[p], self.offset[p] = bucket, pos
                 pos += n
-        self._sync = True
+        self._expected = 1
+        self._count: dict[int, int] = {}
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
-        self.reset()
+        self.start_step(1)
 
-    def _plan(self, params: list[torch.nn.Parameter], bucket_size: int) -> list[Bucket]:
-        buckets, current, start, pos = [], [], 0, 0
+    def _plan(self, params: list[torch.nn.Parameter], bucket_size: int, start: int = 0) -> list[Bucket]:
+        buckets, current, pos = [], [], start
         for p in params:
             current.append(p)
             pos += p.numel()
@@ -89,13 +101,11 @@ class GradBuffer:
         end = start + -(-(end - start) // self.dp) * self.dp  # pad so every dp rank gets an equal shard
         return Bucket(start, end, list(params))
 
-    def sync_on_backward(self, enabled: bool) -> None:
-        """Whether the next backward launches the dp reduction (True on the last micro-batch)."""
-        self._sync = enabled
-
-    def reset(self) -> None:
-        """Zero the main grads before a new step."""
+    def start_step(self, num_microbatches: int) -> None:
+        """Zero the main grads; each parameter will receive one gradient per micro-batch."""
         self.grad_data.zero_()
+        self._expected = num_microbatches
+        self._count = {id(p): 0 for p in self.params}
         for b in self.buckets:
             b.pending = set(map(id, b.params))
             b.handle = None
@@ -103,11 +113,12 @@ class GradBuffer:
     def _on_grad(self, p: torch.nn.Parameter) -> None:
         p.main_grad.add_(p.grad)
         p.grad = None
-        if not self._sync:
+        self._count[id(p)] += 1
+        if self._count[id(p)] < self._expected:
             return
         bucket = self.bucket_of[p]
         bucket.pending.discard(id(p))
-        if not bucket.pending and self.overlap:
+        if not bucket.pending and self.overlap and not bucket.deferred:
             self._launch(bucket)
 
     def _launch(self, bucket: Bucket) -> None:
@@ -121,8 +132,14 @@ class GradBuffer:
         else:
             bucket.handle = dist.all_reduce(data, group=self.dp_group, async_op=True)
 
-    def finish(self) -> None:
-        """Wait for every bucket's reduction (launching those whose grads never arrived)."""
+    def finish(self, before_deferred=None) -> None:
+        """Wait for every bucket's reduction (launching those whose grads never arrived).
+
+        `before_deferred(params)` runs on the deferred parameters before their buckets go out.
+        """
+        late = [p for b in self.buckets if b.deferred for p in b.params]
+        if late and before_deferred is not None:
+            before_deferred(late)
         for bucket in self.buckets:
             self._launch(bucket)
         for bucket in self.buckets:

@@ -45,6 +45,8 @@ class Topology:
     pp_rank: int = 0
     # Process groups; None where the degree is 1 (no communication needed).
     groups: dict[str, Optional[dist.ProcessGroup]] = field(default_factory=dict)
+    # One group per directed edge (src, dst) between neighbouring pipeline ranks of this rank.
+    p2p: dict[tuple[int, int], dist.ProcessGroup] = field(default_factory=dict)
 
     @property
     def world_size(self) -> int:
@@ -85,6 +87,7 @@ class Topology:
         topo = cls.plan(cfg, world_size, rank)
         if world_size > 1:
             topo.groups = topo._make_groups()
+            topo.p2p = topo._make_p2p_groups()
         return topo
 
     def _ranks_along(self, dim: str) -> list[list[int]]:
@@ -119,6 +122,23 @@ class Topology:
         if name == "embedding":
             return [sorted({ranks[0], ranks[-1]}) for ranks in self._ranks_along("pp")]
         raise ValueError(f"unknown process group kind {name!r}")
+
+    def _make_p2p_groups(self) -> dict[tuple[int, int], dist.ProcessGroup]:
+        # A communicator per direction: NCCL runs the operations of one communicator in order,
+        # so activations going down and gradients coming up must not queue behind each other.
+        edges: list[tuple[int, int]] = []
+        for ranks in self._ranks_along("pp"):
+            for i in range(len(ranks) if len(ranks) > 1 else 0):
+                a, b = ranks[i], ranks[(i + 1) % len(ranks)]
+                for edge in ((a, b), (b, a)):
+                    if edge not in edges:
+                        edges.append(edge)
+        mine = {}
+        for edge in edges:
+            g = dist.new_group(sorted(edge))
+            if self.rank in edge:
+                mine[edge] = g
+        return mine
 
     def _make_groups(self) -> dict[str, Optional[dist.ProcessGroup]]:
         # new_group must be called by every rank for every group, in the same order.

@@ -42,6 +42,23 @@ def test_missing_extension_warns_once(monkeypatch):
     assert len([w for w in caught if "megatron_qwen2._C" in str(w.message)]) == 1
 
 
+def test_disable_env_forces_fallback(monkeypatch):
+    monkeypatch.setenv("MEGATRON_QWEN2_DISABLE_EXT", "1")
+    extension.load.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a forced fallback is a choice, not a problem to warn about
+            assert extension.load() is None
+    finally:
+        extension.load.cache_clear()
+
+
+def test_cpu_door_matches_reference_on_odd_shapes():
+    for shape in [(0, 6), (5, 0), (1, 1, 2), (7, 2 * 4097)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        torch.testing.assert_close(ops.swiglu(x), reference.swiglu(x))
+
+
 def _ext():
     ext = extension.load()
     if ext is None:
@@ -60,7 +77,8 @@ def test_extension_version():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(4, 2 * 1), (3, 7, 2 * 4097), (128, 2 * 4096), (2, 3, 2 * 24)])
+@pytest.mark.parametrize("shape", [(4, 2 * 1), (3, 7, 2 * 4097), (128, 2 * 4096), (2, 3, 2 * 24), (5, 2 * 12),
+                                   (600, 2 * 18944)])
 def test_kernel_matches_reference(dtype, shape):
     _ext()
     x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
@@ -86,6 +104,32 @@ def test_kernel_unaligned_view_and_empty():
 
 
 @pytest.mark.gpu
+def test_door_on_gpu_handles_views_empty_and_fp64():
+    _ext()
+    x = torch.randn(6, 2 * 40, device="cuda", dtype=torch.bfloat16)[:, 8:72]  # non-contiguous view
+    torch.testing.assert_close(ops.swiglu(x).float(), reference.swiglu(x.float()), rtol=1.6e-2, atol=1e-2)
+    e = torch.empty(0, 3, 2 * 8, device="cuda", requires_grad=True)
+    ops.swiglu(e).sum().backward()
+    assert e.grad.shape == e.shape
+    x64 = torch.randn(3, 2 * 5, device="cuda", dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.swiglu, (x64,))  # fp64 takes the reference
+
+
+@pytest.mark.gpu
+def test_kernel_runs_on_current_stream():
+    ext = _ext()
+    x = torch.randn(256, 2 * 4096, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y = ext.swiglu_forward(x)
+        dx = ext.swiglu_backward(x, y)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(y, reference.swiglu(x), rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(dx).all()
+
+
+@pytest.mark.gpu
 def test_kernel_rejects_bad_input():
     ext = _ext()
     with pytest.raises(RuntimeError, match="even"):
@@ -94,3 +138,19 @@ def test_kernel_rejects_bad_input():
         ext.swiglu_forward(torch.randn(8, 4, device="cuda").t())
     with pytest.raises(RuntimeError, match="CUDA"):
         ext.swiglu_forward(torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        ext.swiglu_forward(torch.randn(4, 8, device="cuda", dtype=torch.float64))
+    x = torch.randn(4, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="dy"):
+        ext.swiglu_backward(x, torch.randn(4, 4, device="cuda", dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="shape"):
+        ext.swiglu_backward(x, torch.randn(4, 8, device="cuda"))
+
+
+@pytest.mark.gpu
+def test_kernel_second_derivative_is_refused():
+    _ext()
+    x = torch.randn(4, 16, device="cuda", requires_grad=True)
+    (g,) = torch.autograd.grad(ops.swiglu(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

@@ -1,5 +1,5 @@
-"""Tensor, sequence and data parallelism (with or without the distributed optimizer) train the
-same model as one process: same losses and grad norms each step, same weights afterwards."""
+"""Tensor, sequence, pipeline and data parallelism (with or without the distributed optimizer)
+train the same model as one process: same losses and grad norms each step, same weights after."""
 
 import json
 
@@ -16,6 +16,10 @@ DENSE = dict(hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=2
              vocab_size=4096)
 MOE = dict(DENSE, num_experts=4, moe_top_k=2, moe_ffn_hidden_size=16, shared_expert_ffn_hidden_size=32,
            aux_loss_coef=0.01)
+# Four layers for the pipeline; the first MoE model layer is dense, so a stage may pass on
+# router sums it did not add to.
+MODELS = {"dense": DENSE, "moe": MOE, "dense4": dict(DENSE, num_layers=4),
+          "moe4": dict(MOE, num_layers=4, mlp_only_layers=[0])}
 
 
 def make_config(model: dict, tied: bool, cache_dir: str, **parallel) -> Config:
@@ -48,7 +52,7 @@ def reference_run(model_name: str, tied: bool, tmp_root) -> tuple:
     if key not in _reference:
         run_dir = tmp_root / f"ref-{model_name}-{tied}"
         run_dir.mkdir()
-        cfg = make_config(DENSE if model_name == "dense" else MOE, tied, str(tmp_root / "cache"))
+        cfg = make_config(MODELS[model_name], tied, str(tmp_root / "cache"))
         train(cfg.validate(1), run_dir)
         _reference[key] = read_run(run_dir)
     return _reference[key]
@@ -69,6 +73,14 @@ CASES = [
     ("moe", True, 4, dict(tp=2, sequence_parallel=True, distributed_optimizer=False)),
     ("dense", True, 4, dict(tp=4, sequence_parallel=True)),  # 2 kv heads replicated over 4 ranks
     ("dense", False, 4, dict(tp=1, distributed_optimizer=True, overlap_grad_reduce=False)),
+    # Pipeline: 1F1B, interleaved, uneven and empty stages, and 3D (tp x pp x dp).
+    ("dense4", False, 2, dict(pp=2)),
+    ("moe4", True, 2, dict(pp=2, vpp=2)),
+    ("dense4", True, 4, dict(pp=4)),
+    ("dense4", False, 4, dict(pp=4, vpp=2, pp_layout=[1, 0, 1, 0, 0, 1, 0, 1])),
+    ("moe4", False, 4, dict(tp=2, pp=2, pp_layout=[3, 1])),
+    ("dense4", True, 8, dict(tp=2, pp=2, distributed_optimizer=True)),
+    ("moe4", True, 8, dict(tp=2, pp=2, vpp=2)),
 ]
 
 
@@ -84,7 +96,7 @@ def test_parallel_training_matches_single_process(case, tmp_root):
     ref_rows, ref_state = reference_run(model_name, tied, tmp_root)
     run_dir = tmp_root / _case_id(case)
     run_dir.mkdir()
-    cfg = make_config(DENSE if model_name == "dense" else MOE, tied, str(tmp_root / "cache"), **parallel)
+    cfg = make_config(MODELS[model_name], tied, str(tmp_root / "cache"), **parallel)
     run_distributed(_worker, world, cfg, run_dir)
     rows, state = read_run(run_dir)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
