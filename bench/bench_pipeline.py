@@ -3,9 +3,10 @@
     torchrun --nproc-per-node N bench/bench_pipeline.py [--layers 8] [--micro 8] [--seq 4096] [--out DIR]
 
 All N ranks form one pipeline (pp = N, dp = tp = 1). For 1F1B and interleaved (vpp 2) it
-reports the step time, tokens/s, MFU, and the measured bubble: 1 - m * t_stage / t_step,
+reports the step time, tokens/s, MFU, and the measured bubble: 1 - m * t_stage / t_schedule,
 where t_stage is the slowest rank's forward + backward of one micro-batch measured alone
-(no pipeline), next to the textbook (pp - 1) / (vpp m + pp - 1).
+(no pipeline) and t_schedule the time of the schedule itself (the step without gradient
+reduction and optimizer), next to the textbook (pp - 1) / (vpp m + pp - 1).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--micro", type=int, default=8)
     parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--layout", default=None, help="pp_layout for vpp 1, e.g. 5,3")
+    parser.add_argument("--layout-vpp2", default=None, help="pp_layout for vpp 2, e.g. 3,2,2,1")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -74,7 +77,8 @@ def main() -> None:
                       max_position_embeddings=32768)
     rows = []
     for vpp in (1, 2):
-        par = ParallelConfig(pp=world, vpp=vpp)
+        layout = args.layout if vpp == 1 else args.layout_vpp2
+        par = ParallelConfig(pp=world, vpp=vpp, pp_layout=[int(n) for n in layout.split(",")] if layout else None)
         topo = Topology.build(par, world, rank)
         with torch.device("cuda"):
             chunks = build_model_chunks(cfg, par, topo)
@@ -86,11 +90,17 @@ def main() -> None:
         runner = PipelineRunner(chunks, cfg, topo, 1, args.seq, torch.bfloat16, torch.device("cuda"))
         batch = torch.randint(0, cfg.vocab_size, (args.micro, args.seq + 1), device="cuda")
 
+        pipe_ms = []
+
         def step():
             grads.start_step(args.micro)
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
             runner.run(list(batch.split(1)), 1.0 / args.micro, 0.0)
+            end.record()
             grads.finish()
             opt.step(1e-4)
+            pipe_ms.append((begin, end))
 
         for _ in range(2):
             step()
@@ -101,16 +111,20 @@ def main() -> None:
             step()
         torch.cuda.synchronize()
         step_s = (time.perf_counter() - start) / 4
+        # The schedule alone (forwards, backwards, p2p), without gradient reduction and optimizer.
+        pipe_s = torch.tensor(sum(b.elapsed_time(e) for b, e in pipe_ms[-4:]) / 4 / 1e3, device="cuda")
+        dist.all_reduce(pipe_s, op=dist.ReduceOp.MAX)
         grads.start_step(1)
         t_stage = torch.tensor(stage_time_ms(runner, chunks, cfg, args.seq), device="cuda")
         dist.all_reduce(t_stage, op=dist.ReduceOp.MAX)
         grads.start_step(1)
         tokens = args.micro * args.seq
         tflops = training_flops_per_token(cfg, args.seq) * tokens / step_s / world / 1e12
-        rows.append(dict(pp=world, vpp=vpp, micro_batches=args.micro, step_s=step_s, tokens_per_s=tokens / step_s,
+        rows.append(dict(pp=world, vpp=vpp, pp_layout=layout or "even", micro_batches=args.micro, step_s=step_s, tokens_per_s=tokens / step_s,
                          tflops_per_gpu=tflops, mfu_vs_spec=tflops / SPEC_PEAK_TFLOPS,
                          stage_fwd_bwd_ms=float(t_stage),
-                         bubble_measured=1 - args.micro * float(t_stage) / 1e3 / step_s,
+                         schedule_s=float(pipe_s),
+                         bubble_measured=1 - args.micro * float(t_stage) / 1e3 / float(pipe_s),
                          bubble_textbook=textbook_bubble_fraction(world, vpp, args.micro),
                          max_memory_gb=torch.cuda.max_memory_allocated() / 1e9))
     ceiling = matmul_ceiling_tflops()
@@ -118,7 +132,7 @@ def main() -> None:
         for row in rows:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         print(f"matmul ceiling {ceiling:.0f} TFLOP/s")
-        print(f"wrote {write_result(f'pipeline_pp{world}', dict(layers=args.layers, seq=args.seq, rows=rows, matmul_ceiling_tflops=ceiling), args.out)}")
+        print(f"wrote {write_result(f'pipeline_pp{world}' + ('_layout' if args.layout else '') + f'_m{args.micro}', dict(layers=args.layers, seq=args.seq, rows=rows, matmul_ceiling_tflops=ceiling), args.out)}")
     dist.barrier()
     dist.destroy_process_group()
 
