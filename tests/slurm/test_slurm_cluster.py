@@ -82,3 +82,34 @@ def test_sbatch_72b_recipe_trains_tiny_model_on_cpus(cluster, tmp_path):
     assert (run_dir / "checkpoints/step_000003").is_dir()
     log = (run_dir / f"logs/job-{job}.log").read_text()
     assert "2 ranks" in log and "0: step 6" in log  # both ranks ran; rank 0 logged
+
+
+def test_preemption_signal_saves_and_the_requeued_job_resumes(cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    steps = 300
+    job = submit(cluster, run_dir, f"train.steps={steps}")
+    wait_for(lambda: len(metrics(run_dir)) >= 3, 300, "the first training steps", cluster, job)
+    # What Slurm sends before the time limit (--signal=USR1@600): training saves at the next step
+    # boundary and stops with code 75; the launcher requeues the job, which resumes from `latest`.
+    subprocess.run(["scancel", "--signal=USR1", job], env=cluster, check=True)
+    job_log = run_dir / f"logs/job-{job}.log"
+    wait_for(lambda: "requeueing job" in job_log.read_text(), 300, "the requeue", cluster, job)
+
+    def restarted() -> bool:
+        # Slurm holds a requeued job for about two minutes before it may start again; skip the wait.
+        if job_state(cluster, job) == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster, capture_output=True)
+        return "restart 1" in job_log.read_text()
+
+    wait_for(restarted, 300, "the requeued start", cluster, job)
+    wait_for(lambda: job_state(cluster, job) in ("COMPLETED", "FAILED", "CANCELLED"), 300, "the requeued job",
+             cluster, job)
+    log = (run_dir / f"logs/job-{job}.log").read_text()
+    assert job_state(cluster, job) == "COMPLETED", log
+    assert "requeueing job" in log
+    saved = re.search(r"saved checkpoint step_0*(\d+)", log)
+    assert saved and 3 <= int(saved.group(1)) < steps, log
+    assert re.search(rf"resumed from .* at step {saved.group(1)}\b", log), log
+    # Every step ran exactly once: the second run continued after the saved step.
+    assert [m["step"] for m in metrics(run_dir)] == list(range(1, steps + 1))
+    assert (run_dir / "checkpoints/latest").read_text().strip() == f"step_{steps:06d}"
