@@ -20,6 +20,34 @@ def _say(msg: str) -> None:
     print(f"megatron_qwen2: {msg}", file=sys.stderr)
 
 
+def _check_cuda_versions(nvcc: str, torch_cuda: str) -> None:
+    """Stop with a clear message when nvcc's CUDA major version differs from torch's.
+
+    An extension built by one CUDA major version against a torch built with another fails to load
+    or crashes at run time; torch's own check reports it deep inside the build.
+    """
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"megatron_qwen2: cannot run {nvcc} --version ({e}); set CUDA_HOME to a working CUDA "
+                         "toolkit or MEGATRON_QWEN2_NO_EXT=1 to install without the CUDA extension")
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    if found is None:
+        return
+    nvcc_version = f"{found.group(1)}.{found.group(2)}"
+    if found.group(1) != torch_cuda.split(".")[0]:
+        raise SystemExit(
+            f"megatron_qwen2: nvcc at {nvcc} is CUDA {nvcc_version} but torch was built with CUDA {torch_cuda}; "
+            f"the extension must be built with the same CUDA major version. Point CUDA_HOME (and PATH) at a "
+            f"CUDA {torch_cuda.split('.')[0]}.x toolkit, install the torch build for CUDA {nvcc_version}, or set "
+            "MEGATRON_QWEN2_NO_EXT=1 to install without the extension (PyTorch fallbacks).")
+    if nvcc_version != ".".join(torch_cuda.split(".")[:2]):
+        _say(f"note: nvcc is CUDA {nvcc_version}, torch was built with CUDA {torch_cuda} (same major version: fine)")
+
+
 def _extension_setup() -> dict:
     if os.environ.get("MEGATRON_QWEN2_NO_EXT") == "1":
         _say("MEGATRON_QWEN2_NO_EXT=1, installing pure Python (PyTorch fallbacks for every op)")
@@ -35,8 +63,10 @@ def _extension_setup() -> dict:
         why = "torch is a CPU build" if torch.version.cuda is None else "nvcc not found"
         _say(f"{why}, installing pure Python without the CUDA extension (PyTorch fallbacks)")
         return {}
+    _check_cuda_versions(nvcc, torch.version.cuda)
     gencode = os.environ.get("MEGATRON_QWEN2_GENCODE", "-gencode=arch=compute_90a,code=sm_90a").split()
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    # csrc/*.cuh are included by the .cu files; ninja tracks them through the compiler's depfiles.
     _say(f"building megatron_qwen2._C for CUDA {torch.version.cuda} ({' '.join(gencode)})")
     ext = CUDAExtension(
         name="megatron_qwen2._C",

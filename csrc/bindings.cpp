@@ -6,6 +6,28 @@
 void swiglu_forward_cuda(const torch::Tensor& x, torch::Tensor& y, int64_t rows, int64_t f);
 void swiglu_backward_cuda(const torch::Tensor& x, const torch::Tensor& dy, torch::Tensor& dx, int64_t rows,
                           int64_t f);
+void rms_norm_forward_cuda(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
+                           const torch::Tensor& w, torch::Tensor& y, c10::optional<torch::Tensor>& sum_out,
+                           torch::Tensor& rstd, int64_t rows, int64_t h, double eps);
+void rms_norm_backward_cuda(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& w,
+                            const torch::Tensor& rstd, const c10::optional<torch::Tensor>& dsum, torch::Tensor& dx,
+                            torch::Tensor& dw, int64_t rows, int64_t h);
+void permute_forward_cuda(const torch::Tensor& x, const torch::Tensor& row_map, torch::Tensor& out, int64_t tokens,
+                          int64_t k, int64_t h);
+void permute_backward_cuda(const torch::Tensor& dout, const torch::Tensor& row_map, torch::Tensor& dx, int64_t tokens,
+                           int64_t k, int64_t h);
+void unpermute_forward_cuda(const torch::Tensor& y, const torch::Tensor& row_map, const torch::Tensor& probs,
+                            torch::Tensor& out, int64_t tokens, int64_t k, int64_t h);
+void unpermute_backward_cuda(const torch::Tensor& dout, const torch::Tensor& y, const torch::Tensor& row_map,
+                             const torch::Tensor& probs, torch::Tensor& dy, torch::Tensor& dprobs, int64_t tokens,
+                             int64_t k, int64_t h);
+void expert_rows_cuda(const torch::Tensor& ids, int64_t experts, torch::Tensor& counts, torch::Tensor& row_map);
+void rope_cuda(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& out,
+               bool backward);
+void ce_forward_cuda(const torch::Tensor& logits, const torch::Tensor& target, torch::Tensor& row_max,
+                     torch::Tensor& row_sum, torch::Tensor& tgt_logit, int64_t rows, int64_t v);
+void ce_backward_cuda(const torch::Tensor& logits, const torch::Tensor& target, const torch::Tensor& lse,
+                      const torch::Tensor& grad, torch::Tensor& dx, int64_t rows, int64_t v);
 
 namespace {
 
@@ -51,6 +73,190 @@ torch::Tensor swiglu_backward(const torch::Tensor& x, const torch::Tensor& dy) {
   return dx;
 }
 
+void check_same(const torch::Tensor& a, const torch::Tensor& b, const char* op, const char* name) {
+  check_input(b, op, name);
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", name, " is ", b.scalar_type(), ", expected ",
+              a.scalar_type());
+  TORCH_CHECK(a.device() == b.device(), op, ": ", name, " is on ", b.device(), ", expected ", a.device());
+}
+
+void check_shape(const torch::Tensor& t, at::IntArrayRef shape, const char* op, const char* name) {
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " has shape ", t.sizes(), ", expected ", shape);
+}
+
+void check_aux(const torch::Tensor& t, at::ScalarType dtype, at::IntArrayRef shape, const torch::Tensor& like,
+               const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), op, ": ", name, " must be on ", like.device());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  check_shape(t, shape, op, name);
+}
+
+// ---- RMSNorm: x [rows, h] (callers flatten leading dimensions), w [h].
+std::vector<torch::Tensor> rms_norm_forward(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
+                                            const torch::Tensor& w, double eps) {
+  const char* op = "rms_norm_forward";
+  check_input(x, op, "x");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [rows, hidden], got shape ", x.sizes());
+  check_same(x, w, op, "weight");
+  check_shape(w, {x.size(1)}, op, "weight");
+  if (residual) {
+    check_same(x, *residual, op, "residual");
+    check_shape(*residual, x.sizes(), op, "residual");
+  }
+  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  auto y = torch::empty_like(x);
+  auto rstd = torch::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  c10::optional<torch::Tensor> sum_out;
+  if (residual) sum_out = torch::empty_like(x);
+  if (x.numel() > 0) rms_norm_forward_cuda(x, residual, w, y, sum_out, rstd, x.size(0), x.size(1), eps);
+  if (sum_out) return {y, rstd, *sum_out};
+  return {y, rstd};
+}
+
+std::vector<torch::Tensor> rms_norm_backward(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& w,
+                                             const torch::Tensor& rstd, const c10::optional<torch::Tensor>& dsum) {
+  const char* op = "rms_norm_backward";
+  check_input(x, op, "x");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [rows, hidden], got shape ", x.sizes());
+  check_same(x, dy, op, "dy");
+  check_shape(dy, x.sizes(), op, "dy");
+  check_same(x, w, op, "weight");
+  check_shape(w, {x.size(1)}, op, "weight");
+  check_aux(rstd, at::kFloat, {x.size(0)}, x, op, "rstd");
+  if (dsum) {
+    check_same(x, *dsum, op, "dsum");
+    check_shape(*dsum, x.sizes(), op, "dsum");
+  }
+  auto dx = torch::empty_like(x);
+  auto dw = torch::empty_like(w);
+  if (x.numel() > 0) rms_norm_backward_cuda(dy, x, w, rstd, dsum, dx, dw, x.size(0), x.size(1));
+  else dw.zero_();
+  return {dx, dw};
+}
+
+// ---- MoE permutation: x [tokens, h]; row_map int32 [tokens * k]; probs fp32 [tokens, k].
+void check_row_map(const torch::Tensor& row_map, int64_t n, const torch::Tensor& like, const char* op) {
+  check_aux(row_map, at::kInt, {n}, like, op, "row_map");
+}
+
+torch::Tensor permute_forward(const torch::Tensor& x, const torch::Tensor& row_map, int64_t k) {
+  const char* op = "permute_forward";
+  check_input(x, op, "x");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [tokens, hidden], got shape ", x.sizes());
+  TORCH_CHECK(k > 0, op, ": top-k must be > 0, got ", k);
+  check_row_map(row_map, x.size(0) * k, x, op);
+  auto out = torch::empty({x.size(0) * k, x.size(1)}, x.options());
+  if (out.numel() > 0) permute_forward_cuda(x, row_map, out, x.size(0), k, x.size(1));
+  return out;
+}
+
+torch::Tensor permute_backward(const torch::Tensor& dout, const torch::Tensor& row_map, int64_t k) {
+  const char* op = "permute_backward";
+  check_input(dout, op, "dout");
+  TORCH_CHECK(dout.dim() == 2, op, ": dout must be 2-D [tokens * k, hidden], got shape ", dout.sizes());
+  TORCH_CHECK(k > 0 && dout.size(0) % k == 0, op, ": rows of dout (", dout.size(0), ") must be a multiple of k = ", k);
+  const int64_t tokens = dout.size(0) / k;
+  check_row_map(row_map, dout.size(0), dout, op);
+  auto dx = torch::empty({tokens, dout.size(1)}, dout.options());
+  if (dx.numel() > 0) permute_backward_cuda(dout, row_map, dx, tokens, k, dout.size(1));
+  return dx;
+}
+
+torch::Tensor unpermute_forward(const torch::Tensor& y, const torch::Tensor& row_map, const torch::Tensor& probs) {
+  const char* op = "unpermute_forward";
+  check_input(y, op, "y");
+  TORCH_CHECK(y.dim() == 2, op, ": y must be 2-D [tokens * k, hidden], got shape ", y.sizes());
+  TORCH_CHECK(probs.dim() == 2, op, ": probs must be 2-D [tokens, k], got shape ", probs.sizes());
+  const int64_t tokens = probs.size(0), k = probs.size(1);
+  TORCH_CHECK(y.size(0) == tokens * k, op, ": y has ", y.size(0), " rows, expected tokens * k = ", tokens * k);
+  check_aux(probs, at::kFloat, {tokens, k}, y, op, "probs");
+  check_row_map(row_map, tokens * k, y, op);
+  auto out = torch::empty({tokens, y.size(1)}, y.options());
+  if (out.numel() > 0 && k > 0) unpermute_forward_cuda(y, row_map, probs, out, tokens, k, y.size(1));
+  else out.zero_();
+  return out;
+}
+
+std::vector<torch::Tensor> unpermute_backward(const torch::Tensor& dout, const torch::Tensor& y,
+                                              const torch::Tensor& row_map, const torch::Tensor& probs) {
+  const char* op = "unpermute_backward";
+  check_input(y, op, "y");
+  TORCH_CHECK(y.dim() == 2 && probs.dim() == 2, op, ": y must be [tokens * k, hidden] and probs [tokens, k]");
+  const int64_t tokens = probs.size(0), k = probs.size(1);
+  TORCH_CHECK(y.size(0) == tokens * k, op, ": y has ", y.size(0), " rows, expected tokens * k = ", tokens * k);
+  check_same(y, dout, op, "dout");
+  check_shape(dout, {tokens, y.size(1)}, op, "dout");
+  check_aux(probs, at::kFloat, {tokens, k}, y, op, "probs");
+  check_row_map(row_map, tokens * k, y, op);
+  auto dy = torch::empty_like(y);
+  auto dprobs = torch::zeros_like(probs);
+  if (dy.numel() > 0) unpermute_backward_cuda(dout, y, row_map, probs, dy, dprobs, tokens, k, y.size(1));
+  return {dy, dprobs};
+}
+
+// routing ids [tokens, k] (int32/int64) -> [row_map int32 [tokens * k], tokens_per_expert int64 [experts]]
+std::vector<torch::Tensor> expert_rows(const torch::Tensor& ids, int64_t experts) {
+  const char* op = "expert_rows";
+  TORCH_CHECK(ids.is_cuda(), op, ": routing ids must be a CUDA tensor");
+  TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, op,
+              ": routing ids must be int64 or int32, got ", ids.scalar_type());
+  TORCH_CHECK(experts > 0 && experts <= (1 << 20), op, ": num_experts must be in [1, 2^20], got ", experts);
+  TORCH_CHECK(ids.numel() < (int64_t(1) << 31), op, ": too many routed slots for int32 rows: ", ids.numel());
+  auto flat = ids.contiguous().view(-1);
+  auto counts = torch::empty({experts}, ids.options().dtype(at::kLong));
+  auto row_map = torch::empty({flat.numel()}, ids.options().dtype(at::kInt));
+  if (flat.numel() > 0) expert_rows_cuda(flat, experts, counts, row_map);
+  else counts.zero_();
+  return {row_map, counts};
+}
+
+// ---- RoPE: x [n0, n1, n2, d] strided with a contiguous last dimension; cos/sin broadcastable to it.
+torch::Tensor rope_apply(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, bool backward) {
+  const char* op = "rope";
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D, got shape ", x.sizes());
+  TORCH_CHECK(x.size(3) % 2 == 0, op, ": head_dim must be even, got ", x.size(3));
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": x must be float32, bfloat16 or float16, got ", dtype);
+  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&cos, &sin})
+    TORCH_CHECK(t->scalar_type() == dtype && t->device() == x.device(), op, ": cos/sin must match x's dtype and device");
+  auto c = cos.expand(x.sizes());
+  auto s = sin.expand(x.sizes());
+  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&x, &c, &s})
+    TORCH_CHECK(t->stride(3) == 1 || t->size(3) == 1, op, ": the last dimension must be contiguous");
+  auto out = torch::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (x.numel() > 0) rope_cuda(x, c, s, out, backward);
+  return out;
+}
+
+// ---- Cross-entropy over a vocabulary shard: logits [rows, v], target int64 [rows] (shard-local ids).
+std::vector<torch::Tensor> ce_forward(const torch::Tensor& logits, const torch::Tensor& target) {
+  const char* op = "cross_entropy_forward";
+  check_input(logits, op, "logits");
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, op, ": logits must be [rows, vocab > 0], got ", logits.sizes());
+  check_aux(target, at::kLong, {logits.size(0)}, logits, op, "target");
+  auto opts = logits.options().dtype(at::kFloat);
+  auto m = torch::empty({logits.size(0)}, opts), s = torch::empty({logits.size(0)}, opts),
+       t = torch::empty({logits.size(0)}, opts);
+  if (logits.size(0) > 0) ce_forward_cuda(logits, target, m, s, t, logits.size(0), logits.size(1));
+  return {m, s, t};
+}
+
+torch::Tensor ce_backward(const torch::Tensor& logits, const torch::Tensor& target, const torch::Tensor& lse,
+                          const torch::Tensor& grad) {
+  const char* op = "cross_entropy_backward";
+  check_input(logits, op, "logits");
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, op, ": logits must be [rows, vocab > 0], got ", logits.sizes());
+  check_aux(target, at::kLong, {logits.size(0)}, logits, op, "target");
+  check_aux(lse, at::kFloat, {logits.size(0)}, logits, op, "lse");
+  check_aux(grad, at::kFloat, {logits.size(0)}, logits, op, "grad");
+  auto dx = torch::empty_like(logits);
+  if (logits.size(0) > 0) ce_backward_cuda(logits, target, lse, grad, dx, logits.size(0), logits.size(1));
+  return dx;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -60,4 +266,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"));
   m.def("swiglu_backward", &swiglu_backward, "dx of swiglu given x and dy", pybind11::arg("x"),
         pybind11::arg("dy"));
+  m.def("rms_norm_forward", &rms_norm_forward, "[y, rstd(, x + residual)] of RMSNorm on x [rows, h]",
+        pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("eps"));
+  m.def("rms_norm_backward", &rms_norm_backward, "[dx, dweight] of RMSNorm (dsum: gradient arriving at x itself)",
+        pybind11::arg("dy"), pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("rstd"), pybind11::arg("dsum"));
+  m.def("permute_forward", &permute_forward, "expert-sorted copies of x's rows", pybind11::arg("x"),
+        pybind11::arg("row_map"), pybind11::arg("k"));
+  m.def("permute_backward", &permute_backward, "dx of permute_forward", pybind11::arg("dout"), pybind11::arg("row_map"),
+        pybind11::arg("k"));
+  m.def("unpermute_forward", &unpermute_forward, "probability-weighted sum of each token's expert rows",
+        pybind11::arg("y"), pybind11::arg("row_map"), pybind11::arg("probs"));
+  m.def("unpermute_backward", &unpermute_backward, "[dy, dprobs] of unpermute_forward", pybind11::arg("dout"),
+        pybind11::arg("y"), pybind11::arg("row_map"), pybind11::arg("probs"));
+  m.def("expert_rows", &expert_rows, "[row_map, tokens_per_expert] of a stable sort of routing ids by expert",
+        pybind11::arg("ids"), pybind11::arg("experts"));
+  m.def("rope", &rope_apply, "rotate-half RoPE (backward=True applies its transpose)", pybind11::arg("x"),
+        pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("backward"));
+  m.def("cross_entropy_forward", &ce_forward, "[row max, sum exp(x - max), target logit] over a vocab shard",
+        pybind11::arg("logits"), pybind11::arg("target"));
+  m.def("cross_entropy_backward", &ce_backward, "(softmax - onehot) * grad from logits and the global lse",
+        pybind11::arg("logits"), pybind11::arg("target"), pybind11::arg("lse"), pybind11::arg("grad"));
 }

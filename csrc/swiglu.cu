@@ -3,12 +3,7 @@
 // Math is fp32 whatever the storage type. Rows are processed with vectors of 16 bytes when
 // F and the pointers allow it, with a scalar loop otherwise.
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "common.cuh"
 
 namespace {
 
@@ -74,7 +69,7 @@ __global__ void swiglu_bwd_kernel(const T* __restrict__ x, const T* __restrict__
 }
 
 int blocks_for(int64_t work, int threads) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int sms = mq2::num_sms();
   const int64_t needed = (work + threads - 1) / threads;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(needed, (int64_t)sms * 32)));
 }
@@ -118,9 +113,9 @@ void launch_bwd(const void* x, const void* dy, void* dx, int64_t rows, int64_t f
 
 // Inputs are validated by the callers in bindings.cpp: contiguous CUDA tensors of one
 // supported dtype, x [rows, 2f], y / dy [rows, f], dx like x, rows * f > 0.
-void swiglu_forward_cuda(const torch::Tensor& x, torch::Tensor& y, int64_t rows, int64_t f) {
+void swiglu_forward_cuda(const at::Tensor& x, at::Tensor& y, int64_t rows, int64_t f) {
   const c10::cuda::CUDAGuard guard(x.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = mq2::current_stream();
   switch (x.scalar_type()) {
     case at::kFloat: launch_fwd<float>(x.data_ptr(), y.data_ptr(), rows, f, stream); break;
     case at::kBFloat16: launch_fwd<__nv_bfloat16>(x.data_ptr(), y.data_ptr(), rows, f, stream); break;
@@ -129,10 +124,10 @@ void swiglu_forward_cuda(const torch::Tensor& x, torch::Tensor& y, int64_t rows,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void swiglu_backward_cuda(const torch::Tensor& x, const torch::Tensor& dy, torch::Tensor& dx, int64_t rows,
+void swiglu_backward_cuda(const at::Tensor& x, const at::Tensor& dy, at::Tensor& dx, int64_t rows,
                           int64_t f) {
   const c10::cuda::CUDAGuard guard(x.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = mq2::current_stream();
   switch (x.scalar_type()) {
     case at::kFloat: launch_bwd<float>(x.data_ptr(), dy.data_ptr(), dx.data_ptr(), rows, f, stream); break;
     case at::kBFloat16:

@@ -7,7 +7,7 @@ raises `ValueError` naming the field and the bad value before anything is alloca
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -52,6 +52,8 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
     aux_loss_coef: float = 0.001
+    moe_z_loss_coef: float = 0.0  # router z-loss (0: off)
+    moe_capacity_factor: Optional[float] = None  # per-expert token capacity factor with dropping (None: dropless)
 
     @property
     def kv_channels(self) -> int:
@@ -99,6 +101,9 @@ class ModelConfig:
             _require(self.shared_expert_ffn_hidden_size >= 0,
                      f"model.shared_expert_ffn_hidden_size must be >= 0, got {self.shared_expert_ffn_hidden_size}")
             _require(self.aux_loss_coef >= 0, f"model.aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
+            _require(self.moe_z_loss_coef >= 0, f"model.moe_z_loss_coef must be >= 0, got {self.moe_z_loss_coef}")
+            _require(self.moe_capacity_factor is None or self.moe_capacity_factor > 0,
+                     f"model.moe_capacity_factor must be > 0 or null, got {self.moe_capacity_factor}")
             bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
             _require(not bad, f"model.mlp_only_layers has indices outside [0, {self.num_layers}): {bad}")
         return self
@@ -166,11 +171,32 @@ class DataConfig:
     tokenizer: Optional[str] = None  # tokenizer.json or a directory holding one; None: the repo's tokenizer
     cache_dir: Optional[str] = None  # where tokenised corpora are cached; None: ~/.cache/megatron_qwen2
     max_files: Optional[int] = None  # cap on the number of corpus files (None: all)
+    # Datasets instead of the corpus: [prefix, ...], [w1, prefix1, w2, prefix2, ...] or [{path, weight}, ...].
+    # format 'pretrain': .bin/.idx prefixes (tools/preprocess_data.py); 'sft': chat jsonl files.
+    paths: Optional[list[Any]] = None
+    format: str = "pretrain"  # pretrain | sft
+    split: list[float] = field(default_factory=lambda: [1.0, 0.0])  # train, valid weights (by document)
+    reset_position_ids: bool = False  # positions restart at 0 at each document inside a sample
+    reset_attention_mask: bool = False  # attention stays inside each document (block-diagonal causal mask)
+    eod_mask_loss: bool = False  # no loss on the label after an end-of-document token
 
     def validate(self) -> "DataConfig":
         _require(bool(self.corpus), "data.corpus must name 'stdlib' or a path/glob of text files")
         if self.max_files is not None:
             _require(self.max_files > 0, f"data.max_files must be > 0, got {self.max_files}")
+        _require(self.format in ("pretrain", "sft"), f"data.format must be 'pretrain' or 'sft', got {self.format!r}")
+        _require(len(self.split) == 2 and all(w >= 0 for w in self.split) and self.split[0] > 0,
+                 f"data.split must be [train, valid] weights, train > 0 and valid >= 0, got {list(self.split)}")
+        if self.paths is not None:
+            from megatron_qwen2.data.builder import parse_data_paths  # the one parser of the accepted forms
+
+            parse_data_paths(self.paths)
+        _require(self.format == "pretrain" or self.paths is not None,
+                 "data.format=sft needs data.paths naming chat jsonl files")
+        if self.format == "sft":
+            _require(not (self.reset_position_ids or self.reset_attention_mask or self.eod_mask_loss),
+                     "data.reset_position_ids / reset_attention_mask / eod_mask_loss do not apply to data.format=sft "
+                     "(one padded conversation per sample, loss on assistant turns)")
         return self
 
 
@@ -185,12 +211,33 @@ class TrainConfig:
     seq_length: int = 128
     dtype: str = "fp32"  # fp32 | bf16 (compute dtype; master weights stay fp32)
     log_interval: int = 10
-    save_interval: int = 0  # 0: no periodic checkpoints
+    save_interval: int = 0  # 0: no periodic checkpoints (the last step, and a preemption, still save)
+    keep_last: int = 3  # keep this many newest checkpoints in run_dir/checkpoints (0: all)
+    async_save: bool = False  # periodic saves write in a background thread (the loop waits for a CPU copy only)
+    resume: bool = True  # start from run_dir/checkpoints/latest when there is one
+    init_from: Optional[str] = None  # weights only (fresh optimizer) from a native/HF-converted checkpoint
+    on_nonfinite: str = "skip"  # NaN/Inf loss or grad norm: skip the update, or stop (exit code 3)
+    eval_interval: int = 0  # validation loss every N steps (0: never)
+    eval_iters: int = 10  # global batches per validation
+    recompute: str = "none"  # activation recomputation: none | selective (attention block) | full (layer)
+    recompute_num_layers: Optional[int] = None  # recompute the first N layers of each model chunk (None: all)
+    peak_tflops: Optional[float] = None  # per-device peak for MFU; None: known GPUs' bf16 dense peak
 
     def validate(self) -> "TrainConfig":
         _positive(self, "steps", "micro_batch_size", "global_batch_size", "seq_length", "log_interval",
-                  prefix="train")
+                  "eval_iters", prefix="train")
         _require(self.save_interval >= 0, f"train.save_interval must be >= 0, got {self.save_interval}")
+        _require(self.keep_last >= 0, f"train.keep_last must be >= 0 (0 keeps all), got {self.keep_last}")
+        _require(self.eval_interval >= 0, f"train.eval_interval must be >= 0, got {self.eval_interval}")
+        _require(self.on_nonfinite in ("skip", "stop"),
+                 f"train.on_nonfinite must be 'skip' or 'stop', got {self.on_nonfinite!r}")
+        _require(self.recompute in ("none", "selective", "full"),
+                 f"train.recompute must be 'none', 'selective' or 'full', got {self.recompute!r}")
+        if self.recompute_num_layers is not None:
+            _require(self.recompute_num_layers >= 0,
+                     f"train.recompute_num_layers must be >= 0 or null, got {self.recompute_num_layers}")
+        if self.peak_tflops is not None:
+            _require(self.peak_tflops > 0, f"train.peak_tflops must be > 0 or null, got {self.peak_tflops}")
         _require(self.dtype in ("fp32", "bf16"), f"train.dtype must be 'fp32' or 'bf16', got {self.dtype!r}")
         return self
 
@@ -247,9 +294,11 @@ class Config:
         if m.is_moe:
             _require(m.num_experts % p.ep == 0,
                      f"model.num_experts={m.num_experts} is not divisible by parallel.ep={p.ep}")
+        # global = micro x accumulation x dp: the accumulation steps are derived, and must be whole.
         _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
                  f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                 f"train.micro_batch_size={t.micro_batch_size} x dp={dp}")
+                 f"train.micro_batch_size={t.micro_batch_size} x dp={dp} (global = micro x accumulation x dp; "
+                 f"dp = world size {world_size} / (tp*pp*cp) = {dp})")
         return self
 
 

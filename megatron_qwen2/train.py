@@ -5,9 +5,12 @@ The loop and nothing else: build the model, data and optimizer from the config, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,11 +21,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from megatron_qwen2.checkpoint import expected_native_shapes, save_native
+from megatron_qwen2.checkpoint import expected_native_shapes, load_model_config, resolve_checkpoint_dir
+from megatron_qwen2.checkpoint.distributed import (CheckpointError, CheckpointSaver, find_resume_checkpoint,
+                                                   load_training_checkpoint)
 from megatron_qwen2.config import Config, resolve_config
-from megatron_qwen2.data import build_packed_dataset
-from megatron_qwen2.logging import MetricsLogger
-from megatron_qwen2.model import Qwen2Model
+from megatron_qwen2.data import build_datasets
+from megatron_qwen2.logging import MetricsLogger, memory_metrics, peak_flops_per_device
+from megatron_qwen2.model.flops import training_flops_per_token
 from megatron_qwen2.optimizer import learning_rate
 from megatron_qwen2.parallel import Topology
 from megatron_qwen2.parallel.distributed_optimizer import MixedPrecisionOptimizer
@@ -30,19 +35,68 @@ from megatron_qwen2.parallel.grad_buffer import GradBuffer
 from megatron_qwen2.parallel.launch import init_distributed
 from megatron_qwen2.parallel.pipeline import PipelineRunner, build_model_chunks
 from megatron_qwen2.parallel.schedule import check_microbatches
-from megatron_qwen2.parallel.layers import gather_full
+from megatron_qwen2.model.moe import moe_load_stats, set_moe_loss_scale
 from megatron_qwen2.parallel.tp_grads import sync_tp_grads
 
 
 def _check_supported(cfg: Config) -> None:
     p = cfg.parallel
-    if max(p.cp, p.ep) > 1:
-        raise ValueError(f"parallel.cp={p.cp}, ep={p.ep}: this training loop runs tensor, sequence, pipeline "
-                         "and data parallelism; context and expert degrees must be 1")
+    if p.cp > 1:
+        raise ValueError(f"parallel.cp={p.cp}: this training loop runs tensor, sequence, pipeline, data and "
+                         "expert parallelism; the context-parallel degree must be 1")
 
 
-def train(cfg: Config, run_dir: Path) -> dict:
-    """Run cfg.train.steps optimizer steps; returns the final metrics (on every rank)."""
+EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: a checkpoint was saved at the step boundary (EX_TEMPFAIL: requeue)
+EXIT_NONFINITE = 3  # NaN/Inf loss or grad norm with train.on_nonfinite=stop
+EXIT_CONFIG = 2  # a bad config value or an unusable checkpoint, before training
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf loss or gradient norm with train.on_nonfinite=stop."""
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (Slurm preemption) set a flag; `agreed()` all-reduces it at a step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.signum: int | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "stop request"
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank got a signal (one all-reduce of one number)."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.signum is not None
+        flag = torch.tensor([0.0 if self.signum is None else float(self.signum)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and self.signum is None:
+            self.signum = int(flag.item())
+        return flag.item() > 0
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def train(cfg: Config, run_dir: Path, on_step_start=None) -> dict:
+    """Run optimizer steps up to cfg.train.steps, resuming from run_dir/checkpoints when possible.
+
+    Returns the last step's metrics (on every rank) with "status": "completed", or "preempted"
+    after a SIGTERM/SIGUSR1 saved a checkpoint. on_step_start(step) is a hook for tests.
+    """
     _check_supported(cfg)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda but no CUDA device is available; use device=cpu")
@@ -54,7 +108,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
     t = cfg.train
     torch.manual_seed(t.seed)
 
-    dataset = build_packed_dataset(cfg.data, t.seq_length, t.seed)
+    dataset, valid_dataset = build_datasets(cfg.data, t.seq_length, t.seed)  # valid: None unless data.split says
     if dataset.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {dataset.vocab_size} tokens but model.vocab_size="
                          f"{cfg.model.vocab_size}; pick a larger model.vocab_size or another tokenizer")
@@ -67,39 +121,87 @@ def train(cfg: Config, run_dir: Path) -> dict:
             and cfg.model.tie_word_embeddings and topo.pp > 1]
     grads = GradBuffer(params, topo.group("dp"), bucket_size=cfg.parallel.bucket_size,
                        shard=cfg.parallel.distributed_optimizer, overlap=cfg.parallel.overlap_grad_reduce,
-                       deferred=tied)
-    optimizer = MixedPrecisionOptimizer(grads, cfg.optim, topo.group("tp"), norm_groups=[topo.group("mp")])
+                       deferred=tied, expert_dp_group=topo.group("expert_dp"))
+    optimizer = MixedPrecisionOptimizer(grads, cfg.optim, topo.group("tp"), norm_groups=[topo.group("mp")],
+                                        ep_group=topo.group("ep"))
     runner = PipelineRunner(chunks, cfg.model, topo, t.micro_batch_size, t.seq_length, dtype, device)
+    for chunk in chunks:
+        chunk.set_recompute(t.recompute, t.recompute_num_layers)
 
     total_micro = t.global_batch_size // t.micro_batch_size  # over all dp ranks
     local_samples = t.global_batch_size // topo.dp
     check_microbatches(topo.pp, topo.vpp, total_micro // topo.dp)
     is_logger = rank == 0
     logger = MetricsLogger(run_dir, cfg.wandb, OmegaConf.to_container(OmegaConf.structured(cfg)),
-                           log_interval=t.log_interval) if is_logger else None
+                           log_interval=t.log_interval, total_steps=t.steps) if is_logger else None
+    say = logger.message if logger is not None else (lambda text: None)
     if is_logger:
         print(f"model {cfg.model.name}: {count_parameters(cfg.model) / 1e6:.2f}M parameters; {len(dataset)} samples "
               f"of {t.seq_length} tokens per epoch; tp={topo.tp} pp={topo.pp} vpp={topo.vpp} dp={topo.dp} "
               f"sp={topo.sequence_parallel}; run dir {run_dir}", flush=True)
 
+    ckpt_root = run_dir / "checkpoints"
+    start_step = restore(cfg, ckpt_root, chunks, optimizer, topo, say)
+    if start_step >= t.steps:
+        say(f"the checkpoint is at step {start_step} >= train.steps={t.steps}: nothing to train")
+        if logger is not None:
+            logger.close()
+        return {"step": start_step, "status": "completed"}
+    flops_per_token = training_flops_per_token(cfg.model, t.seq_length)
+    peak = peak_flops_per_device(device, t.peak_tflops)
+    stop = StopRequest(device)
+    saver = CheckpointSaver(t.async_save)
+
+    def save(step_done: int, blocking: bool) -> None:
+        began = time.perf_counter()
+        saver.save(ckpt_root, step_done, chunks, optimizer, topo, cfg.model,
+                   train_state={"consumed_samples": step_done * t.global_batch_size,
+                                "consumed_tokens": step_done * t.global_batch_size * t.seq_length,
+                                "scheduler_step": step_done},
+                   run_config=dataclasses.asdict(cfg), keep_last=t.keep_last, blocking=blocking,
+                   on_done=lambda path, secs: say(f"checkpoint {path.name} complete after {secs:.1f}s"))
+        say(f"checkpoint step_{step_done:06d}; the loop waited {time.perf_counter() - began:.1f}s")
+
     metrics: dict = {}
-    for step in range(t.steps):
+    skipped_steps = 0
+    for step in range(start_step, t.steps):
+        if on_step_start is not None:
+            on_step_start(step)
         start = time.perf_counter()
         lr = learning_rate(step, cfg.optim, t.steps)
-        batch = dataset.global_batch(step, t.global_batch_size)  # [gbs, s+1], the same in every layout
+        batch = dataset.global_batch(step, t.global_batch_size)  # Batch of [gbs, s+1] rows, the same in every layout
+        num_tokens = batch.num_loss_tokens()  # the loss is a mean over the global batch's counted labels
         batch = batch[topo.dp_rank * local_samples:(topo.dp_rank + 1) * local_samples].to(device)
-        micro = list(batch.split(t.micro_batch_size))
+        micro = batch.split(t.micro_batch_size)
         grads.start_step(len(micro))
         # Every micro-batch of the global batch weighs 1/total_micro, whichever rank runs it.
-        result = runner.run(micro, loss_scale=1.0 / total_micro, aux_coef=cfg.model.aux_loss_coef)
+        for chunk in chunks:
+            set_moe_loss_scale(chunk, 1.0 / total_micro)
+        result = runner.run(micro, loss_scale=1.0 / total_micro, aux_coef=cfg.model.aux_loss_coef,
+                            num_tokens=num_tokens)
         grads.finish(before_deferred=lambda ps: sum_tied_embedding_grads(ps, topo))
         sync_tp_grads(params, topo.group("tp"))
-        grad_norm = optimizer.step(lr)
-        # Only the last pipeline stage saw the losses; sum over stages and data-parallel ranks.
-        sums = torch.stack([result.loss_sum, result.aux_sum]).cpu()
+        # Only the last pipeline stage saw the losses; sum over stages and data-parallel ranks
+        # (on the device: NCCL reduces device tensors), before the update so a NaN can stop it.
+        sums = torch.stack([result.loss_sum, result.aux_sum])
         for group in (topo.group("pp"), topo.group("dp")):
             if group is not None:
                 dist.all_reduce(sums, group=group)
+        sums = sums.cpu()
+        loss_finite = bool(torch.isfinite(sums).all())  # the same on every rank
+        # A non-finite loss or grad norm leaves weights and Adam state as they were.
+        grad_norm = optimizer.step(lr, skip_nonfinite=True) if loss_finite else optimizer.grad_norm()
+        skipped = not (loss_finite and math.isfinite(grad_norm))
+        if skipped:
+            text = (f"step {step + 1}: non-finite loss {sums[0].item() / total_micro} or grad norm {grad_norm}; "
+                    f"the update was skipped")
+            if t.on_nonfinite == "stop":
+                stop.restore()
+                if logger is not None:
+                    logger.close()
+                raise NonFiniteError(f"{text} and training stops (train.on_nonfinite=stop)")
+            skipped_steps += 1
+            say(f"warning: {text} (train.on_nonfinite=skip; {skipped_steps} skipped so far)")
         elapsed = time.perf_counter() - start
         metrics = {
             "step": step + 1,
@@ -108,17 +210,40 @@ def train(cfg: Config, run_dir: Path) -> dict:
             "grad_norm": grad_norm,
             "tokens_per_s": t.global_batch_size * t.seq_length / elapsed,
             "step_time_s": elapsed,
+            "consumed_samples": (step + 1) * t.global_batch_size,
+            "consumed_tokens": (step + 1) * t.global_batch_size * t.seq_length,
         }
+        if skipped:
+            metrics["skipped"] = True
+        if peak is not None:
+            achieved = flops_per_token * metrics["tokens_per_s"] / topo.world_size
+            metrics["tflops_per_device"] = achieved / 1e12
+            metrics["mfu"] = achieved / peak
+        metrics.update(memory_metrics(device))
         if cfg.model.is_moe:
             metrics["aux_loss"] = sums[1].item() / total_micro
+            metrics.update(moe_load_stats(chunks, topo.group("dp")))  # this stage's layers, whole batch
+        if t.eval_interval and ((step + 1) % t.eval_interval == 0 or step + 1 == t.steps):
+            val = evaluate(runner, valid_dataset, cfg, topo, device)
+            if val is not None:
+                metrics["val_loss"] = val
         if logger is not None:
             logger.log(metrics)
-        if t.save_interval and (step + 1) % t.save_interval == 0 and step + 1 != t.steps:
-            save_checkpoint(chunks, cfg, topo, run_dir, step + 1)
-    save_checkpoint(chunks, cfg, topo, run_dir, t.steps)
+        if stop.agreed():  # every rank saw the same flag: all save, all leave
+            save(step + 1, blocking=True)
+            say(f"{stop.name} received: saved checkpoint step_{step + 1:06d} at the step boundary; "
+                f"exiting with code {EXIT_PREEMPTED}")
+            stop.restore()
+            if logger is not None:
+                logger.close(summary=metrics)
+            return dict(metrics, status="preempted")
+        if (t.save_interval and (step + 1) % t.save_interval == 0) or step + 1 == t.steps:
+            save(step + 1, blocking=step + 1 == t.steps)
+    saver.wait()
+    stop.restore()
     if logger is not None:
         logger.close(summary=metrics)
-    return metrics
+    return dict(metrics, status="completed")
 
 
 def sum_tied_embedding_grads(params: list[torch.nn.Parameter], topo: Topology) -> None:
@@ -133,28 +258,69 @@ def count_parameters(cfg) -> int:
     return sum(math.prod(shape) for shape in expected_native_shapes(cfg).values())
 
 
-def save_checkpoint(chunks: list[Qwen2Model], cfg: Config, topo: Topology, run_dir: Path, step: int) -> None:
-    """Write run_dir/checkpoints/step_N (atomically, full unsharded tensors), then move `latest`.
-
-    Every stage reassembles its tensors over tp and sends them to rank 0, which writes them all.
-    """
-    state = {name: gather_full(p, p.detach(), topo.group("tp")).cpu()
-             for chunk in chunks for name, p in chunk.named_parameters() if not getattr(p, "pipeline_copy", False)}
-    if topo.world_size > 1:
-        mine = state if topo.tp_rank == 0 and topo.dp_rank == 0 else {}
-        parts = [None] * topo.world_size if topo.rank == 0 else None
-        dist.gather_object(mine, parts, dst=0)
+def restore(cfg: Config, ckpt_root: Path, chunks, optimizer, topo: Topology, say) -> int:
+    """Resume from the newest usable checkpoint in ckpt_root (returns its step), else load the
+    weights of train.init_from (fresh optimizer) and return 0. Every rank calls it."""
+    t = cfg.train
+    found = None
+    if t.resume:
+        # Rank 0 decides (found, or why none can be used); every rank then loads the same one.
+        decision = [None, None]
         if topo.rank == 0:
-            state = {k: v for part in parts for k, v in part.items()}
-    if topo.rank == 0:
-        ckpt_root = run_dir / "checkpoints"
-        name = f"step_{step:06d}"
-        save_native(state, cfg.model, ckpt_root / name, overwrite=True)
-        tmp = ckpt_root / f".latest.tmp-{os.getpid()}"
-        tmp.write_text(name + "\n")
-        os.replace(tmp, ckpt_root / "latest")
-    if dist.is_initialized():
-        dist.barrier()
+            found = find_resume_checkpoint(ckpt_root, log=say)
+            if found is None and any(ckpt_root.glob("step_*")):
+                decision[1] = (f"{ckpt_root} holds checkpoints but none is usable (reasons above); move them "
+                               f"away or set train.resume=false to start afresh")
+            decision[0] = None if found is None else str(found)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(decision, src=0)
+        if decision[1] is not None:
+            raise CheckpointError(decision[1])
+        found = None if decision[0] is None else Path(decision[0])
+    if found is not None:
+        began = time.perf_counter()
+        state = load_training_checkpoint(found, chunks, optimizer, topo)
+        step = int(state["step"])
+        if state.get("consumed_samples") != step * t.global_batch_size:
+            raise CheckpointError(f"{found} consumed {state.get('consumed_samples')} samples in {step} steps, which is "
+                                  f"not {step} x train.global_batch_size={t.global_batch_size}; resume with the "
+                                  f"global batch size it was saved with")
+        lay = state.get("layout", {})
+        say(f"resumed from {found} at step {step} (saved under tp={lay.get('tp')} pp={lay.get('pp')} "
+            f"vpp={lay.get('vpp')} dp={lay.get('dp')} ep={lay.get('ep')}) in {time.perf_counter() - began:.1f}s")
+        return step
+    if t.init_from:
+        src = resolve_checkpoint_dir(t.init_from)  # follows `latest`
+        theirs, ours = dataclasses.asdict(load_model_config(src)), dataclasses.asdict(cfg.model)
+        differ = [f"model.{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours
+                  if k != "name" and theirs[k] != ours[k]]
+        if differ:
+            raise ValueError(f"train.init_from={t.init_from} holds another architecture: " + "; ".join(differ))
+        load_training_checkpoint(src, chunks, optimizer, topo, weights_only=True)
+        say(f"initialised the weights from {src} (optimizer state starts afresh)")
+    return 0
+
+
+def evaluate(runner: PipelineRunner, dataset, cfg: Config, topo: Topology, device) -> float | None:
+    """Mean validation loss over train.eval_iters global batches (the same batches every time)."""
+    if dataset is None:
+        return None
+    t = cfg.train
+    total_micro = t.global_batch_size // t.micro_batch_size
+    local = t.global_batch_size // topo.dp
+    losses = []
+    for i in range(t.eval_iters):
+        batch = dataset.global_batch(i % max(len(dataset) // t.global_batch_size, 1), t.global_batch_size)
+        num_tokens = batch.num_loss_tokens()
+        batch = batch[topo.dp_rank * local:(topo.dp_rank + 1) * local].to(device)
+        result = runner.forward_only(batch.split(t.micro_batch_size), loss_scale=1.0 / total_micro, aux_coef=0.0,
+                                     num_tokens=num_tokens)
+        loss = result.loss_sum.reshape(1)
+        for group in (topo.group("pp"), topo.group("dp")):
+            if group is not None:
+                dist.all_reduce(loss, group=group)
+        losses.append(loss.item() / total_micro)
+    return sum(losses) / len(losses)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
@@ -169,10 +335,15 @@ def main(dcfg: DictConfig) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
     try:
-        train(cfg, run_dir)
-    except ValueError as e:
+        result = train(cfg, run_dir)
+    except ValueError as e:  # CheckpointError included
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_NONFINITE)
+    if result.get("status") == "preempted":
+        sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,12 @@
-"""Training data: corpus files, tokenizers, the cached token stream and packed training windows."""
+"""Training data: corpus files, tokenizers, indexed token files, packed / blended / SFT datasets, batches."""
 
+from megatron_qwen2.data.batch import Batch
+from megatron_qwen2.data.builder import build_datasets, parse_data_paths
 from megatron_qwen2.data.corpus import corpus_files, read_document, stdlib_files
+from megatron_qwen2.data.indexed import IndexedDataset, IndexedDatasetWriter, write_indexed_dataset
+from megatron_qwen2.data.packed import DocumentPackedDataset
+from megatron_qwen2.data.sampler import BlendedDataset, SampleDataset
+from megatron_qwen2.data.sft import SFTDataset, ensure_chat_tokens, render_chat
 from megatron_qwen2.data.text_dataset import PackedDataset, build_packed_dataset, corpus_tokens, token_dtype
 from megatron_qwen2.data.tokenizer import (
     EOD_TOKEN,
@@ -13,6 +19,18 @@ from megatron_qwen2.data.tokenizer import (
 )
 
 __all__ = [
+    "Batch",
+    "BlendedDataset",
+    "DocumentPackedDataset",
+    "IndexedDataset",
+    "IndexedDatasetWriter",
+    "SFTDataset",
+    "SampleDataset",
+    "build_datasets",
+    "ensure_chat_tokens",
+    "parse_data_paths",
+    "render_chat",
+    "write_indexed_dataset",
     "EOD_TOKEN",
     "PackedDataset",
     "REPO_TOKENIZER",

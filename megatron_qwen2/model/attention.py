@@ -64,8 +64,12 @@ class SelfAttention(nn.Module):
                     p.tp_kv_replica = (kv_head, nkv, kv_local)
         self.out = RowParallelLinear(nq * d, cfg.hidden_size, bias=False, group=tp_group, sequence_parallel=sp)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [s, b, h] -> [s, b, h] (both [s/tp, b, h] with sequence parallelism)."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [s, b, h] -> [s, b, h] (both [s/tp, b, h] with sequence parallelism).
+
+        document_ids [b, s] (the full sequence): attention stays inside each packed document.
+        """
         qkv = self.qkv(x)  # [s, b, local heads * d]: the full sequence either way
         s, b = qkv.shape[:2]
         g = self.q_per_kv
@@ -75,5 +79,5 @@ class SelfAttention(nn.Module):
         q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
         # The door takes [b, s, heads, d]; transposed views, no copies.
         o = ops.attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                          causal=True, softmax_scale=self.softmax_scale)
+                          causal=True, softmax_scale=self.softmax_scale, document_ids=document_ids)
         return self.out(o.transpose(0, 1).reshape(s, b, -1))

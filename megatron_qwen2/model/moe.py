@@ -1,14 +1,19 @@
-"""Qwen2-MoE sparse block: fp32 softmax router, top-k experts, sigmoid-gated shared expert."""
+"""Qwen2-MoE sparse block: fp32 softmax router, top-k experts sharded over ep, sigmoid-gated shared expert."""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Optional
+
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron_qwen2 import ops
 from megatron_qwen2.config import ModelConfig
 from megatron_qwen2.model.mlp import MLP
+from megatron_qwen2.parallel.expert_dispatch import TokenDispatcher
 from megatron_qwen2.parallel.mappings import gather_from_sp, scatter_to_sp
 from megatron_qwen2.parallel.topology import Topology
 
@@ -35,68 +40,205 @@ class Router(nn.Module):
         self.norm_topk_prob = cfg.norm_topk_prob
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [t, h] -> top-k weights [t, k] (x's dtype), expert ids [t, k], sums [2, E] (counts, probs)."""
+    def forward(self, x: torch.Tensor, return_logits: bool = False):
+        """x [t, h] -> top-k weights [t, k] (x's dtype), expert ids [t, k], sums [2, E] (counts, probs),
+        and the logits [t, E] if asked."""
         logits = F.linear(x, self.weight)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         counts = torch.bincount(experts.reshape(-1), minlength=probs.shape[-1]).to(torch.float32)
-        return weights.to(x.dtype), experts, torch.stack([counts, probs.sum(0)])
+        out = weights.to(x.dtype), experts, torch.stack([counts, probs.sum(0)])
+        return out + (logits,) if return_logits else out
+
+
+def _use_grouped_mm(x: torch.Tensor) -> bool:
+    """torch._grouped_mm: CUDA bf16 on Hopper or newer, where it is one kernel for all experts."""
+    return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Rows of x grouped by expert (counts[i] rows for expert i) times weight[i]^T: [M, in] -> [M, out].
+
+    One grouped GEMM where available, else one matmul per expert (empty groups included, so that
+    every weight stays in the graph); never a loop over tokens.
+    """
+    if _use_grouped_mm(x):
+        offsets = torch.tensor(counts, device=x.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return _ContiguousGrad.apply(torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets))
+    # unbind, not weight[i]: its backward stacks the experts' gradients once, where indexing
+    # would add a full-size zero-padded gradient per expert.
+    weights = weight.unbind(0)
+    return torch.cat([F.linear(chunk, weights[i]) for i, chunk in enumerate(torch.split(x, counts))])
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient dense (_grouped_mm rejects broadcast ones)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 class Experts(nn.Module):
-    """All routed experts' weights as 3D tensors; tokens are grouped by expert, never looped."""
+    """This ep rank's routed experts as 3D weights [E/ep, ...], marked `ep_split_dim = 0`.
 
-    def __init__(self, cfg: ModelConfig):
+    Expert e of the model lives on ep rank e // (E/ep) as local expert e % (E/ep); the
+    weights are replicated over tp. Input rows arrive grouped by local expert.
+    """
+
+    def __init__(self, cfg: ModelConfig, topo: Topology):
         super().__init__()
-        e, h, f = cfg.num_experts, cfg.hidden_size, cfg.moe_ffn_hidden_size
+        if cfg.num_experts % topo.ep != 0:
+            raise ValueError(f"model.num_experts={cfg.num_experts} is not divisible by parallel.ep={topo.ep}")
+        e, h, f = cfg.num_experts // topo.ep, cfg.hidden_size, cfg.moe_ffn_hidden_size
         self.gate_up_weight = nn.Parameter(torch.empty(e, 2 * f, h))  # per expert [gate | up] rows
         self.down_weight = nn.Parameter(torch.empty(e, h, f))
+        for p in (self.gate_up_weight, self.down_weight):
+            p.ep_split_dim = 0
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """x [t, h], weights/experts [t, k] -> sum_k weights * expert_k(x)  [t, h]."""
-        t, k = experts.shape
-        flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # token copies grouped by expert
-        token_of = order // k
-        counts = torch.bincount(flat, minlength=self.gate_up_weight.shape[0]).tolist()
-        chunks = torch.split(x[token_of], counts)
-        outs = [
-            F.linear(ops.swiglu(F.linear(chunk, self.gate_up_weight[i])), self.down_weight[i])
-            for i, chunk in enumerate(chunks) if chunk.shape[0] > 0
-        ]
-        y = torch.cat(outs) * weights.reshape(-1)[order].unsqueeze(-1)
-        return torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
+    def forward(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """rows [M, h] grouped by local expert (counts[i] rows each) -> expert outputs [M, h]."""
+        hidden = ops.swiglu(grouped_linear(rows, self.gate_up_weight, counts))
+        return grouped_linear(hidden, self.down_weight, counts)
+
+
+class _AttachLoss(torch.autograd.Function):
+    """Forward: x unchanged. Backward: also d(scale * loss)/d(loss) = scale into `loss`'s graph.
+
+    Lets a block add a loss term (the router z-loss) without returning it through the pipeline.
+    """
+
+    @staticmethod
+    def forward(ctx, x, loss, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.full((), ctx.scale, dtype=torch.float32, device=grad.device), None
 
 
 class MoEBlock(nn.Module):
     """out = sum_k w_k expert_k(x) + sigmoid(shared_expert_gate(x)) * shared_expert(x).
 
-    Router, gate and routed experts are replicated over tp and see every token: under
-    sequence parallelism the block gathers the sequence on entry (its backward only splits,
-    since every rank computes the same thing) and keeps its own shard on exit.
+    Router, gate and shared expert are replicated over tp (the shared expert is tp-sharded like
+    a dense MLP) and see every token: under sequence parallelism the block gathers the sequence
+    on entry (its backward only splits, since every rank computes the same thing) and keeps its
+    own shard on exit. The routed experts are sharded over ep; `TokenDispatcher` moves token
+    copies to them and back.
+
+    Aux loss: the router sums [2, E] cover exactly one micro-batch (all of its sequence, gathered
+    over tp), which is Megatron's `aux_loss` statistic over the tp(x cp) group that shares a
+    sequence. The ep ranks each run a different micro-batch, so their statistics are not pooled:
+    that keeps the loss a function of the micro-batch alone and every layout equal to one process.
+
+    z-loss (model.moe_z_loss_coef > 0): coef * mean over tokens of logsumexp(router logits)^2,
+    added to the loss through the backward (`_AttachLoss`) scaled by `loss_scale`, which the
+    training loop sets to the weight of one micro-batch (`set_moe_loss_scale`).
     """
 
     def __init__(self, cfg: ModelConfig, topo: Topology):
         super().__init__()
         self.sp_group = topo.group("tp") if topo.sequence_parallel else None
         self.router = Router(cfg)
-        self.experts = Experts(cfg)
+        self.experts = Experts(cfg, topo)
+        self.dispatcher = TokenDispatcher(cfg.num_experts, topo.group("ep"), cfg.moe_capacity_factor)
+        self.z_loss_coef = cfg.moe_z_loss_coef
+        self.overlap_shared_expert = True
+        self._stream = None
+        self.loss_scale = 1.0
         if cfg.shared_expert_ffn_hidden_size > 0:
             self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_ffn_hidden_size, topo.group("tp"))
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
         else:
             self.shared_expert = None
+        # Load since the last `moe_load_stats` (not part of the state dict).
+        self.load = torch.zeros(cfg.num_experts)
+        self.dropped = 0
+        self.z_loss_sum, self.z_loss_count = 0.0, 0
+
+    def _side_stream(self, tokens: torch.Tensor):
+        if not (tokens.is_cuda and self.shared_expert is not None and self.overlap_shared_expert):
+            return None
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=tokens.device)
+        self._stream.wait_stream(torch.cuda.current_stream())  # tokens are ready
+        tokens.record_stream(self._stream)
+        return self._stream
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [s, b, h] ([s/tp, b, h] with sequence parallelism) -> same shape, router sums [2, E]."""
         x = gather_from_sp(x, self.sp_group, grad_is_partial=False)
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        weights, experts, sums = self.router(tokens)
-        out = self.experts(tokens, weights, experts)
+        weights, experts, sums, logits = self.router(tokens, return_logits=True)
+        # The shared expert needs no routing. On CUDA it runs on a side stream, overlapping the
+        # dispatch and its all-to-alls (autograd runs its backward on that stream too).
+        side = self._side_stream(tokens)
+        shared = None
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
+        rows, counts, state = self.dispatcher.dispatch(tokens, weights, experts)
+        out = self.dispatcher.combine(self.experts(rows, counts), state)
+        if shared is not None:
+            if side is not None:
+                torch.cuda.current_stream().wait_stream(side)
+                shared.record_stream(torch.cuda.current_stream())
+            out = out + shared
+        if self.z_loss_coef > 0 and torch.is_grad_enabled():
+            z = torch.logsumexp(logits.float(), dim=-1).square().mean()
+            self.z_loss_sum += z.item()
+            self.z_loss_count += 1
+            out = _AttachLoss.apply(out, self.z_loss_coef * z, self.loss_scale)
+        self.load = self.load.to(sums.device) + sums[0].detach()
+        self.dropped += self.dispatcher.dropped
         return scatter_to_sp(out.view(shape), self.sp_group), sums
+
+
+def set_moe_loss_scale(model: nn.Module, scale: float) -> None:
+    """The weight of one micro-batch in the step's loss, for losses added in backward (z-loss)."""
+    for m in model.modules():
+        if isinstance(m, MoEBlock):
+            m.loss_scale = scale
+
+
+def moe_load_stats(models: list[nn.Module], group: Optional[dist.ProcessGroup]) -> dict:
+    """Per-layer expert load since the last call, summed over `group` (dp), then reset.
+
+    Collective over `group`. Returns {"moe_max_over_mean": the worst layer's max/mean tokens per
+    expert, "moe_load": {layer: {"tokens_per_expert": [...], "max_over_mean": r, "dropped": n}}},
+    plus "moe_z_loss" (summed over layers, averaged over micro-batches) when the z-loss is on.
+    """
+    blocks = [(name, m) for model in models for name, m in model.named_modules() if isinstance(m, MoEBlock)]
+    if not blocks:
+        return {}
+    rows = [torch.cat([m.load.float().cpu(), torch.tensor([float(m.dropped), m.z_loss_sum, float(m.z_loss_count)],
+                                                          dtype=torch.float32)]) for _, m in blocks]
+    loads = torch.stack(rows)
+    if group is not None:
+        loads = loads.to(blocks[0][1].router.weight.device)
+        dist.all_reduce(loads, group=group)
+        loads = loads.cpu()
+    stats, z_loss = {}, 0.0
+    for (name, m), row in zip(blocks, loads):
+        tokens = row[:-3]
+        ratio = (tokens.max() / tokens.mean()).item() if tokens.sum() > 0 else 0.0
+        layer = name.split(".")[1] if name.startswith("layers.") else name
+        stats[layer] = {"tokens_per_expert": [int(v) for v in tokens.tolist()], "max_over_mean": ratio,
+                        "dropped": int(row[-3])}
+        if row[-1] > 0:
+            z_loss += (row[-2] / row[-1]).item()
+        m.load.zero_()
+        m.dropped, m.z_loss_sum, m.z_loss_count = 0, 0.0, 0
+    out = {"moe_max_over_mean": max(s["max_over_mean"] for s in stats.values()), "moe_load": stats}
+    if any(m.z_loss_coef > 0 for _, m in blocks):
+        out["moe_z_loss"] = z_loss
+    return out

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from megatron_qwen2.config import ModelConfig
 from megatron_qwen2.model.attention import SelfAttention
@@ -22,6 +23,7 @@ from megatron_qwen2.model.moe import MoEBlock, load_balancing_loss
 from megatron_qwen2.model.norm import RMSNorm
 from megatron_qwen2.model.rope import RotaryEmbedding
 from megatron_qwen2.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_qwen2.parallel.expert_dispatch import ep_global_shape, ep_local_shard
 from megatron_qwen2.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, global_shape, local_shard
 from megatron_qwen2.parallel.mappings import copy_to_tp, gather_from_sp, gather_from_tp
 from megatron_qwen2.parallel.topology import Topology
@@ -48,9 +50,23 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.ffn_hidden_size, topo.group("tp"), sequence_parallel=sp)
 
-    def forward(self, x, cos, sin) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    # Activation recomputation, set by Qwen2Model.set_recompute: None, "selective" (the attention
+    # block's activations are recomputed in backward) or "full" (the whole layer's are).
+    recompute: Optional[str] = None
+
+    def forward(self, *args, **kwargs) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """-> new hidden states, and this layer's router sums [2, E] (None for a dense layer)."""
-        x = x + self.attention(self.input_norm(x), cos, sin)
+        if self.recompute == "full" and torch.is_grad_enabled():
+            return checkpoint(self._forward, *args, use_reentrant=False, **kwargs)
+        return self._forward(*args, **kwargs)
+
+    def _attention_block(self, x, *args) -> torch.Tensor:
+        if self.recompute == "selective" and torch.is_grad_enabled():
+            return checkpoint(lambda x, *a: self.attention(self.input_norm(x), *a), x, *args, use_reentrant=False)
+        return self.attention(self.input_norm(x), *args)
+
+    def _forward(self, x, cos, sin, document_ids=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        x = x + self._attention_block(x, cos, sin, document_ids)
         if self.is_moe:
             y, sums = self.mlp(self.post_attention_norm(x))
             return x + y, sums
@@ -93,6 +109,15 @@ class Qwen2Model(nn.Module):
                 cfg.hidden_size, cfg.vocab_size, bias=False, group=self.tp_group, sequence_parallel=sp)
         self.init_weights(seed=0)
 
+    def set_recompute(self, mode: str, num_layers: Optional[int] = None) -> None:
+        """Recompute activations in backward (none | selective | full) for the first `num_layers`
+        layers of this chunk (None: all); saves activation memory for one more forward."""
+        if mode not in ("none", "selective", "full"):
+            raise ValueError(f"train.recompute must be 'none', 'selective' or 'full', got {mode!r}")
+        for i, layer in enumerate(self.layers.values()):
+            on = mode != "none" and (num_layers is None or i < num_layers)
+            layer.recompute = mode if on else None
+
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         """Initialise every parameter as a function of (seed, its global name) only.
@@ -109,29 +134,31 @@ class Qwen2Model(nn.Module):
                 # Drawn on the parameter's device: the same seed gives the same model on every
                 # rank of that device type, whatever the layout.
                 gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-                full = torch.empty(global_shape(p, self.topo.tp), device=p.device).normal_(
-                    0.0, self.cfg.init_std, generator=gen)
+                shape = ep_global_shape(p, global_shape(p, self.topo.tp), self.topo.ep)
+                full = torch.empty(shape, device=p.device).normal_(0.0, self.cfg.init_std, generator=gen)
+                full = ep_local_shard(p, full, self.topo.ep, self.topo.ep_rank)
                 p.copy_(local_shard(p, full, self.topo.tp, self.topo.tp_rank))
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None):
+                labels: Optional[torch.Tensor] = None, *, document_ids: Optional[torch.Tensor] = None):
         """input_ids [b, s] -> logits [b, s, vocab]; with labels [b, s] -> LossOutput."""
         if position_ids is None:
             b, s = input_ids.shape
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
-        return self.forward_stage(input_ids, position_ids, labels)
+        return self.forward_stage(input_ids, position_ids, labels, document_ids=document_ids)
 
     def forward_stage(self, x: torch.Tensor, position_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                      router_sums: Optional[torch.Tensor] = None):
+                      router_sums: Optional[torch.Tensor] = None, *, document_ids: Optional[torch.Tensor] = None):
         """Run this stage. x: input ids [b, s] on the first stage, else hidden states [s(/tp), b, h].
 
         router_sums [2, E]: the MoE router sums of the stages before (None on the first).
+        document_ids [b, s]: row-local document of each position; attention stays inside a document.
         Returns (hidden, router_sums) on a stage that is not last; logits or LossOutput on the last.
         """
         h = self.embedding(x.t()) if self.pre_process else x  # [s, b, h] ([s/tp, b, h] with sp)
         cos, sin = self.rotary(position_ids.t(), h.dtype)
         for layer in self.layers.values():
-            h, sums = layer(h, cos, sin)
+            h, sums = layer(h, cos, sin, document_ids)
             if sums is not None:
                 router_sums = sums if router_sums is None else router_sums + sums
         if not self.post_process:

@@ -1,13 +1,17 @@
 """The door to the fused operations (DESIGN principle 5).
 
 Model code calls these functions only. Each picks the compiled kernel from
-`megatron_qwen2._C` when it is built and the inputs live on CUDA, else the plain-PyTorch
-reference in `reference.py`, which is the definition every kernel is tested against.
+`megatron_qwen2._C` (registered as torch custom ops in `library.py`) when it is built and the
+inputs live on CUDA, else the plain-PyTorch reference in `reference.py`, which is the definition
+every kernel is tested against. MEGATRON_QWEN2_OPS=reference|kernel|auto forces the choice
+(extension.py).
 """
 
 from megatron_qwen2.ops.attention import attention
-from megatron_qwen2.ops.rms_norm import rms_norm
+from megatron_qwen2.ops.cross_entropy import cross_entropy
+from megatron_qwen2.ops.moe_permute import permute, unpermute
+from megatron_qwen2.ops.rms_norm import add_rms_norm, rms_norm
 from megatron_qwen2.ops.rope import rope
 from megatron_qwen2.ops.swiglu import swiglu
 
-__all__ = ["attention", "rms_norm", "rope", "swiglu"]
+__all__ = ["add_rms_norm", "attention", "cross_entropy", "permute", "rms_norm", "rope", "swiglu", "unpermute"]

@@ -1,4 +1,13 @@
-"""The compiled extension `megatron_qwen2._C`, loaded once; None when it is not built."""
+"""The compiled extension `megatron_qwen2._C`, loaded once; None when it is not built.
+
+Which implementation a door uses is chosen per call by `use_kernel`; MEGATRON_QWEN2_OPS forces it:
+
+- ``auto`` (default): the compiled kernel when it is built and the inputs suit it, else the reference.
+- ``reference``: always the plain-PyTorch reference (for debugging a suspected kernel bug).
+- ``kernel``: the compiled kernel whenever the inputs live on CUDA; raises if it is not built.
+
+MEGATRON_QWEN2_DISABLE_EXT=1 (older switch) behaves like ``reference``.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +17,19 @@ import warnings
 from types import ModuleType
 from typing import Optional
 
+import torch
+
+MODES = ("auto", "kernel", "reference")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 @functools.lru_cache(maxsize=None)
 def load() -> Optional[ModuleType]:
     """The extension module, or None (warning once) when it is missing or disabled.
 
-    MEGATRON_QWEN2_DISABLE_EXT=1 forces the PyTorch fallbacks.
+    MEGATRON_QWEN2_DISABLE_EXT=1 or MEGATRON_QWEN2_OPS=reference forces the PyTorch fallbacks.
     """
-    if os.environ.get("MEGATRON_QWEN2_DISABLE_EXT") == "1":
+    if os.environ.get("MEGATRON_QWEN2_DISABLE_EXT") == "1" or mode() == "reference":
         return None
     try:
         from megatron_qwen2 import _C
@@ -24,3 +38,40 @@ def load() -> Optional[ModuleType]:
                       "reference implementations", RuntimeWarning, stacklevel=2)
         return None
     return _C
+
+
+def mode() -> str:
+    """MEGATRON_QWEN2_OPS, validated: one of MODES."""
+    value = os.environ.get("MEGATRON_QWEN2_OPS", "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise ValueError(f"MEGATRON_QWEN2_OPS={value!r} is not one of {', '.join(MODES)}")
+    return value
+
+
+# Under torch.compile the choice is a constant of the process (environment and build), so
+# dynamo calls these at trace time instead of tracing the import and environment look-ups.
+_constant = getattr(torch._dynamo, "assume_constant_result", lambda f: f)
+
+
+@_constant
+def _mode_now() -> str:
+    return mode()
+
+
+@_constant
+def _built() -> bool:
+    return load() is not None
+
+
+def use_kernel(*tensors: torch.Tensor) -> bool:
+    """True when the compiled kernel should run on these tensors (all CUDA, one kernel dtype)."""
+    if not tensors or not all(t.is_cuda for t in tensors):
+        return False
+    m = _mode_now()
+    if m == "reference":
+        return False
+    built = _built()
+    if m == "kernel" and not built:
+        raise RuntimeError("MEGATRON_QWEN2_OPS=kernel but megatron_qwen2._C is not built "
+                           "(pip install --no-build-isolation -e . on a CUDA machine)")
+    return built and tensors[0].dtype in KERNEL_DTYPES and all(t.dtype == tensors[0].dtype for t in tensors)

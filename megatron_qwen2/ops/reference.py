@@ -31,13 +31,72 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-              softmax_scale: float | None = None) -> torch.Tensor:
+              softmax_scale: float | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped-query attention. q: [b, s, hq, d]; k, v: [b, s, hkv, d] -> [b, s, hq, d].
 
     K/V heads are shared by hq // hkv query heads each and are never materialised repeated.
+    document_ids [b, s]: query i sees key j only when both lie in the same document (and j <= i
+    when causal), an explicit [b, 1, s, s] mask.
     """
+    mask = None
+    if document_ids is not None:
+        s = q.shape[1]
+        mask = (document_ids[:, :, None] == document_ids[:, None, :]).unsqueeze(1)  # [b, 1, s, s]
+        if causal:
+            mask = mask & torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        is_causal=causal, scale=softmax_scale, enable_gqa=q.shape[2] != k.shape[2],
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        is_causal=causal and mask is None, scale=softmax_scale, enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): the residual add of a pre-norm block fused with the norm."""
+    s = x + residual
+    return rms_norm(s, weight, eps), s
+
+
+def permute_indices(routing_map: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expert-sorted order of the routed copies of the tokens.
+
+    routing_map [T, k] holds expert ids in [0, num_experts). Copy (t, j) is flat slot t * k + j.
+    Returns order [T*k] (int64: order[i] is the slot in sorted row i; a stable sort, so rows are
+    grouped by expert and, within an expert, by token then j), row_map [T, k] (int32: the sorted
+    row of slot (t, j), the inverse of order) and tokens_per_expert [E] (int64).
+    """
+    if routing_map.dim() != 2:
+        raise ValueError(f"routing_map must be [tokens, k], got shape {tuple(routing_map.shape)}")
+    if num_experts <= 0:
+        raise ValueError(f"num_experts must be > 0, got {num_experts}")
+    flat = routing_map.reshape(-1).long()
+    if flat.numel() and bool(((flat < 0) | (flat >= num_experts)).any()):  # one host sync
+        raise ValueError(f"routing_map holds expert ids outside [0, {num_experts}): "
+                         f"min {int(flat.min())}, max {int(flat.max())}")
+    order = torch.argsort(flat, stable=True)
+    row_map = torch.empty_like(order, dtype=torch.int32)
+    row_map[order] = torch.arange(order.numel(), device=order.device, dtype=torch.int32)
+    counts = torch.bincount(flat, minlength=num_experts)
+    return order, row_map.view(routing_map.shape), counts
+
+
+def permute(x: torch.Tensor, routing_map: torch.Tensor,
+            num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, h] -> (permuted [T*k, h] grouped by expert, row_map [T, k] int32, tokens_per_expert [E])."""
+    order, row_map, counts = permute_indices(routing_map, num_experts)
+    return x[order // routing_map.shape[1]], row_map, counts
+
+
+def unpermute(expert_out: torch.Tensor, row_map: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_j probs[t, j] * expert_out[row_map[t, j]], summed in fp32, in expert_out's dtype."""
+    acc = torch.promote_types(expert_out.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    gathered = expert_out[row_map.long()]  # [T, k, h]
+    out = (gathered.to(acc) * probs.to(acc).unsqueeze(-1)).sum(1)
+    return out.to(expert_out.dtype)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token loss [...] in fp32 (fp64 for fp64 logits) from logits [..., V] over the whole vocabulary."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none").view(labels.shape)

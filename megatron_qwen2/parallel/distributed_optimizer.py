@@ -4,11 +4,14 @@ The optimizer works on *fragments*: pieces of parameters paired with their fp32 
 copy and their fp32 main-grad view. Without sharding each parameter is one fragment. With
 `distributed=True`, a rank owns 1/dp of every gradient bucket (the range the bucket's
 reduce-scatter leaves summed on it), keeps master weights and Adam moments for that range
-only, updates it, and the buffers all-gather the updated parameters afterwards.
+only, updates it, and the buffers all-gather the updated parameters afterwards. Expert
+parameters (sharded over ep) sit in buckets of the expert-dp group, so their shards are 1/expert_dp
+of those buckets; each bucket says which group it belongs to.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,20 +29,25 @@ class Fragment:
     end: int
     master: torch.Tensor  # fp32; a view of the parameter itself when it is fp32
     counts_in_norm: torch.Tensor  # bool mask: False where another tp rank counts the element
+    expert: bool = False  # sharded over ep: its squared norm is summed over ep too
 
 
 class MixedPrecisionOptimizer:
     """Clip by the global grad norm, AdamW on fp32 masters, write back to the model."""
 
     def __init__(self, buffer: GradBuffer, cfg: OptimConfig, tp_group: Optional[dist.ProcessGroup],
-                 norm_groups: list[Optional[dist.ProcessGroup]]):
+                 norm_groups: list[Optional[dist.ProcessGroup]], ep_group: Optional[dist.ProcessGroup] = None):
         self.buffer, self.cfg = buffer, cfg
         self.tp_group = tp_group
         self.tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
         # Groups over which squared-norm partial sums are added: model-parallel ones, plus dp when sharded.
         self.norm_groups = [g for g in norm_groups if g is not None]
-        if buffer.shard and buffer.dp_group is not None:
-            self.norm_groups.append(buffer.dp_group)
+        # Non-expert parameters: those, plus dp when sharded. Expert parameters: those, plus ep (each
+        # ep rank holds other experts), plus expert-dp when sharded.
+        self.dense_norm_groups = [buffer.dp_group] if buffer.shard and buffer.dp_group is not None else []
+        self.expert_norm_groups = [g for g in (ep_group, buffer.expert_dp_group if buffer.shard else None)
+                                   if g is not None]
+        self.has_experts = any(b.expert for b in buffer.buckets)
         self.fragments = self._make_fragments()
         decay = [f for f in self.fragments if f.param.ndim >= 2]
         no_decay = [f for f in self.fragments if f.param.ndim < 2]
@@ -47,12 +55,13 @@ class MixedPrecisionOptimizer:
                   {"params": [f.master for f in no_decay], "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        self.num_steps = 0  # Adam steps taken (skipped steps do not count)
 
     def _make_fragments(self) -> list[Fragment]:
         frags = []
         for bucket in self.buffer.buckets:
             if self.buffer.shard:
-                lo, hi = bucket.shard(self.buffer.dp, self.buffer.dp_rank)
+                lo, hi = bucket.shard()
             else:
                 lo, hi = bucket.start, bucket.end
             for p in bucket.params:
@@ -62,7 +71,7 @@ class MixedPrecisionOptimizer:
                     continue
                 flat = p.detach().view(-1)[s:e]
                 master = flat if p.dtype == torch.float32 else flat.float()
-                frags.append(Fragment(p, s, e, master, self._norm_mask(p)[s:e]))
+                frags.append(Fragment(p, s, e, master, self._norm_mask(p)[s:e], expert=bucket.expert))
         return frags
 
     def _norm_mask(self, p: torch.nn.Parameter) -> torch.Tensor:
@@ -84,18 +93,34 @@ class MixedPrecisionOptimizer:
 
     def grad_norm(self) -> float:
         """The L2 norm of the full model's gradient, identical on every rank."""
-        sq = torch.zeros((), dtype=torch.float32, device=self.buffer.grad_data.device)
+        sq = torch.zeros(2, dtype=torch.float32, device=self.buffer.grad_data.device)  # [dense, expert]
         for f in self.fragments:
             g = self._grad(f)
-            sq += (g * f.counts_in_norm).square().sum() if not f.counts_in_norm.all() else g.square().sum()
+            sq[int(f.expert)] += (g * f.counts_in_norm).square().sum() if not f.counts_in_norm.all() else g.square().sum()
+        for group in self.dense_norm_groups:
+            part = sq[:1].clone()
+            dist.all_reduce(part, group=group)
+            sq[:1] = part
+        if self.has_experts:  # the same on every rank of an ep / expert-dp group (one pipeline stage)
+            for group in self.expert_norm_groups:
+                part = sq[1:].clone()
+                dist.all_reduce(part, group=group)
+                sq[1:] = part
+        # Model-parallel groups last: a pipeline stage without experts must receive the expert sums
+        # of the other stages only after each stage has summed them over its ep group.
         for group in self.norm_groups:
             dist.all_reduce(sq, group=group)
-        return sq.sqrt().item()
+        return sq.sum().sqrt().item()
 
     @torch.no_grad()
-    def step(self, lr: float) -> float:
-        """Clip, update, copy masters back into the parameters; returns the pre-clip grad norm."""
+    def step(self, lr: float, skip_nonfinite: bool = False) -> float:
+        """Clip, update, copy masters back into the parameters; returns the pre-clip grad norm.
+
+        With `skip_nonfinite`, a NaN/Inf norm (the same on every rank) leaves weights and Adam state untouched.
+        """
         norm = self.grad_norm()
+        if skip_nonfinite and not math.isfinite(norm):
+            return norm
         scale = 1.0
         if self.cfg.clip_grad > 0 and norm > self.cfg.clip_grad:
             scale = self.cfg.clip_grad / (norm + 1e-6)
@@ -104,6 +129,7 @@ class MixedPrecisionOptimizer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        self.num_steps += 1
         for f in self.fragments:
             f.master.grad = None
             if f.param.dtype != torch.float32:
@@ -111,8 +137,39 @@ class MixedPrecisionOptimizer:
         self.buffer.gather_params()
         return norm
 
+    # Checkpoint state in the canonical layout: one entry per fragment (the checkpoint code knows
+    # where each fragment sits in its global tensor, checkpoint/sharding.py).
     def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
+        """{"step": Adam steps taken, "fragments": [{"master", "exp_avg", "exp_avg_sq"} per fragment]}.
 
+        The tensors are fp32 and live (not copies); moments are zeros before the first step.
+        """
+        frags = []
+        for f in self.fragments:
+            st = self.optimizer.state.get(f.master)
+            if st is None:  # before the first step
+                st = {"exp_avg": torch.zeros_like(f.master), "exp_avg_sq": torch.zeros_like(f.master)}
+            frags.append({"master": f.master, "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]})
+        return {"step": self.num_steps, "fragments": frags}
+
+    @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
+        """Load a `state_dict()`-shaped dict; fragments without moments (weights only) start Adam afresh.
+
+        The moment tensors are taken over, not copied (the caller hands in tensors it no longer needs).
+        """
+        frags = state["fragments"]
+        if len(frags) != len(self.fragments):
+            raise ValueError(f"optimizer state has {len(frags)} fragments, this rank has {len(self.fragments)}")
+        self.num_steps = int(state["step"])
+        for f, st in zip(self.fragments, frags):
+            f.master.copy_(st["master"])
+            if f.param.dtype != torch.float32:  # else the master is a view of the parameter
+                f.param.detach().view(-1)[f.start:f.end].copy_(f.master)
+            self.optimizer.state.pop(f.master, None)
+            if self.num_steps > 0 and "exp_avg" in st:
+                self.optimizer.state[f.master] = {
+                    "step": torch.tensor(float(self.num_steps), dtype=torch.float32),
+                    "exp_avg": st["exp_avg"].to(f.master),
+                    "exp_avg_sq": st["exp_avg_sq"].to(f.master)}
+        self.buffer.gather_params()

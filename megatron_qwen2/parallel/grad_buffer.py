@@ -11,6 +11,11 @@ gradient from every micro-batch of the step (`start_step(num_microbatches)`), wh
 pipeline schedule runs them in. Parameters listed in `deferred` (the tied embedding copies
 of a pipeline) sit in buckets of their own that `finish` reduces only after `before_deferred`
 has run, so that their cross-stage sum happens on the unreduced gradients.
+
+Expert parameters (marked `ep_split_dim`, sharded over the ep group) are replicated only over
+the expert-data-parallel group: they sit in buckets of their own, which reduce (and, under the
+distributed optimizer, shard) over `expert_dp_group` instead of dp. Every bucket carries its
+group, so the optimizer and the all-gather of updated shards follow it.
 """
 
 from __future__ import annotations
@@ -26,27 +31,47 @@ from megatron_qwen2.parallel.mappings import _all_gather_single, _reduce_scatter
 
 @dataclass
 class Bucket:
-    """A contiguous range [start, end) of the flat buffers; its length is a multiple of dp."""
+    """A contiguous range [start, end) of the flat buffers, reduced over `group` (its `size` ranks,
+    this one at `rank`); its length is a multiple of `size`."""
 
     start: int
     end: int
     params: list[torch.nn.Parameter]
+    group: Optional[dist.ProcessGroup] = None
+    size: int = 1
+    rank: int = 0
+    expert: bool = False
     deferred: bool = False
     pending: set = field(default_factory=set)
     handle: Optional[dist.Work] = None
 
-    def shard(self, dp: int, dp_rank: int) -> tuple[int, int]:
-        """The flat range of this bucket that `dp_rank` owns under the distributed optimizer."""
-        size = (self.end - self.start) // dp
-        return self.start + dp_rank * size, self.start + (dp_rank + 1) * size
+    def shard(self) -> tuple[int, int]:
+        """The flat range of this bucket that this rank owns under the distributed optimizer."""
+        n = (self.end - self.start) // self.size
+        return self.start + self.rank * n, self.start + (self.rank + 1) * n
+
+
+def is_expert_param(p: torch.nn.Parameter) -> bool:
+    """Sharded over ep (so replicated over expert-dp, not dp)."""
+    return getattr(p, "ep_split_dim", None) is not None
+
+
+def _group_info(group: Optional[dist.ProcessGroup]) -> tuple[Optional[dist.ProcessGroup], int, int]:
+    return (None, 1, 0) if group is None else (group, dist.get_world_size(group), dist.get_rank(group))
+
+
+_SAME_AS_DP = object()
 
 
 class GradBuffer:
-    """fp32 main grads for `params`, summed over the dp group bucket by bucket."""
+    """fp32 main grads for `params`, summed over dp (expert parameters: expert-dp) bucket by bucket.
+
+    `expert_dp_group` defaults to the dp group, which is right when ep = 1.
+    """
 
     def __init__(self, params: list[torch.nn.Parameter], dp_group: Optional[dist.ProcessGroup],
                  bucket_size: int = 40_000_000, shard: bool = False, overlap: bool = True,
-                 deferred: Optional[list[torch.nn.Parameter]] = None):
+                 deferred: Optional[list[torch.nn.Parameter]] = None, expert_dp_group=_SAME_AS_DP):
         params = [p for p in params if p.requires_grad]
         dtypes = {p.dtype for p in params}
         if len(dtypes) != 1:
@@ -55,14 +80,19 @@ class GradBuffer:
         self.dp_group = dp_group
         self.dp = 1 if dp_group is None else dist.get_world_size(dp_group)
         self.dp_rank = 0 if dp_group is None else dist.get_rank(dp_group)
+        self.expert_dp_group = dp_group if expert_dp_group is _SAME_AS_DP else expert_dp_group
         self.shard, self.overlap = shard, overlap
         deferred_ids = {id(p) for p in deferred or []}
-        regular = [p for p in params[::-1] if id(p) not in deferred_ids]
+        regular = [p for p in params[::-1] if id(p) not in deferred_ids and not is_expert_param(p)]
+        experts = [p for p in params[::-1] if id(p) not in deferred_ids and is_expert_param(p)]
         late = [p for p in params[::-1] if id(p) in deferred_ids]
-        self.buckets = self._plan(regular, bucket_size)
-        for bucket in self._plan(late, bucket_size, start=self.buckets[-1].end if self.buckets else 0):
-            bucket.deferred = True
-            self.buckets.append(bucket)
+        self.buckets = []
+        for group_params, group, kind in ((regular, dp_group, "regular"), (experts, self.expert_dp_group, "expert"),
+                                          (late, dp_group, "deferred")):
+            start = self.buckets[-1].end if self.buckets else 0
+            for bucket in self._plan(group_params, bucket_size, _group_info(group), start=start):
+                bucket.expert, bucket.deferred = kind == "expert", kind == "deferred"
+                self.buckets.append(bucket)
         total = self.buckets[-1].end if self.buckets else 0
         device = params[0].device
         self.grad_data = torch.zeros(total, dtype=torch.float32, device=device)
@@ -84,22 +114,25 @@ class GradBuffer:
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
         self.start_step(1)
 
-    def _plan(self, params: list[torch.nn.Parameter], bucket_size: int, start: int = 0) -> list[Bucket]:
+    @staticmethod
+    def _plan(params: list[torch.nn.Parameter], bucket_size: int, group_info, start: int = 0) -> list[Bucket]:
+        group, size, rank = group_info
+
+        def close(ps, s, e):
+            e = s + -(-(e - s) // size) * size  # pad so every rank of the group gets an equal shard
+            return Bucket(s, e, list(ps), group=group, size=size, rank=rank)
+
         buckets, current, pos = [], [], start
         for p in params:
             current.append(p)
             pos += p.numel()
             if pos - start >= bucket_size:
-                buckets.append(self._close(current, start, pos))
+                buckets.append(close(current, start, pos))
                 start = pos = buckets[-1].end
                 current = []
         if current:
-            buckets.append(self._close(current, start, pos))
+            buckets.append(close(current, start, pos))
         return buckets
-
-    def _close(self, params, start: int, end: int) -> Bucket:
-        end = start + -(-(end - start) // self.dp) * self.dp  # pad so every dp rank gets an equal shard
-        return Bucket(start, end, list(params))
 
     def start_step(self, num_microbatches: int) -> None:
         """Zero the main grads; each parameter will receive one gradient per micro-batch."""
@@ -122,15 +155,15 @@ class GradBuffer:
             self._launch(bucket)
 
     def _launch(self, bucket: Bucket) -> None:
-        if self.dp_group is None or bucket.handle is not None:
+        if bucket.group is None or bucket.handle is not None:
             return
         data = self.grad_data[bucket.start:bucket.end]
         if self.shard:
-            s, e = bucket.shard(self.dp, self.dp_rank)
+            s, e = bucket.shard()
             src = data if data.is_cuda else data.clone()  # NCCL reduces in place; gloo wants a copy
-            bucket.handle = _reduce_scatter_single(self.grad_data[s:e], src, group=self.dp_group, async_op=True)
+            bucket.handle = _reduce_scatter_single(self.grad_data[s:e], src, group=bucket.group, async_op=True)
         else:
-            bucket.handle = dist.all_reduce(data, group=self.dp_group, async_op=True)
+            bucket.handle = dist.all_reduce(data, group=bucket.group, async_op=True)
 
     def finish(self, before_deferred=None) -> None:
         """Wait for every bucket's reduction (launching those whose grads never arrived).
@@ -149,14 +182,16 @@ class GradBuffer:
 
     def gather_params(self) -> None:
         """After a sharded update: all-gather every bucket's updated shards into all ranks."""
-        if self.dp_group is None or not self.shard:
+        if not self.shard:
             return
         handles = []
         for bucket in self.buckets:
-            s, e = bucket.shard(self.dp, self.dp_rank)
+            if bucket.group is None:
+                continue
+            s, e = bucket.shard()
             mine = self.param_data[s:e]
             mine = mine if mine.is_cuda else mine.clone()
             handles.append(_all_gather_single(self.param_data[bucket.start:bucket.end], mine,
-                                              group=self.dp_group, async_op=True))
+                                              group=bucket.group, async_op=True))
         for h in handles:
             h.wait()

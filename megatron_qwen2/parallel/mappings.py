@@ -1,4 +1,4 @@
-"""Tensor-parallel communication as small autograd functions (DESIGN principle 2).
+"""Tensor- and expert-parallel communication as small autograd functions (DESIGN principle 2).
 
 Each function names the collective it does in forward; its backward is the conjugate one.
 With a group of None (degree 1) every function is the identity.
@@ -154,3 +154,32 @@ def reduce_scatter_to_sp(x: torch.Tensor, group: Optional[dist.ProcessGroup]) ->
 
 def scatter_to_sp(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     return x if group is None else _ScatterToSP.apply(x, group)
+
+
+# --- Expert parallelism: tokens travel to the ranks that hold their experts and back. ---
+
+class _AllToAll(torch.autograd.Function):
+    """Forward: all-to-all with per-rank row counts. Backward: the same exchange reversed."""
+
+    @staticmethod
+    def forward(ctx, x, group, output_splits, input_splits):
+        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
+        return _all_to_all_rows(x, group, output_splits, input_splits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all_rows(grad, ctx.group, ctx.input_splits, ctx.output_splits), None, None, None
+
+
+def _all_to_all_rows(x: torch.Tensor, group, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
+    out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=output_splits,
+                           input_split_sizes=input_splits, group=group)
+    return out
+
+
+def all_to_all(x: torch.Tensor, group: Optional[dist.ProcessGroup], output_splits: list[int],
+               input_splits: list[int]) -> torch.Tensor:
+    """Rows x[sum(input_splits[:j]) : ...] go to rank j of `group`; rank j's rows for us arrive in
+    order, output_splits[j] of them. Uneven and zero counts are allowed; differentiable."""
+    return x if group is None else _AllToAll.apply(x, group, list(output_splits), list(input_splits))

@@ -18,12 +18,13 @@ router sums [2, E] of the load-balancing loss; their shapes are known before the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
 from megatron_qwen2.config import ModelConfig, ParallelConfig
+from megatron_qwen2.data.batch import Batch, as_batch
 from megatron_qwen2.model import Qwen2Model
 from megatron_qwen2.parallel.schedule import Action, build_schedule
 from megatron_qwen2.parallel.topology import Topology
@@ -59,8 +60,10 @@ def build_model_chunks(cfg: ModelConfig, par: ParallelConfig, topo: Topology) ->
 
 @dataclass
 class StepResult:
-    loss_sum: torch.Tensor  # sum over this rank's micro-batches of the mean token loss (last stage only)
-    aux_sum: torch.Tensor  # same for the MoE aux loss
+    # Sum over this rank's micro-batches of each one's token-loss term / loss_scale (last stage only):
+    # summed over all ranks and multiplied by loss_scale, the global batch's loss.
+    loss_sum: torch.Tensor
+    aux_sum: torch.Tensor  # sum over this rank's micro-batches of the MoE aux loss
 
 
 class PipelineRunner:
@@ -105,9 +108,31 @@ class PipelineRunner:
             dist.irecv(t, src=peer, group=group).wait()
         return tensors
 
-    def run(self, microbatches: list[torch.Tensor], loss_scale: float, aux_coef: float) -> StepResult:
-        """Forward and backward of every micro-batch ([mbs, s+1] token rows) on this rank."""
+    @staticmethod
+    def _token_loss_term(token_loss: torch.Tensor, mask: Optional[torch.Tensor], loss_scale: float,
+                         num_tokens: Optional[int]) -> torch.Tensor:
+        """A micro-batch's share of the global batch's token loss (see `run`)."""
+        if num_tokens is not None:
+            total = token_loss.sum() if mask is None else (token_loss * mask).sum()
+            return total / max(num_tokens, 1)  # a global batch without counted labels contributes 0
+        if mask is None:
+            return token_loss.mean() * loss_scale
+        return (token_loss * mask).sum() / mask.sum().clamp(min=1) * loss_scale
+
+    def run(self, microbatches: Sequence[Union[Batch, torch.Tensor]], loss_scale: float, aux_coef: float,
+            num_tokens: Optional[int] = None, forward_only: bool = False) -> StepResult:
+        """Forward and backward of every micro-batch (a Batch, or bare [mbs, s+1] token rows) on this rank.
+
+        A micro-batch's objective is its token-loss term + loss_scale * aux_coef * aux loss. The
+        token-loss term is the sum of its masked token losses / num_tokens when num_tokens (the
+        unmasked labels of the whole global batch) is given, so every counted token of the global
+        batch weighs the same however the micro-batches and ranks cut it (Megatron's
+        normalisation); without num_tokens it is loss_scale * the micro-batch's masked mean.
+        """
+        microbatches = [as_batch(mb) for mb in microbatches]
         schedule = build_schedule(self.pp, self.vpp, self.topo.pp_rank, len(microbatches))
+        if forward_only:  # validation: the forwards alone (dropping actions only removes waits: no deadlock)
+            schedule = [a for a in schedule if a.kind == "F"]
         saved: dict[tuple[int, int], tuple] = {}  # (microbatch, chunk) -> (inputs, outputs)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -118,25 +143,26 @@ class PipelineRunner:
             incoming = self._recv(peer) if peer is not None else None
             if a.kind == "F":
                 mb = microbatches[a.microbatch]
-                position_ids = torch.arange(mb.shape[1] - 1, device=mb.device).expand(mb.shape[0], -1)
                 if stage == 0:
-                    inputs, x, sums = [], mb[:, :-1], None
+                    inputs, x, sums = [], mb.tokens[:, :-1], None
                 else:
                     inputs = [t.requires_grad_() for t in incoming]
                     x, sums = inputs[0], (inputs[1] if self.cfg.is_moe else None)
-                labels = mb[:, 1:] if stage == self.last_stage else None
-                out = self.chunks[a.chunk].forward_stage(x, position_ids, labels, sums)
+                labels = mb.tokens[:, 1:] if stage == self.last_stage else None
+                out = self.chunks[a.chunk].forward_stage(x, mb.positions(), labels, sums,
+                                                         document_ids=mb.document_ids)
                 if stage == self.last_stage:
-                    loss = out.token_loss.mean()
-                    loss_sum += loss.detach()
+                    loss = self._token_loss_term(out.token_loss, mb.loss_mask, loss_scale, num_tokens)
+                    loss_sum += loss.detach() / loss_scale
                     if out.aux_loss is not None:
                         aux_sum += out.aux_loss.detach()
-                        loss = loss + aux_coef * out.aux_loss
-                    outputs = [loss * loss_scale]
+                        loss = loss + loss_scale * aux_coef * out.aux_loss
+                    outputs = [loss]
                 else:
                     outputs = [out[0]] + ([out[1]] if self.cfg.is_moe else [])
                     self._send([t.detach() for t in outputs], self.next_rank)
-                saved[(a.microbatch, a.chunk)] = (inputs, outputs)
+                if not forward_only:
+                    saved[(a.microbatch, a.chunk)] = (inputs, outputs)
             else:
                 inputs, outputs = saved.pop((a.microbatch, a.chunk))
                 grads = None if stage == self.last_stage else incoming
@@ -148,3 +174,9 @@ class PipelineRunner:
             work.wait()
         self._pending = []
         return StepResult(loss_sum=loss_sum, aux_sum=aux_sum)
+
+    @torch.no_grad()
+    def forward_only(self, microbatches: Sequence[Union[Batch, torch.Tensor]], loss_scale: float, aux_coef: float,
+                     num_tokens: Optional[int] = None) -> StepResult:
+        """The losses of `run` without gradients or backward (validation)."""
+        return self.run(microbatches, loss_scale, aux_coef, num_tokens=num_tokens, forward_only=True)

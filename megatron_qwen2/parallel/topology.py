@@ -7,7 +7,11 @@ context parallelism next, since its ring exchanges K/V every layer too; data par
 reduces gradients once per step and tolerates slower links; pipeline is outermost because it
 only sends activations between neighbouring stages. Expert parallelism is carved out of the dp
 dimension as in Megatron: consecutive blocks of ep data-parallel ranks form an ep group, and
-ranks at the same place in different blocks form the expert-data-parallel group.
+ranks at the same place in different blocks form the expert-data-parallel group. So the ep
+rank is dp_rank % ep, the ranks of one ep group are tp*cp apart (neighbours in dp, on the same
+node as far as the grid allows: the all-to-all runs every MoE layer), and expert_dp (dp / ep
+ranks, ep*tp*cp apart) reduces expert gradients once per step. Experts are replicated over tp
+(no expert-tensor parallelism): every tp rank of an ep group holds and runs the same experts.
 
 Groups: tp, cp, dp, pp (one per grid axis), ep and expert_dp (inside dp), mp (model
 parallel: every rank of one model replica, tp x cp x pp) and embedding (first and last
@@ -47,6 +51,11 @@ class Topology:
     groups: dict[str, Optional[dist.ProcessGroup]] = field(default_factory=dict)
     # One group per directed edge (src, dst) between neighbouring pipeline ranks of this rank.
     p2p: dict[tuple[int, int], dist.ProcessGroup] = field(default_factory=dict)
+
+    @property
+    def ep_rank(self) -> int:
+        """This rank's place in its ep group (which chunk of the experts it holds)."""
+        return self.dp_rank % self.ep
 
     @property
     def world_size(self) -> int:

@@ -1,0 +1,163 @@
+"""Tokenise jsonl / text files into an indexed PREFIX.bin/.idx pair (`tools/preprocess_data.py`).
+
+A .jsonl (or .json) input holds one document per line, its text under `json_key`; any other file
+is one document. Each document is tokenised without added special tokens, with special-token
+strings inside the text read as plain text (a literal "<|endoftext|>" in a document does not end
+it), and followed by the end-of-document token. Workers tokenise batches of documents in parallel;
+the output is written in input order, so it is the same for any number of workers.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+from tqdm import tqdm
+
+from megatron_qwen2.data.indexed import IndexedDatasetWriter, data_file_paths, index_dtype
+from megatron_qwen2.data.tokenizer import eod_token_id, load_tokenizer, tokenizer_file
+
+JSONL_SUFFIXES = (".jsonl", ".json")
+_BATCH_DOCS = 256  # documents per worker task
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[Path]:
+    """The files that the given paths / glob patterns name, each pattern's matches sorted, duplicates dropped."""
+    files: list[Path] = []
+    for pattern in patterns:
+        path = Path(os.path.expanduser(pattern))
+        matches = [path] if path.is_file() else sorted(
+            Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+        if not matches:
+            raise ValueError(f"--input {pattern!r} matches no files")
+        files.extend(m for m in matches if m not in files)
+    return files
+
+
+def iter_documents(files: Sequence[Path], json_key: str = "text") -> Iterator[str]:
+    """The text of every document of the input files, in order (blank documents skipped)."""
+    for path in files:
+        if path.suffix in JSONL_SUFFIXES:
+            with open(path, encoding="utf-8") as f:
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+                    if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
+                        raise ValueError(f"{path}:{line_no}: expected an object with a string field {json_key!r} "
+                                         "(set --json-key)")
+                    if record[json_key].strip():
+                        yield record[json_key]
+        else:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+            if text.strip():
+                yield text
+
+
+_worker_tok = None
+
+
+def _init_worker(tok_path: str, parallel: bool) -> None:
+    global _worker_tok
+    if not parallel:  # several worker processes: one thread each, no oversubscription
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tok = load_tokenizer(tok_path)
+    _worker_tok.encode_special_tokens = True  # special-token strings in a document are text
+
+
+def _encode_batch(texts: list[str]) -> list[list[int]]:
+    encode = getattr(_worker_tok, "encode_batch_fast", _worker_tok.encode_batch)  # _fast skips offsets
+    return [enc.ids for enc in encode(texts, add_special_tokens=False)]
+
+
+def _batches(docs: Iterator[str], size: int) -> Iterator[list[str]]:
+    while True:
+        batch = list(itertools.islice(docs, size))
+        if not batch:
+            return
+        yield batch
+
+
+def preprocess(inputs: Sequence[str], tokenizer: Union[str, Path, None], output_prefix: Union[str, Path],
+               workers: int = 1, json_key: str = "text", progress: bool = True) -> dict:
+    """Tokenise `inputs` (paths / globs) into output_prefix.bin/.idx; returns counts and timing."""
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    files = expand_inputs(inputs)
+    tok_path = str(tokenizer_file(tokenizer))
+    tok = load_tokenizer(tok_path)
+    eod = eod_token_id(tok)
+    vocab_size = tok.get_vocab_size()
+    start = time.perf_counter()
+    docs = iter_documents(files, json_key)
+    bar = tqdm(unit=" docs", disable=not progress, file=sys.stderr, desc="tokenising")
+    pool = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(
+        workers, _init_worker, (tok_path, False)) if workers > 1 else None
+    if pool is None:
+        _init_worker(tok_path, True)
+    try:
+        with IndexedDatasetWriter(output_prefix, index_dtype(vocab_size)) as writer:
+            batches = _batches(docs, _BATCH_DOCS)
+            while True:
+                # A bounded window of batches at a time: memory stays flat however large the input.
+                window = list(itertools.islice(batches, 4 * workers))
+                if not window:
+                    break
+                encoded = pool.map(_encode_batch, window) if pool is not None else map(_encode_batch, window)
+                for ids_list in encoded:
+                    for ids in ids_list:
+                        writer.add_document(np.append(np.asarray(ids, dtype=np.int64), eod))
+                    bar.update(len(ids_list))
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix_str(f"{writer.num_tokens / elapsed:,.0f} tokens/s", refresh=False)
+            if writer.num_documents == 0:
+                raise ValueError(f"inputs {list(inputs)} hold no non-empty documents")
+            stats = {"files": len(files), "documents": writer.num_documents, "tokens": writer.num_tokens}
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    stats.update(seconds=elapsed, tokens_per_s=stats["tokens"] / elapsed, vocab_size=vocab_size)
+    bin_path, idx_path = data_file_paths(output_prefix)
+    if progress:
+        print(f"wrote {stats['documents']:,} documents, {stats['tokens']:,} tokens from {len(files)} files in "
+              f"{elapsed:.1f}s ({stats['tokens_per_s']:,.0f} tokens/s) to {bin_path} + {idx_path}", file=sys.stderr)
+    return stats
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Tokenise jsonl / text files into PREFIX.bin + PREFIX.idx.")
+    parser.add_argument("--input", nargs="+", required=True, help="files or glob patterns (.jsonl: one document per "
+                        "line; any other file: one document)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.json or a directory holding one (default: the "
+                        "repository's tokenizer)")
+    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    parser.add_argument("--workers", type=int, default=1, help="tokenising processes (default 1)")
+    parser.add_argument("--json-key", default="text", help="field holding the text in .jsonl records")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    args = parser.parse_args(argv)
+    try:
+        preprocess(args.input, args.tokenizer, args.output_prefix, args.workers, args.json_key,
+                   progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,272 @@
+"""The compiled kernels registered as torch custom ops (namespace ``megatron_qwen2``).
+
+Registering them (torch.library.custom_op, with fake implementations and autograd formulas)
+lets autograd differentiate them and torch.compile trace through them as opaque nodes instead
+of breaking the graph. The doors (rms_norm.py, swiglu.py, ...) call these; the ops call the
+extension `megatron_qwen2._C` and exist on any machine, but running one needs the extension.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.library import custom_op
+
+from megatron_qwen2.ops import extension
+
+
+def _ext():
+    ext = extension.load()
+    if ext is None:
+        raise RuntimeError("megatron_qwen2._C is not built: the megatron_qwen2:: custom ops need it")
+    return ext
+
+
+def _none_to_zero(g: Optional[Tensor], like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if g is None else g.contiguous()
+
+
+# ---- SwiGLU: x [..., 2f] = [gate | up] -> silu(gate) * up.
+
+@custom_op("megatron_qwen2::swiglu", mutates_args=())
+def swiglu(x: Tensor) -> Tensor:
+    return _ext().swiglu_forward(x)
+
+
+@swiglu.register_fake
+def _(x):
+    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+
+@custom_op("megatron_qwen2::swiglu_backward", mutates_args=())
+def swiglu_backward(x: Tensor, dy: Tensor) -> Tensor:
+    return _ext().swiglu_backward(x, dy)
+
+
+@swiglu_backward.register_fake
+def _(x, dy):
+    return torch.empty_like(x)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_grad(ctx, dy):
+    (x,) = ctx.saved_tensors
+    return swiglu_backward(x, dy.contiguous())
+
+
+swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
+
+
+# ---- RMSNorm: x [rows, h], weight [h] -> y, rstd (fp32 [rows], saved for backward).
+
+@custom_op("megatron_qwen2::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    y, rstd = _ext().rms_norm_forward(x, None, weight, eps)
+    return y, rstd
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@custom_op("megatron_qwen2::add_rms_norm", mutates_args=())
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """y = rms_norm(x + residual), rstd, and the sum x + residual (the next residual stream)."""
+    y, rstd, s = _ext().rms_norm_forward(x, residual, weight, eps)
+    return y, rstd, s
+
+
+@add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32), torch.empty_like(x)
+
+
+@custom_op("megatron_qwen2::rms_norm_backward", mutates_args=())
+def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
+                      dsum: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    dx, dw = _ext().rms_norm_backward(dy, x, weight, rstd, dsum)
+    return dx, dw
+
+
+@rms_norm_backward.register_fake
+def _(dy, x, weight, rstd, dsum):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _rms_setup(ctx, inputs, output):
+    x, weight = inputs[0], inputs[1]
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_grad(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = rms_norm_backward(_none_to_zero(dy, x), x, weight, rstd, None)
+    return dx, dw, None
+
+
+rms_norm.register_autograd(_rms_grad, setup_context=_rms_setup)
+
+
+def _add_rms_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[2], inputs[2], output[1])  # the normalised input is the sum
+
+
+def _add_rms_grad(ctx, dy, _drstd, dsum):
+    s, weight, rstd = ctx.saved_tensors
+    ds, dw = rms_norm_backward(_none_to_zero(dy, s), s, weight, rstd, None if dsum is None else dsum.contiguous())
+    return ds, ds, dw, None
+
+
+add_rms_norm.register_autograd(_add_rms_grad, setup_context=_add_rms_setup)
+
+
+# ---- MoE permutation: row_map int32 [tokens * k] from the stable expert sort.
+
+@custom_op("megatron_qwen2::expert_rows", mutates_args=())
+def expert_rows(ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """routing ids [T, k] -> row_map int32 [T*k] (stable sort by expert), tokens_per_expert int64 [E]."""
+    row_map, counts = _ext().expert_rows(ids, num_experts)
+    return row_map, counts
+
+
+@expert_rows.register_fake
+def _(ids, num_experts):
+    return ids.new_empty(ids.numel(), dtype=torch.int32), ids.new_empty(num_experts, dtype=torch.int64)
+
+
+@custom_op("megatron_qwen2::permute", mutates_args=())
+def permute(x: Tensor, row_map: Tensor, k: int) -> Tensor:
+    return _ext().permute_forward(x, row_map, k)
+
+
+@permute.register_fake
+def _(x, row_map, k):
+    return x.new_empty(x.shape[0] * k, x.shape[1])
+
+
+@custom_op("megatron_qwen2::permute_backward", mutates_args=())
+def permute_backward(dout: Tensor, row_map: Tensor, k: int) -> Tensor:
+    return _ext().permute_backward(dout, row_map, k)
+
+
+@permute_backward.register_fake
+def _(dout, row_map, k):
+    return dout.new_empty(dout.shape[0] // k, dout.shape[1])
+
+
+def _permute_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.k = inputs[2]
+
+
+def _permute_grad(ctx, dout):
+    (row_map,) = ctx.saved_tensors
+    return permute_backward(dout.contiguous(), row_map, ctx.k), None, None
+
+
+permute.register_autograd(_permute_grad, setup_context=_permute_setup)
+
+
+@custom_op("megatron_qwen2::unpermute", mutates_args=())
+def unpermute(y: Tensor, row_map: Tensor, probs: Tensor) -> Tensor:
+    return _ext().unpermute_forward(y, row_map, probs)
+
+
+@unpermute.register_fake
+def _(y, row_map, probs):
+    return y.new_empty(probs.shape[0], y.shape[1])
+
+
+@custom_op("megatron_qwen2::unpermute_backward", mutates_args=())
+def unpermute_backward(dout: Tensor, y: Tensor, row_map: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
+    dy, dprobs = _ext().unpermute_backward(dout, y, row_map, probs)
+    return dy, dprobs
+
+
+@unpermute_backward.register_fake
+def _(dout, y, row_map, probs):
+    return torch.empty_like(y), torch.empty_like(probs)
+
+
+def _unpermute_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _unpermute_grad(ctx, dout):
+    y, row_map, probs = ctx.saved_tensors
+    dy, dprobs = unpermute_backward(dout.contiguous(), y, row_map, probs)
+    return dy, None, dprobs
+
+
+unpermute.register_autograd(_unpermute_grad, setup_context=_unpermute_setup)
+
+
+# ---- RoPE on a 4-D strided x with cos/sin broadcastable to it; the output is contiguous.
+
+def _last_dim_dense(t: Tensor) -> Tensor:
+    """t itself when its last dimension is contiguous, else a contiguous copy (e.g. the expanded
+    gradient that .sum().backward() sends)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+@custom_op("megatron_qwen2::rope", mutates_args=())
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return _ext().rope(_last_dim_dense(x), _last_dim_dense(cos), _last_dim_dense(sin), False)
+
+
+@rope.register_fake
+def _(x, cos, sin):
+    return x.new_empty(x.shape)
+
+
+@custom_op("megatron_qwen2::rope_backward", mutates_args=())
+def rope_backward(dy: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return _ext().rope(_last_dim_dense(dy), _last_dim_dense(cos), _last_dim_dense(sin), True)
+
+
+@rope_backward.register_fake
+def _(dy, cos, sin):
+    return dy.new_empty(dy.shape)
+
+
+def _rope_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _rope_grad(ctx, dy):
+    cos, sin = ctx.saved_tensors
+    return rope_backward(dy, cos, sin), None, None
+
+
+rope.register_autograd(_rope_grad, setup_context=_rope_setup)
+
+
+# ---- Cross-entropy pieces over a vocabulary shard (no autograd here: ops/cross_entropy.py
+# wraps them with the tensor-parallel all-reduces in one autograd.Function).
+
+@custom_op("megatron_qwen2::cross_entropy_stats", mutates_args=())
+def cross_entropy_stats(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    m, s, t = _ext().cross_entropy_forward(logits, target)
+    return m, s, t
+
+
+@cross_entropy_stats.register_fake
+def _(logits, target):
+    n = logits.shape[0]
+    return tuple(logits.new_empty(n, dtype=torch.float32) for _ in range(3))
+
+
+@custom_op("megatron_qwen2::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward(logits: Tensor, target: Tensor, lse: Tensor, grad: Tensor) -> Tensor:
+    return _ext().cross_entropy_backward(logits, target, lse, grad)
+
+
+@cross_entropy_backward.register_fake
+def _(logits, target, lse, grad):
+    return torch.empty_like(logits)

@@ -1,0 +1,20 @@
+"""Tokenise jsonl / text files into an indexed token file pair for training.
+
+    python tools/preprocess_data.py --input 'corpus/*.jsonl' notes.txt --tokenizer Qwen2-7B/ \
+        --output-prefix data/corpus --workers 8 [--json-key text]
+
+writes data/corpus.bin (token ids) and data/corpus.idx (header + document offsets; the format is
+described in megatron_qwen2/data/indexed.py). Train on it with `data.paths=[data/corpus]`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from megatron_qwen2.data.preprocess import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
