@@ -16,7 +16,6 @@ import os
 import re
 import tempfile
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -25,6 +24,7 @@ import torch
 from tokenizers import Tokenizer
 
 from megatron_qwen2.data.corpus import corpus_files, read_document
+from megatron_qwen2.data.sampler import EpochShuffle
 from megatron_qwen2.data.tokenizer import eod_token_id, load_tokenizer, tokenizer_file
 
 try:
@@ -228,34 +228,15 @@ class PackedDataset:
         self.seed = seed
         self.chunks = chunks  # ids of the chunks this dataset draws from; chunk c starts at token c * seq_length
         self.vocab_size = int(vocab_size) if vocab_size is not None else int(tokens.max()) + 1
-        self._orders: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.order = EpochShuffle(len(chunks), seed)  # sample index -> position in self.chunks
 
     def __len__(self) -> int:
         """Samples per epoch (= chunks)."""
         return len(self.chunks)
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The chunk ids in the order epoch `epoch` visits them."""
-        order = self._orders.get(epoch)
-        if order is None:
-            rng = np.random.default_rng([self.seed, epoch])
-            order = self.chunks[rng.permutation(len(self.chunks))]
-            self._orders[epoch] = order
-            if len(self._orders) > 4:
-                self._orders.popitem(last=False)
-        return order
-
     def window_starts(self, indices: np.ndarray) -> np.ndarray:
         """Token offset in the stream of each sample's window."""
-        indices = np.asarray(indices, dtype=np.int64)
-        if indices.size and indices.min() < 0:
-            raise ValueError(f"sample indices must be >= 0, got {indices.min()}")
-        epochs, positions = np.divmod(indices, len(self.chunks))
-        starts = np.empty_like(indices)
-        for epoch in np.unique(epochs):
-            mask = epochs == epoch
-            starts[mask] = self.epoch_order(int(epoch))[positions[mask]] * self.seq_length
-        return starts
+        return self.chunks[self.order(indices)] * self.seq_length
 
     def samples(self, indices: np.ndarray) -> torch.Tensor:
         """The windows of the given sample indices: LongTensor [len(indices), seq_length + 1]."""
