@@ -52,7 +52,7 @@ def test_dry_run_prints_every_rank(script, tmp_path):
     assert len(ranks) == 8
     assert ranks[5].startswith("node1: ") and "RANK=5 LOCAL_RANK=1 WORLD_SIZE=8" in ranks[5]
     assert f"+experiment={experiment_of(script)}" in ranks[0] and ranks[0].endswith("train.steps=7")
-    assert f"hydra.run.dir={tmp_path}/{experiment_of(script)}" in ranks[0]
+    assert f"hydra.run.dir={tmp_path}/{script.stem}" in ranks[0]
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
 
 

@@ -37,9 +37,9 @@ def cluster(tmp_path_factory):
     subprocess.run(["bash", str(ROOT / "slurm/testing/cluster.sh"), "stop", str(state)], check=True)
 
 
-def submit(env, run_dir: Path, *overrides: str) -> str:
+def submit(env, run_dir: Path, *overrides: str, script: str = "72b.sh", base: list[str] = TINY) -> str:
     cmd = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
-           f"--output={run_dir}.slurm-%j.out", str(ROOT / "slurm/72b.sh"), *TINY, *overrides]
+           f"--output={run_dir}.slurm-%j.out", str(ROOT / "slurm" / script), *base, *overrides]
     out = subprocess.run(cmd, env=dict(env, RUN_DIR=str(run_dir)), cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout
     return out.strip().split(";")[0]
@@ -113,3 +113,24 @@ def test_preemption_signal_saves_and_the_requeued_job_resumes(cluster, tmp_path)
     # Every step ran exactly once: the second run continued after the saved step.
     assert [m["step"] for m in metrics(run_dir)] == list(range(1, steps + 1))
     assert (run_dir / "checkpoints/latest").read_text().strip() == f"step_{steps:06d}"
+
+
+def test_upcycle_recipe_upcycles_a_dense_checkpoint_and_trains_from_it(cluster, tmp_path):
+    dense = tmp_path / "dense"
+    subprocess.run(["python", "-m", "megatron_qwen2.train", "model=tiny", "train.steps=1", "data.max_files=20",
+                    f"hydra.run.dir={dense}"], cwd=ROOT, check=True, capture_output=True)
+    run_dir = tmp_path / "run"
+    env = dict(cluster, DENSE_CKPT=str(dense / "checkpoints"),
+               UPCYCLE_ARGS="--num-experts 4 --top-k 2 --expert-ffn-size 64 --shared-expert-ffn-size 128 "
+                            "--reinit-fraction 0.5")
+    base = [t for t in TINY if not t.startswith(("model=", "parallel.pp="))] + ["parallel.pp=1", "parallel.ep=2"]
+    job = submit(env, run_dir, "train.steps=3", script="upcycle_57b_a14b.sh", base=base)
+    wait_for(lambda: job_state(cluster, job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300, "the job",
+             cluster, job)
+    assert job_state(cluster, job) == "COMPLETED", job_output(run_dir)
+    upcycled = json.loads((run_dir / "upcycled/model_config.json").read_text())
+    assert (upcycled["num_experts"], upcycled["moe_top_k"], upcycled["hidden_size"]) == (4, 2, 128)
+    log = (run_dir / f"logs/job-{job}.log").read_text()
+    assert f"initialised the weights from {run_dir / 'upcycled'}" in log
+    rows = metrics(run_dir)
+    assert [m["step"] for m in rows] == [1, 2, 3] and all("aux_loss" in m for m in rows)
