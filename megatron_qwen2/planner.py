@@ -1,0 +1,443 @@
+"""Memory and throughput planner: what one GPU holds and how long a step takes, for a layout.
+
+Everything is computed from the same sources the training code uses: parameter shapes from
+`checkpoint.expected_native_shapes` cut by this code's split rules, stages from
+`pipeline.stage_layers`, micro-batches in flight from `schedule.build_schedule`, FLOPs from
+`model/flops.py`, the bubble from `schedule.simulate`.
+
+Memory per GPU = model state (weights, fp32 main grads, optimizer) + the larger of two peaks:
+forward/backward (activations saved per layer and micro-batch times the layer x micro-batches in
+flight, pipeline messages held until the step ends, logits buffers, gradient transients) and the
+optimizer step (the clip copy of the grads and Adam's sqrt(v)) + a fixed allowance for the CUDA
+context and NCCL. The activation
+accounting lists, tensor by tensor, what this code keeps for backward (`layer_activation_tensors`);
+it is exact for tensors, not for allocator fragmentation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_qwen2.checkpoint.hf import expected_native_shapes
+from megatron_qwen2.config import Config, ModelConfig
+from megatron_qwen2.model.flops import training_flops_per_token
+from megatron_qwen2.parallel.pipeline import stage_layers
+from megatron_qwen2.parallel.schedule import build_schedule, simulate, textbook_bubble_fraction
+
+GiB = 1024 ** 3
+
+# Memory torch can hand out on each GPU (total device memory as torch.cuda.mem_get_info reports it)
+# and the dense bf16 peak used as the MFU denominator.
+GPUS = {
+    "h100-80gb": {"memory_gib": 79.1, "peak_tflops": 989.0},
+    "h200-141gb": {"memory_gib": 139.8, "peak_tflops": 989.0},
+}
+# CUDA context, cuBLAS/cuDNN workspaces and NCCL communicator buffers: outside
+# torch.cuda.max_memory_allocated, but on the device.
+CONTEXT_ALLOWANCE_GIB = 3.0
+# Achieved share of the 989 TFLOP/s peak, from bench/results/tp_step_tp2_micro16_h200_2026-11-23.json:
+# four 72B-shaped layers at tp 2 with sequence parallelism, 16 micro-batches, 452 TFLOP/s per GPU.
+DEFAULT_EFFICIENCY = 0.457
+
+
+# ----------------------------------------------------------------------------- parameters
+
+def local_numel(name: str, shape: tuple[int, ...], cfg: Config) -> int:
+    """Elements of the global parameter `name` held by one GPU of the layout (split rules of parallel/)."""
+    m, p = cfg.model, cfg.parallel
+    tp, ep = p.tp, p.ep
+    n = math.prod(shape)
+    if name.endswith("norm.weight") or name.endswith("router.weight") or name.endswith("shared_expert_gate.weight"):
+        return n  # replicated over tp
+    if ".experts." in name:
+        return n // ep  # split over ep, replicated over tp
+    if name.endswith("attention.qkv.weight") or name.endswith("attention.qkv.bias"):
+        rows = shape[0]
+        if tp > m.num_kv_heads:  # one kv head replicated on tp / kv ranks, next to nq / tp query heads
+            rows = (m.num_attention_heads // tp + 2) * m.kv_channels
+        else:
+            rows //= tp
+        return n // shape[0] * rows
+    return n // tp  # embedding / head by vocab rows, column and row-parallel linears
+
+
+def stage_params(cfg: Config) -> list[dict[str, int]]:
+    """Per pipeline rank: {'dense': n, 'expert': n} parameters on one GPU of that rank."""
+    m, p = cfg.model, cfg.parallel
+    shapes = expected_native_shapes(m)
+    stages = stage_layers(m, p)
+    last = p.pp * p.vpp - 1
+    out = []
+    for r in range(p.pp):
+        dense = expert = 0
+        for c in range(p.vpp):
+            v = c * p.pp + r
+            names = [f"layers.{i}." for i in stages[v]]
+            for name, shape in shapes.items():
+                if name.startswith("layers."):
+                    keep = any(name.startswith(pre) for pre in names)
+                elif name == "embedding.weight":
+                    keep = v == 0 or (v == last and m.tie_word_embeddings)
+                else:  # final_norm, output
+                    keep = v == last
+                if keep:
+                    n = local_numel(name, shape, cfg)
+                    if ".experts." in name:
+                        expert += n
+                    else:
+                        dense += n
+        out.append({"dense": dense, "expert": expert})
+    return out
+
+
+# ----------------------------------------------------------------------------- activations
+
+def layer_activation_tensors(cfg: Config, moe: bool, path: str = "kernels") -> list[tuple[str, float]]:
+    """(tensor, bytes) saved for backward by one decoder layer for one micro-batch, no recomputation.
+
+    path 'kernels': CUDA with the compiled kernels and cuDNN attention (what trains on GPUs);
+    'reference': the plain-PyTorch ops (CPU, or no extension), whose RMSNorm and SwiGLU keep more
+    (the fp32 normalised input and its cast; silu(gate)).
+    With sequence parallelism the residual stream is [s/tp, b, h], but a column-parallel linear
+    saves the all-gathered [s, b, h] input it multiplied: those do not shrink with tp.
+    """
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    a = 2 if t.dtype == "bf16" else 4
+    # Tokens of one micro-batch on this GPU: context parallelism cuts the sequence (its ring's
+    # K/V exchange buffers are not counted).
+    T = t.seq_length // p.cp * t.micro_batch_size
+    tp = p.tp
+    sp = tp if (p.sequence_parallel and tp > 1) else 1
+    h, d = m.hidden_size, m.kv_channels
+    nq = m.num_attention_heads // tp
+    nkv = max(m.num_kv_heads // tp, 1)
+    ref = path == "reference"
+    out: list[tuple[str, float]] = []
+
+    def norm(name: str) -> None:
+        out.append((f"{name} input [s/sp,b,h]", a * T * h / sp))
+        out.append((f"{name} 1/rms fp32", 4 * T / sp))
+        if ref:  # x.float() (a new tensor only for bf16) and the normalised fp32 product
+            if a != 4:
+                out.append((f"{name} fp32 input copy", 4 * T * h / sp))
+            out.append((f"{name} normalised fp32", 4 * T * h / sp))
+            if a != 4:
+                out.append((f"{name} normalised cast", a * T * h / sp))
+
+    norm("input_norm")
+    out.append(("qkv input (gathered) [s,b,h]", a * T * h))
+    out.append(("qkv output (holds v) [s,b,(q+2kv)d]", a * T * (nq + 2 * nkv) * d))
+    out.append(("q after RoPE", a * T * nq * d))
+    out.append(("k after RoPE", a * T * nkv * d))
+    # RoPE keeps only cos / sin (shared by every layer): its multiplications by constants need no input.
+    out.append(("attention output [s,b,nq d]", a * T * nq * d))
+    out.append(("attention logsumexp fp32", 4 * T * nq))
+    norm("post_attention_norm")
+    if not moe:
+        f = m.ffn_hidden_size // tp
+        out.append(("gate_up input (gathered) [s,b,h]", a * T * h))
+        out.append(("gate_up output [s,b,2f]", a * T * 2 * f))
+        if ref:
+            out.append(("silu(gate)", a * T * f))
+        out.append(("swiglu output = down input [s,b,f]", a * T * f))
+        return out
+    k, fe, e = m.moe_top_k, m.moe_ffn_hidden_size, m.num_experts
+    out.append(("MoE tokens (gathered over sp) [s,b,h]", a * T * h))
+    out.append(("router probs fp32 [T,E]", 4 * T * e))
+    out.append(("routing ids, row map (int64), top-k weights", 28 * T * k))
+    out.append(("routed rows [T k, h]", a * T * k * h))
+    out.append(("expert gate_up output [T k, 2 fe]", a * T * k * 2 * fe))
+    if ref:
+        out.append(("expert silu(gate)", a * T * k * fe))
+    out.append(("expert swiglu output [T k, fe]", a * T * k * fe))
+    out.append(("expert outputs before combine [T k, h]", a * T * k * h))
+    fs = m.shared_expert_ffn_hidden_size // tp
+    if fs:
+        out.append(("shared expert gate_up output", a * T * 2 * fs))
+        if ref:
+            out.append(("shared silu(gate)", a * T * fs))
+        out.append(("shared swiglu output", a * T * fs))
+        out.append(("shared expert output and gate", a * T * (h + 1)))
+    return out
+
+
+def layer_activation_bytes(cfg: Config, moe: bool, recompute: Optional[str], path: str = "kernels") -> float:
+    """Bytes one layer keeps per micro-batch under `recompute` (None/'none', 'selective', 'full')."""
+    tensors = layer_activation_tensors(cfg, moe, path)
+    if recompute == "full":  # only the checkpoint's input, the layer input [s/sp, b, h]
+        return tensors[0][1]
+    if recompute == "selective":  # the attention block keeps only its input (the layer input)
+        attn_end = next(i for i, (n, _) in enumerate(tensors) if n.startswith("post_attention_norm"))
+        return tensors[0][1] + sum(b for _, b in tensors[attn_end:])
+    return sum(b for _, b in tensors)
+
+
+def chunk_activation_bytes(cfg: Config, layer_ids: list[int], path: str = "kernels") -> float:
+    """Bytes one micro-batch keeps in one model chunk (its layers, with train.recompute[_num_layers])."""
+    m, t = cfg.model, cfg.train
+    total = 0.0
+    for j, i in enumerate(layer_ids):
+        on = t.recompute != "none" and (t.recompute_num_layers is None or j < t.recompute_num_layers)
+        total += layer_activation_bytes(cfg, m.is_moe_layer(i), t.recompute if on else None, path)
+    return total
+
+
+def send_bytes(cfg: Config) -> float:
+    """One pipeline message: hidden states (or their gradient) [s/sp, b, h]."""
+    p, t = cfg.parallel, cfg.train
+    sp = p.tp if (p.sequence_parallel and p.tp > 1) else 1
+    return (2 if t.dtype == "bf16" else 4) * t.seq_length // (sp * p.cp) * t.micro_batch_size * cfg.model.hidden_size
+
+
+def in_flight(cfg: Config, pp_rank: int, num_microbatches: int, chunk_bytes: list[float]) -> tuple[list[int], int]:
+    """Walk this rank's schedule (`build_schedule`) and find the moment of most saved memory.
+
+    Saved: per chunk, the micro-batches whose forward has run and backward has not (times the
+    chunk's bytes per micro-batch), plus every message sent so far, because `PipelineRunner`
+    keeps each sent tensor until the sends are waited for at the end of the step.
+    Returns (micro-batches alive per chunk, messages held) at that moment.
+    """
+    p = cfg.parallel
+    last = p.pp * p.vpp - 1
+    live, sends = [0] * p.vpp, 0
+    best, best_at = -1.0, ([0] * p.vpp, 0)
+    for a in build_schedule(p.pp, p.vpp, pp_rank, num_microbatches):
+        stage = a.chunk * p.pp + pp_rank
+        if a.kind == "F":
+            live[a.chunk] += 1
+            sends += stage != last
+        else:
+            live[a.chunk] -= 1
+            sends += stage != 0
+        held = sum(n * b for n, b in zip(live, chunk_bytes)) + sends * send_bytes(cfg)
+        if held > best:
+            best, best_at = held, (list(live), sends)
+    return best_at
+
+
+def recompute_flops_per_token(cfg: Config) -> float:
+    """Extra forward FLOPs per token that recomputation runs in backward (not model FLOPs; flops.py terms)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if t.recompute == "none":
+        return 0.0
+    h, d, s = m.hidden_size, m.kv_channels, t.seq_length
+    nq, nkv = m.num_attention_heads, m.num_kv_heads
+    attn = 2 * (h * (nq + 2 * nkv) * d + nq * d * h) + 2 * nq * d * s
+    total = 0.0
+    for ids in stage_layers(m, p):
+        for j, i in enumerate(ids):
+            if t.recompute_num_layers is not None and j >= t.recompute_num_layers:
+                continue
+            total += attn
+            if t.recompute == "full":
+                if m.is_moe_layer(i):
+                    total += 2 * 3 * h * (m.moe_top_k * m.moe_ffn_hidden_size + m.shared_expert_ffn_hidden_size)
+                    total += 2 * h * m.num_experts
+                else:
+                    total += 2 * 3 * h * m.ffn_hidden_size
+    return total
+
+
+# ----------------------------------------------------------------------------- the plan
+
+@dataclass
+class RankPlan:
+    pp_rank: int
+    params_dense: int
+    params_expert: int
+    layers: list[int]
+    in_flight: list[int]  # micro-batches alive per chunk at the peak
+    mem: dict[str, float] = field(default_factory=dict)  # bytes, see `_rank_memory`
+    context: float = 0.0  # the fixed CUDA context / NCCL allowance, bytes
+
+    STATE = ("weights", "main grads fp32", "optimizer (masters + Adam m, v)")
+    BACKWARD = ("activations in flight", "pipeline sends held until step end", "backward working set (one layer)",
+                "logits / loss buffers",
+                "grad transient (largest weight)")
+
+    @property
+    def params(self) -> int:
+        return self.params_dense + self.params_expert
+
+    @property
+    def state(self) -> float:
+        return sum(self.mem[k] for k in self.STATE)
+
+    @property
+    def backward_peak(self) -> float:
+        """Peak of forward/backward above the model state: activations and their transients."""
+        return sum(self.mem.get(k, 0.0) for k in self.BACKWARD)
+
+    @property
+    def step_peak(self) -> float:
+        """Peak of the optimizer step above the model state (activations are freed by then)."""
+        return self.mem["optimizer step transient"]
+
+    @property
+    def allocated(self) -> float:
+        """What torch.cuda.max_memory_allocated should report: state + the larger of the two peaks."""
+        return self.state + max(self.backward_peak, self.step_peak)
+
+    @property
+    def total(self) -> float:
+        return self.allocated + self.context
+
+
+@dataclass
+class Plan:
+    cfg: Config
+    world_size: int
+    gpu: str
+    dp: int
+    num_microbatches: int
+    ranks: list[RankPlan]
+    flops_per_step: float
+    bubble_simulated: float
+    bubble_textbook: float
+    efficiency: float
+    step_time_s: float
+    mfu: float
+    recompute_flops: float = 0.0  # run in backward on top of the model FLOPs
+
+    @property
+    def worst(self) -> RankPlan:
+        return max(self.ranks, key=lambda r: r.total)
+
+    @property
+    def capacity_bytes(self) -> float:
+        return GPUS[self.gpu]["memory_gib"] * GiB
+
+    @property
+    def fits(self) -> bool:
+        return self.worst.total <= self.capacity_bytes
+
+
+def _rank_memory(cfg: Config, dp: int, params: dict[str, int], layer_ids: list[list[int]], live: list[int],
+                 sends: int, is_last: bool, path: str) -> dict[str, float]:
+    """Bytes on one GPU of pipeline rank: model state, then the backward and step transients."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    bf16 = t.dtype == "bf16"
+    n_dense, n_expert = params["dense"], params["expert"]
+    n = n_dense + n_expert
+    shard_dense = dp if p.distributed_optimizer else 1
+    shard_expert = dp // p.ep if p.distributed_optimizer else 1
+    master_b = 4 if bf16 else 0  # fp32 masters; with fp32 params the master is the parameter itself
+    opt_elems = n_dense / shard_dense + n_expert / shard_expert
+    mem = {
+        "weights": (2 if bf16 else 4) * n,
+        "main grads fp32": 4 * n,
+        "optimizer (masters + Adam m, v)": (master_b + 8) * opt_elems,
+    }
+    act = sum(k * chunk_activation_bytes(cfg, ids, path) for k, ids in zip(live, layer_ids))
+    # Backward of a layer: its recomputed activations (when recomputing) plus gradients of the
+    # same order of size live at once; one layer's full activations bound that.
+    worst_layer = max((layer_activation_bytes(cfg, m.is_moe_layer(i), None, path) for ids in layer_ids for i in ids),
+                      default=0.0)
+    mem["activations in flight"] = act
+    mem["pipeline sends held until step end"] = sends * send_bytes(cfg)
+    mem["backward working set (one layer)"] = worst_layer
+    a = 2 if bf16 else 4
+    T = t.seq_length // p.cp * t.micro_batch_size
+    if is_last:
+        v_local = m.vocab_size // p.tp
+        # bf16 logits + fp32 copy + shifted + exp in forward; softmax, one-hot, difference and
+        # product in backward: 16 B per local logit at the peak (14 B without tp: F.cross_entropy).
+        mem["logits / loss buffers"] = (16 if p.tp > 1 else 14) * T * v_local + a * T * m.hidden_size
+    largest = max(local_numel(k, s, cfg) for k, s in expected_native_shapes(m).items())
+    # The optimizer step (parallel/distributed_optimizer.py), after the activations are freed: with
+    # clipping on (grad norm > optim.clip_grad, the rule early in training) each master's .grad is
+    # a new fp32 tensor `main_grad * scale` (4 B x local masters), and foreach AdamW's sqrt(v) is
+    # another fp32 tensor per master (4 B x local masters).
+    clip_copy = 4 * opt_elems if cfg.optim.clip_grad > 0 else 0.0
+    step_transient = clip_copy + 4 * opt_elems
+    # Backward: the .grad of a weight (compute dtype) exists until the hook adds it into main_grad
+    # (the largest weight of the model: conservative on stages without the embedding or head).
+    grad_transient = (2 if bf16 else 4) * largest
+    mem["grad transient (largest weight)"] = grad_transient
+    mem["optimizer step transient"] = step_transient
+    return mem
+
+
+def make_plan(cfg: Config, world_size: int, gpu: str = "h100-80gb", efficiency: float = DEFAULT_EFFICIENCY,
+              path: str = "kernels", context_gib: float = CONTEXT_ALLOWANCE_GIB) -> Plan:
+    """The plan of a validated config on `world_size` GPUs of kind `gpu`."""
+    if gpu not in GPUS:
+        raise ValueError(f"--gpu must be one of {sorted(GPUS)}, got {gpu!r}")
+    if not 0 < efficiency <= 1:
+        raise ValueError(f"--efficiency must be in (0, 1], got {efficiency}")
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    dp = world_size // (p.tp * p.pp * p.cp)
+    nmb = t.global_batch_size // (t.micro_batch_size * dp)
+    stages = stage_layers(m, p)
+    params = stage_params(cfg)
+    ranks = []
+    for r in range(p.pp):
+        layer_ids = [stages[c * p.pp + r] for c in range(p.vpp)]
+        if p.pp > 1:
+            live, sends = in_flight(cfg, r, nmb, [chunk_activation_bytes(cfg, ids, path) for ids in layer_ids])
+        else:
+            live, sends = [1] * p.vpp, 0
+        is_last = r == p.pp - 1
+        mem = _rank_memory(cfg, dp, params[r], layer_ids, live, sends, is_last, path)
+        ranks.append(RankPlan(r, params[r]["dense"], params[r]["expert"], [i for ids in layer_ids for i in ids],
+                              live, mem, context_gib * GiB))
+    flops = training_flops_per_token(m, t.seq_length) * t.global_batch_size * t.seq_length
+    sim = simulate(p.pp, p.vpp, nmb)["bubble_fraction"] if p.pp > 1 else 0.0
+    book = textbook_bubble_fraction(p.pp, p.vpp, nmb) if p.pp > 1 else 0.0
+    peak = GPUS[gpu]["peak_tflops"] * 1e12
+    tokens = t.global_batch_size * t.seq_length
+    recompute = recompute_flops_per_token(cfg) * tokens
+    compute_s = (flops + recompute) / world_size / (efficiency * peak)
+    step = compute_s / (1 - sim)
+    mfu = flops / world_size / step / peak
+    return Plan(cfg, world_size, gpu, dp, nmb, ranks, flops, sim, book, efficiency, step, mfu, recompute)
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:7.2f} GiB"
+
+
+def format_plan(plan: Plan) -> str:
+    """A readable table: the most loaded rank in full, every stage in one line each."""
+    cfg, p, t = plan.cfg, plan.cfg.parallel, plan.cfg.train
+    w = plan.worst
+    lines = [f"model {cfg.model.name}: tp {p.tp} x pp {p.pp} (vpp {p.vpp}) x dp {plan.dp} (ep {p.ep}, cp {p.cp}) "
+             f"on {plan.world_size} x {plan.gpu}; seq {t.seq_length}, micro-batch {t.micro_batch_size}, "
+             f"global batch {t.global_batch_size} -> {plan.num_microbatches} micro-batches per step; "
+             f"{t.dtype}, recompute {t.recompute}, distributed optimizer {p.distributed_optimizer}",
+             "",
+             f"most loaded GPU: pipeline rank {w.pp_rank} ({len(w.layers)} layers, "
+             f"micro-batches in flight per chunk {w.in_flight})",
+             f"  parameters on this GPU {w.params / 1e9:8.3f} B (dense {w.params_dense / 1e9:.3f} B, "
+             f"expert {w.params_expert / 1e9:.3f} B)"]
+    for k in RankPlan.STATE:
+        lines.append(f"  {k:<40} {_gib(w.mem[k])}")
+    lines.append(f"  model state{'':<29} {_gib(w.state)}")
+    lines.append(f"  forward/backward, above the state:{'':<6} {_gib(w.backward_peak)}"
+                 f"{'  <- peak' if w.backward_peak >= w.step_peak else ''}")
+    for k in RankPlan.BACKWARD:
+        if k in w.mem:
+            lines.append(f"    {k:<38} {_gib(w.mem[k])}")
+    lines.append(f"  optimizer step, above the state:{'':<8} {_gib(w.step_peak)}"
+                 f"{'  <- peak' if w.step_peak > w.backward_peak else ''}")
+    lines.append(f"    {'fp32 clip copy of the grads + Adam sqrt(v)':<38}")
+    lines.append(f"  {'CUDA context / NCCL allowance':<40} {_gib(w.context)}")
+    cap = plan.capacity_bytes
+    lines.append(f"  {'total':<40} {_gib(w.total)}  of {_gib(cap)} usable on {plan.gpu} "
+                 f"-> {'FITS' if plan.fits else 'DOES NOT FIT'} ({w.total / cap:.0%})")
+    if p.pp > 1:
+        lines += ["", "per stage:  rank  layers  params(B)  in flight  total"]
+        for r in plan.ranks:
+            lines.append(f"            {r.pp_rank:4d}  {len(r.layers):6d}  {r.params / 1e9:9.3f}  "
+                         f"{str(r.in_flight):>9}  {_gib(r.total)}")
+    lines += ["",
+              f"model FLOPs per step {plan.flops_per_step:.3e} (model/flops.py) + recomputation "
+              f"{plan.recompute_flops:.3e} (counted in the step time, not in MFU)",
+              f"pipeline bubble: simulated {plan.bubble_simulated:.1%}, textbook (p-1)/(v m+p-1) "
+              f"{plan.bubble_textbook:.1%}",
+              f"assumed efficiency {plan.efficiency:.1%} of {GPUS[plan.gpu]['peak_tflops']:.0f} TFLOP/s "
+              f"-> step {plan.step_time_s:.2f} s, MFU {plan.mfu:.1%}, "
+              f"{t.global_batch_size * t.seq_length / plan.step_time_s:,.0f} tokens/s"]
+    return "\n".join(lines)

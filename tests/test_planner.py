@@ -1,0 +1,180 @@
+"""The planner (megatron_qwen2/planner.py) against the model it plans for.
+
+(a) parameters per GPU against the real model chunks built in gloo processes;
+(b) the activation accounting against what autograd actually saves (CPU, reference ops);
+(c) the memory estimate against peaks recorded on GPUs (bench/results/);
+(d) every cluster recipe fits its GPU; the CLI's exit codes.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_qwen2.config import Config, ModelConfig, ParallelConfig, TrainConfig
+from megatron_qwen2.planner import layer_activation_bytes, make_plan, stage_params
+from tests.distributed import run_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(hidden_size=64, num_layers=4, num_attention_heads=4, num_kv_heads=2, ffn_hidden_size=128,
+                vocab_size=256)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+MOE = dict(num_experts=8, moe_top_k=2, moe_ffn_hidden_size=32, shared_expert_ffn_hidden_size=96)
+
+# (model, parallel) on 4 ranks: tp 4 over 2 kv heads (replicated kv), tp 2 x pp 2 with an uneven
+# layout and tied embeddings, pp 2 x vpp 2, tp 2 x ep 2 (dp 2) MoE.
+LAYOUTS = [
+    (tiny(), ParallelConfig(tp=4)),
+    (tiny(tie_word_embeddings=True), ParallelConfig(tp=2, pp=2, pp_layout=[3, 1])),
+    (tiny(), ParallelConfig(pp=2, vpp=2)),
+    (tiny(**MOE), ParallelConfig(tp=2, ep=2)),
+]
+
+
+def config(model: ModelConfig, par: ParallelConfig, world: int, **train) -> Config:
+    t = dict(seq_length=32, micro_batch_size=1, global_batch_size=8)
+    t.update(train)
+    return Config(model=model, parallel=par, train=TrainConfig(**t)).validate(world)
+
+
+def _count_params(rank, world):
+    from megatron_qwen2.parallel.pipeline import build_model_chunks
+    from megatron_qwen2.parallel.topology import Topology
+
+    counts = []
+    for model, par in LAYOUTS:
+        par.validate()
+        topo = Topology.build(par, world, rank)
+        chunks = build_model_chunks(model, par, topo)
+        counts.append((topo.pp_rank, sum(p.numel() for c in chunks for p in c.parameters())))
+    return counts
+
+
+def test_parameters_per_gpu_match_the_built_chunks():
+    results = run_distributed(_count_params, 4)
+    for i, (model, par) in enumerate(LAYOUTS):
+        planned = stage_params(config(model, par, 4))
+        for rank, counts in enumerate(results):
+            pp_rank, built = counts[i]
+            assert planned[pp_rank]["dense"] + planned[pp_rank]["expert"] == built, (i, rank)
+
+
+def _saved_bytes(model_cfg: ModelConfig, recompute: str, s: int, b: int) -> int:
+    """Bytes of the distinct storages one decoder layer saves for backward (weights, cos/sin excluded)."""
+    from megatron_qwen2.model import Qwen2Model
+
+    model = Qwen2Model(model_cfg)
+    layer = model.layers["0"]
+    layer.recompute = None if recompute == "none" else recompute
+    x = torch.randn(s, b, model_cfg.hidden_size, requires_grad=True)
+    cos, sin = model.rotary(torch.arange(s).expand(b, s).t(), x.dtype)
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    skip |= {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, cos, sin)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_activation_accounting_matches_saved_tensors(moe, recompute):
+    # CPU runs the reference ops; the planner's 'reference' path lists what they save (the
+    # kernel path differs only in the norm and SwiGLU, see layer_activation_tensors).
+    model = tiny(num_layers=1, **(MOE if moe else {}))
+    cfg = config(model, ParallelConfig(), 1, micro_batch_size=2, global_batch_size=2)
+    measured = _saved_bytes(model, recompute, 32, 2)
+    planned = layer_activation_bytes(cfg, moe, None if recompute == "none" else recompute, "reference")
+    assert planned == pytest.approx(measured, rel=0.10)
+
+
+# Recorded peaks (torch.cuda.max_memory_allocated on rank 0, GB = 1e9 B) of runs where only the
+# measured model was alive: (result file, row, model, layout, train, world, pp rank measured, ops path).
+M72 = dict(hidden_size=8192, num_layers=4, num_attention_heads=64, num_kv_heads=8, ffn_hidden_size=29568,
+           vocab_size=152064)
+M7 = dict(hidden_size=3584, num_layers=8, num_attention_heads=28, num_kv_heads=4, ffn_hidden_size=18944,
+          vocab_size=152064)
+M15 = dict(hidden_size=1536, num_layers=28, num_attention_heads=12, num_kv_heads=2, ffn_hidden_size=8960,
+           vocab_size=151936, tie_word_embeddings=True)
+BF16_4K = dict(dtype="bf16", seq_length=4096, micro_batch_size=1)
+RUNS = [
+    ("tp_step_tp2_micro4_h200_2026-11-23.json", None, M72, dict(tp=2), dict(BF16_4K, global_batch_size=4), 2, 0,
+     "kernels"),
+    ("tp_step_tp2_micro16_h200_2026-11-23.json", None, M72, dict(tp=2), dict(BF16_4K, global_batch_size=16), 2, 0,
+     "kernels"),
+    ("pipeline_pp2_m8_h200_2026-11-23.json", 0, M7, dict(pp=2), dict(BF16_4K, global_batch_size=8), 2, 0, "kernels"),
+    ("pipeline_pp2_layout_m16_h200_2026-11-23.json", 0, M7, dict(pp=2, pp_layout=[5, 3]),
+     dict(BF16_4K, global_batch_size=16), 2, 0, "kernels"),
+    # One GPU through train.py without the compiled extension: every op ran its reference.
+    ("train_qwen2_1.5b_h100-80gb-hbm3_2026-11-23.json", None, M15, {},
+     dict(dtype="bf16", seq_length=1024, micro_batch_size=4, global_batch_size=16), 1, 0, "reference"),
+]
+
+
+def estimate_run(run) -> tuple[float, float]:
+    """(planned bytes allocated, measured bytes) of one recorded run."""
+    name, row, model, par, train, world, pp_rank, path = run
+    data = json.loads((ROOT / "bench" / "results" / name).read_text())
+    if "mem_peak_gib" in data:
+        measured = data["mem_peak_gib"] * 2 ** 30
+    else:
+        measured = (data["rows"][row] if row is not None else data)["max_memory_gb"] * 1e9
+    cfg = Config(model=ModelConfig(name=name, **model), parallel=ParallelConfig(**par),
+                 train=TrainConfig(**train)).validate(world)
+    plan = make_plan(cfg, world, "h200-141gb", path=path, context_gib=0.0)
+    return plan.ranks[pp_rank].allocated, measured
+
+
+@pytest.mark.parametrize("run", RUNS, ids=lambda r: r[0].split("_2026")[0])
+def test_memory_estimate_against_recorded_gpu_peaks(run):
+    planned, measured = estimate_run(run)
+    err = planned / measured - 1
+    print(f"{run[0]}: planned {planned / 1e9:.2f} GB, measured {measured / 1e9:.2f} GB, error {err:+.1%}")
+    assert abs(err) < 0.10
+
+
+SLURM = sorted(p for p in (ROOT / "slurm").glob("*.sh") if p.name != "launch.sh")
+
+
+def _header(script: Path, option: str) -> int:
+    return int(re.search(rf"^#SBATCH --{option}=(\d+)", script.read_text(), re.M).group(1))
+
+
+@pytest.mark.parametrize("script", SLURM, ids=lambda p: p.stem)
+def test_every_recipe_fits_its_gpu(script):
+    from tools.plan import compose
+
+    world = _header(script, "nodes") * _header(script, "ntasks-per-node")
+    experiment = re.search(r"launch\.sh\" (\S+)", script.read_text()).group(1)  # as tests/slurm/test_recipes.py
+    recipe = (ROOT / "conf" / "experiment" / f"{experiment}.yaml").read_text()
+    gpu = "h200-141gb" if "H200" in recipe.split("defaults:")[0] else "h100-80gb"
+    plan = make_plan(compose([f"+experiment={experiment}"], world), world, gpu)
+    assert plan.fits, f"{experiment}: {plan.worst.total / 2**30:.1f} GiB on {gpu}"
+
+
+def test_cli_exit_codes(capsys):
+    from tools.plan import main
+
+    assert main(["+experiment=72b", "--gpus", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "FITS" in out and "pipeline bubble" in out and "per stage" in out
+    assert main(["model=qwen2_72b", "train.dtype=bf16", "train.seq_length=4096", "train.micro_batch_size=1",
+                 "train.global_batch_size=8", "--gpus", "8", "parallel.tp=8"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert main(["+experiment=72b", "--gpus", "100"]) == 2
+    assert "world size 100 is not divisible by tp*pp*cp = 8*4*1 = 32" in capsys.readouterr().out
