@@ -91,9 +91,15 @@ log="$run_dir/logs/job-$SLURM_JOB_ID.log"
 echo "launch.sh: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) $experiment: $ntasks ranks," \
      "master $MASTER_ADDR:$MASTER_PORT, run dir $run_dir, log $log" | tee -a "$log"
 cd "$home"
+log_start=$(($(stat -c %s "$log") + 1))
 # shellcheck disable=SC2086
 srun --label --kill-on-bad-exit=1 ${SRUN_EXTRA_ARGS:-} bash -c "$rank_cmd" _ "${train[@]}" 2>&1 | tee -a "$log"
 rc=${PIPESTATUS[0]}
+# After a preemption save the ranks exit with $saved_exit one by one, and srun may kill the last
+# ones first (--kill-on-bad-exit), reporting their signal instead: rank 0's line says what happened.
+if [ "$rc" -ne 0 ] && tail -c +"$log_start" "$log" | grep -q "exiting with code $saved_exit"; then
+  rc=$saved_exit
+fi
 if [ "$rc" -eq "$saved_exit" ]; then
   echo "launch.sh: training saved a checkpoint and stopped early (exit $rc)" | tee -a "$log"
   if [ "${REQUEUE_ON_SAVE:-1}" = 1 ]; then
