@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import copy_bandwidth_gbs, matmul_ceiling_tflops, time_ms, write_result  # noqa: E402
 from megatron_qwen2 import ops  # noqa: E402
 from megatron_qwen2.ops import extension, library, reference  # noqa: E402
-from megatron_qwen2.ops.attention import backend as attention_backend  # noqa: E402
 
 BF16 = torch.bfloat16
 
@@ -237,31 +236,72 @@ def bench_cross_entropy(rows, ceiling, rounds, n=8192, v=152064 // 2):
     del logits, lg
 
 
-def bench_attention(rows, mm_ceiling, rounds, b=1, hq=28, hkv=4, d=128):
+def _attention_flops(doc_lengths, hq, d, causal=True):
+    """Matmul FLOPs of one forward: 2 products of 2 * q * k * d over the visible (query, key) pairs."""
+    pairs = sum(n * (n + 1) // 2 if causal else n * n for row in doc_lengths for n in row)
+    return 4 * hq * d * pairs
+
+
+def bench_attention(rows, mm_ceiling, rounds, b=1):
+    """Causal GQA attention (bf16, head_dim 128) at Qwen2-7B (28 / 4 heads) and Qwen2-72B (64 / 8)
+    heads, s 4096 / 8192, and one packed-documents shape; ours, the door, SDPA backends, flash-attn."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
 
-    for s in (4096, 8192):
-        q = torch.randn(b, s, hq, d, device="cuda", dtype=BF16, requires_grad=True)
-        k = torch.randn(b, s, hkv, d, device="cuda", dtype=BF16, requires_grad=True)
-        v = torch.randn(b, s, hkv, d, device="cuda", dtype=BF16, requires_grad=True)
-        do = torch.randn(b, s, hq, d, device="cuda", dtype=BF16)
-        flops_fwd = 4 * b * hq * s * s * d / 2
-        fl = {"fwd": flops_fwd, "f+b": 3.5 * flops_fwd}
+    from megatron_qwen2.ops.attention import backend_reason, document_ranges
 
-        def sdpa(backend, expand):
+    fa = None
+    try:
+        from flash_attn import flash_attn_func as fa
+    except Exception:  # noqa: BLE001 - not installed on the machine: the row is simply absent
+        pass
+    d = 128
+    shapes = [(4096, 28, 4, None), (8192, 28, 4, None), (4096, 64, 8, None), (8192, 64, 8, None),
+              (8192, 28, 4, "packed")]
+    gen = torch.Generator().manual_seed(0)
+    for s, hq, hkv, docs in shapes:
+        g = hq // hkv
+        # the model's layout: q, k, v as [b, s, heads, d] views of [s, b, ...] buffers
+        qkv = torch.randn(s, b, hkv, g + 2, d, device="cuda", dtype=BF16)
+        q = qkv[:, :, :, :g].reshape(s, b, hq, d).transpose(0, 1).detach().requires_grad_(True)
+        k = qkv[:, :, :, g].transpose(0, 1).detach().requires_grad_(True)
+        v = qkv[:, :, :, g + 1].transpose(0, 1).detach().requires_grad_(True)
+        do = torch.randn(b, s, hq, d, device="cuda", dtype=BF16)
+        ids, lengths = None, [[s]] * b
+        if docs == "packed":  # documents of 1 to 4096 tokens (mean ~1.5k), as packed pretraining rows
+            lengths = []
+            for _ in range(b):
+                row, left = [], s
+                while left > 0:
+                    n = min(left, int(torch.randint(1, 4096, (1,), generator=gen)))
+                    row.append(n)
+                    left -= n
+                lengths.append(row)
+            ids = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in lengths]).cuda()
+        ranges = document_ranges(ids) if ids is not None else (None,) * 4
+        flops_fwd = _attention_flops(lengths, hq, d)
+        fl = {"fwd": flops_fwd, "f+b": 3.5 * flops_fwd}
+        scale = d ** -0.5
+        picked = backend_reason(q, k, v, True, ids)
+
+        def sdpa(be, expand):
             def run():
-                kk, vv = (k.repeat_interleave(hq // hkv, 2), v.repeat_interleave(hq // hkv, 2)) if expand else (k, v)
-                with sdpa_kernel([backend]):
+                kk, vv = (k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)) if expand else (k, v)
+                with sdpa_kernel([be]):
                     return F.scaled_dot_product_attention(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
                                                           is_causal=True, enable_gqa=not expand).transpose(1, 2)
             return run
 
-        cands = {f"door(ops.attention:{attention_backend()})": lambda: ops.attention(q, k, v, causal=True)}
-        for name, be in [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
-                         ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
-            cands[f"sdpa-{name}(gqa)"] = sdpa(be, False)
-            cands[f"sdpa-{name}(kv repeated)"] = sdpa(be, True)
+        cands = {"ours": lambda: library.flash_attention(q, k, v, True, scale, *ranges)[0],
+                 f"door({picked.split(':')[0]})": lambda: ops.attention(q, k, v, causal=True, document_ids=ids)}
+        if docs is None:
+            cands["sdpa-cudnn(gqa)"] = sdpa(SDPBackend.CUDNN_ATTENTION, False)
+            cands["sdpa-cudnn(kv repeated)"] = sdpa(SDPBackend.CUDNN_ATTENTION, True)
+            cands["sdpa-flash(kv repeated)"] = sdpa(SDPBackend.FLASH_ATTENTION, True)
+            if fa is not None:
+                cands["flash_attn"] = lambda: fa(q, k, v, causal=True)
+        else:
+            cands["sdpa dense mask (before)"] = lambda: reference.attention(q, k, v, True, None, ids)
         for name, fn in cands.items():
             for label in ("fwd", "f+b"):
                 call = (lambda fn=fn: fn().detach()) if label == "fwd" else _grad(fn, (q, k, v), (do,))
@@ -269,14 +309,17 @@ def bench_attention(rows, mm_ceiling, rounds, b=1, hq=28, hkv=4, d=128):
                     with torch.no_grad() if label == "fwd" else torch.enable_grad():
                         ms_rounds = [time_ms(call, warmup=3, iters=10) for _ in range(rounds)]
                 except Exception as e:  # noqa: BLE001 - a backend that rejects the inputs is a result
-                    rows.append(dict(kernel="attention", impl=name, pass_=label, seq=s, error=f"{type(e).__name__}: {str(e)[:160]}"))
+                    rows.append(dict(kernel="attention", impl=name, pass_=label, seq=s, heads=hq, kv_heads=hkv,
+                                     error=f"{type(e).__name__}: {str(e)[:160]}"))
                     continue
                 ms = min(ms_rounds)
                 tf = fl[label] / ms / 1e9
                 rows.append(dict(kernel="attention", impl=name, pass_=label, ms=ms, ms_rounds=ms_rounds, flops=fl[label],
                                  tflops=tf, fraction_of_matmul=tf / mm_ceiling, seq=s, batch=b, heads=hq, kv_heads=hkv,
-                                 head_dim=d, dtype="bf16"))
-        del q, k, v, do
+                                 head_dim=d, dtype="bf16", documents=None if docs is None else lengths,
+                                 door_backend=picked))
+        del q, k, v, do, qkv
+        torch.cuda.empty_cache()
 
 
 def sanitize() -> None:
@@ -300,6 +343,18 @@ def sanitize() -> None:
             qkv = torch.randn(7, 2, 3, 4, d, device="cuda", dtype=dtype, requires_grad=True)
             cos, sin = torch.rand(7, 2, 1, d, device="cuda", dtype=dtype), torch.rand(7, 2, 1, d, device="cuda", dtype=dtype)
             (ops.rope(qkv[:, :, :, :2].reshape(7, 2, 6, d), cos, sin).sum() + ops.rope(qkv[:, :, :, 2], cos, sin).sum()).backward()
+        if dtype == BF16:
+            from megatron_qwen2.ops.attention import document_ranges
+
+            for d, hq, hkv, n in ((64, 4, 2, 77), (128, 7, 1, 130), (128, 2, 2, 65)):
+                qkv = torch.randn(n, 2, hkv, hq // hkv + 2, d, device="cuda", dtype=dtype)
+                q = qkv[:, :, :, : hq // hkv].reshape(n, 2, hq, d).transpose(0, 1).requires_grad_(True)
+                k = qkv[:, :, :, -2].transpose(0, 1).detach().requires_grad_(True)
+                v = qkv[:, :, :, -1].transpose(0, 1).detach().requires_grad_(True)
+                ids = torch.randint(0, 5, (2, n), device="cuda").sort(dim=1).values
+                for ranges in ((None,) * 4, document_ranges(ids)):
+                    out, lse = library.flash_attention(q, k, v, True, d ** -0.5, *ranges)
+                    (out.float().sum() + lse.sum()).backward()
     torch.cuda.synchronize()
     print("sanitize: all kernel paths ran")
 
@@ -329,13 +384,18 @@ def main() -> None:
         else:
             globals()[f"bench_{name}"](rows, ceiling, args.rounds)
         torch.cuda.empty_cache()
-    path = write_result("kernels", {"copy_ceiling_gb_per_s": ceiling, "matmul_ceiling_tflops": mm, "rows": rows},
+    name = "kernels_attention" if args.only == ["attention"] else "kernels"
+    path = write_result(name, {"copy_ceiling_gb_per_s": ceiling, "matmul_ceiling_tflops": mm, "rows": rows},
                         args.out, args.commit)
     print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  CUDA {torch.version.cuda}")
     print(f"copy ceiling {ceiling:.0f} GB/s (read + write), bf16 matmul {mm:.0f} TFLOP/s")
+    for line in sorted({r["door_backend"] for r in rows if r.get("door_backend")}):
+        print(f"ops.attention picks {line}")
     print(f"{'kernel':<14}{'shape':<17}{'pass':<10}{'impl':<28}{'ms':>8}{'spread':>7}{'rate':>9}{'%ceil':>7}")
     for r in rows:
-        shape = "/".join(str(r[key]) for key in ("tokens", "hidden", "seq", "vocab_shard") if key in r)
+        shape = "/".join(str(r[key]) for key in ("tokens", "hidden", "seq", "heads", "kv_heads", "vocab_shard") if key in r)
+        if r.get("documents"):
+            shape += "/docs"
         if "error" in r:
             print(f"{r['kernel']:<14}{shape:<17}{r['pass_']:<10}{r['impl']:<28}  {r['error'][:60]}")
             continue

@@ -28,6 +28,16 @@ void ce_forward_cuda(const torch::Tensor& logits, const torch::Tensor& target, t
                      torch::Tensor& row_sum, torch::Tensor& tgt_logit, int64_t rows, int64_t v);
 void ce_backward_cuda(const torch::Tensor& logits, const torch::Tensor& target, const torch::Tensor& lse,
                       const torch::Tensor& grad, torch::Tensor& dx, int64_t rows, int64_t v);
+void flash_attn_forward_cuda(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                             torch::Tensor& out, torch::Tensor& lse, const c10::optional<torch::Tensor>& key_lo,
+                             const c10::optional<torch::Tensor>& key_hi, bool causal, double scale);
+void flash_attn_delta_cuda(const torch::Tensor& out, const torch::Tensor& dout,
+                           const c10::optional<torch::Tensor>& dlse, torch::Tensor& delta);
+void flash_attn_backward_cuda(const torch::Tensor& dout, const torch::Tensor& q, const torch::Tensor& k,
+                              const torch::Tensor& v, const torch::Tensor& lse, const torch::Tensor& delta,
+                              torch::Tensor& dq_acc, torch::Tensor& dk, torch::Tensor& dv,
+                              const c10::optional<torch::Tensor>& query_lo,
+                              const c10::optional<torch::Tensor>& query_hi, bool causal, double scale, bool partial);
 
 namespace {
 
@@ -257,6 +267,118 @@ torch::Tensor ce_backward(const torch::Tensor& logits, const torch::Tensor& targ
   return dx;
 }
 
+
+// ---- Flash attention: q [b, sq, hq, d], k / v [b, sk, hkv, d] bf16 views with a contiguous last
+// dimension (any batch / sequence / head strides; layouts whose rows are not 16-byte aligned are
+// copied). Packed documents: key_lo / key_hi int32 [b, sq] (query i sees keys key_lo[i] <= j <
+// key_hi[i]) for the forward, query_lo / query_hi int32 [b, sk] (key j is seen by queries
+// query_lo[j] <= i < query_hi[j]) for the backward; non-decreasing along the row.
+
+// t itself when its rows suit the kernels (last dimension contiguous, 16-byte aligned rows), else a contiguous copy.
+torch::Tensor attn_rows(const torch::Tensor& t) {
+  bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int i = 0; i < 3; ++i) ok = ok && (t.stride(i) % 8 == 0 || t.size(i) == 1);
+  return ok ? t : t.contiguous();
+}
+
+// empty tensor shaped like t: t's layout when t is dense (a transposed view stays transposed), else contiguous.
+torch::Tensor attn_empty_like(const torch::Tensor& t) {
+  auto out = torch::empty_like(t);
+  return attn_rows(out);
+}
+
+void check_attn(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                const c10::optional<torch::Tensor>& lo, const c10::optional<torch::Tensor>& hi, int64_t range_len,
+                double scale, const char* op) {
+  for (auto [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    TORCH_CHECK(t->is_cuda() && t->device() == q.device(), op, ": ", name, " must be a CUDA tensor on ", q.device());
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16, op, ": ", name, " must be bfloat16, got ", t->scalar_type());
+    TORCH_CHECK(t->dim() == 4, op, ": ", name, " must be 4-D [b, s, heads, head_dim], got shape ", t->sizes());
+  }
+  const int64_t d = q.size(3);
+  TORCH_CHECK(d == 64 || d == 128, op, ": head_dim must be 64 or 128, got ", d);
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k has shape ", k.sizes(), " but v has ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == d, op, ": q has shape ", q.sizes(), ", k ", k.sizes(),
+              ": batch and head_dim must match");
+  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, op, ": query heads ", q.size(2),
+              " are not a multiple of kv heads ", k.size(2));
+  // launch grids: heads in x, sequence tiles in y (at most 65535 tiles of 64), batch in z
+  TORCH_CHECK(q.size(1) <= (int64_t(1) << 22) && k.size(1) <= (int64_t(1) << 22), op,
+              ": sequences up to 4194304 tokens, got ", q.size(1), " queries and ", k.size(1), " keys");
+  TORCH_CHECK(q.size(0) <= 65535, op, ": batch up to 65535, got ", q.size(0));
+  TORCH_CHECK(scale > 0, op, ": softmax_scale must be > 0, got ", scale);
+  TORCH_CHECK(lo.has_value() == hi.has_value(), op, ": the lower and upper document ranges go together");
+  if (lo) {
+    check_aux(*lo, at::kInt, {q.size(0), range_len}, q, op, "document range (lo)");
+    check_aux(*hi, at::kInt, {q.size(0), range_len}, q, op, "document range (hi)");
+  }
+}
+
+std::vector<torch::Tensor> flash_attention_forward(const torch::Tensor& q_in, const torch::Tensor& k_in,
+                                                   const torch::Tensor& v_in, bool causal, double scale,
+                                                   const c10::optional<torch::Tensor>& key_lo,
+                                                   const c10::optional<torch::Tensor>& key_hi) {
+  const char* op = "flash_attention_forward";
+  check_attn(q_in, k_in, v_in, key_lo, key_hi, q_in.size(1), scale, op);
+  auto q = attn_rows(q_in), k = attn_rows(k_in), v = attn_rows(v_in);
+  auto out = attn_empty_like(q);
+  auto lse = torch::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
+  if (k.size(1) == 0) {
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  flash_attn_forward_cuda(q, k, v, out, lse, key_lo, key_hi, causal, scale);
+  return {out, lse};
+}
+
+// dlse: the gradient arriving at lse (optional; context parallelism merges partial outputs with lse).
+std::vector<torch::Tensor> flash_attention_backward(const torch::Tensor& dout_in, const torch::Tensor& q_in,
+                                                    const torch::Tensor& k_in, const torch::Tensor& v_in,
+                                                    const torch::Tensor& out_in, const torch::Tensor& lse,
+                                                    const c10::optional<torch::Tensor>& dlse, bool causal,
+                                                    double scale, const c10::optional<torch::Tensor>& query_lo,
+                                                    const c10::optional<torch::Tensor>& query_hi) {
+  const char* op = "flash_attention_backward";
+  check_attn(q_in, k_in, v_in, query_lo, query_hi, k_in.size(1), scale, op);
+  for (auto [t, name] : {std::pair{&dout_in, "dout"}, std::pair{&out_in, "out"}}) {
+    TORCH_CHECK(t->is_cuda() && t->device() == q_in.device() && t->scalar_type() == at::kBFloat16, op, ": ", name,
+                " must be a bfloat16 CUDA tensor on ", q_in.device());
+    check_shape(*t, q_in.sizes(), op, name);
+  }
+  const int64_t b = q_in.size(0), sq = q_in.size(1), hq = q_in.size(2), d = q_in.size(3), sk = k_in.size(1),
+                hkv = k_in.size(2);
+  check_aux(lse, at::kFloat, {b, hq, sq}, q_in, op, "lse");
+  if (dlse) check_aux(*dlse, at::kFloat, {b, hq, sq}, q_in, op, "dlse");
+  auto q = attn_rows(q_in), k = attn_rows(k_in), v = attn_rows(v_in), dout = attn_rows(dout_in),
+       out = attn_rows(out_in);
+  auto dq = attn_empty_like(q);
+  if (q.numel() == 0 || k.numel() == 0) {
+    return {dq.zero_(), attn_empty_like(k).zero_(), attn_empty_like(v).zero_()};
+  }
+  auto f32 = q.options().dtype(at::kFloat);
+  auto delta = torch::empty({b, hq, sq}, f32);
+  flash_attn_delta_cuda(out, dout, dlse, delta);
+  auto dq_acc = torch::zeros({b, sq, hq, d}, f32);
+  const bool partial = hq != hkv;
+  torch::Tensor dk, dv;
+  if (partial) {
+    auto dk_part = torch::empty({b, sk, hq, d}, f32), dv_part = torch::empty({b, sk, hq, d}, f32);
+    flash_attn_backward_cuda(dout, q, k, v, lse, delta, dq_acc, dk_part, dv_part, query_lo, query_hi, causal, scale,
+                             true);
+    dk = attn_empty_like(k);
+    dv = torch::empty_strided(dk.sizes(), dk.strides(), dk.options());
+    dk.copy_(dk_part.view({b, sk, hkv, hq / hkv, d}).sum(3));
+    dv.copy_(dv_part.view({b, sk, hkv, hq / hkv, d}).sum(3));
+  } else {
+    dk = attn_empty_like(k);
+    dv = torch::empty_strided(dk.sizes(), dk.strides(), dk.options());
+    flash_attn_backward_cuda(dout, q, k, v, lse, delta, dq_acc, dk, dv, query_lo, query_hi, causal, scale, false);
+  }
+  dq.copy_(dq_acc.mul_(scale));
+  return {dq, dk, dv};
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -286,4 +408,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("logits"), pybind11::arg("target"));
   m.def("cross_entropy_backward", &ce_backward, "(softmax - onehot) * grad from logits and the global lse",
         pybind11::arg("logits"), pybind11::arg("target"), pybind11::arg("lse"), pybind11::arg("grad"));
+  m.def("flash_attention_forward", &flash_attention_forward,
+        "[out, lse] of causal / packed-document GQA attention on bf16 [b, s, heads, d] views",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("causal"), pybind11::arg("scale"),
+        pybind11::arg("key_lo"), pybind11::arg("key_hi"));
+  m.def("flash_attention_backward", &flash_attention_backward,
+        "[dq, dk, dv] of flash_attention_forward from out, lse (and an optional lse gradient)",
+        pybind11::arg("dout"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"),
+        pybind11::arg("lse"), pybind11::arg("dlse"), pybind11::arg("causal"), pybind11::arg("scale"),
+        pybind11::arg("query_lo"), pybind11::arg("query_hi"));
 }

@@ -196,6 +196,134 @@ __global__ void __launch_bounds__(kBlock) rms_bwd_generic(const T* __restrict__ 
   }
 }
 
+// Short rows (at most 8 packs per lane, e.g. hidden 896 and 1536 in bf16): one warp per row, 8 rows
+// per block. The row statistic is a shuffle reduction (no block barrier between a row's loads and
+// its stores), and 8 independent rows per block keep more loads in flight than one row per block.
+constexpr int kWarpBlock = 256;
+constexpr int kRowsPerWarpBlock = kWarpBlock / 32;
+
+template <typename T, int VEC, int NP, bool RES>
+__global__ void __launch_bounds__(kWarpBlock) rms_fwd_warp(const T* __restrict__ x, const T* __restrict__ res,
+                                                         const T* __restrict__ w, T* __restrict__ y,
+                                                         T* __restrict__ sum_out, float* __restrict__ rstd,
+                                                         int64_t rows, int h, float eps) {
+  const int lane = threadIdx.x & 31;
+  const int64_t stride = (int64_t)gridDim.x * kRowsPerWarpBlock;
+  for (int64_t row = (int64_t)blockIdx.x * kRowsPerWarpBlock + (threadIdx.x >> 5); row < rows; row += stride) {
+    float v[NP][VEC];
+    float ss = 0.f;
+#pragma unroll
+    for (int p = 0; p < NP; ++p) {
+      const int c = (p * 32 + lane) * VEC;
+      if (c < h) {
+        Pack<T, VEC> a = load_pack<T, VEC>(x + row * h + c);
+        if constexpr (RES) {
+          Pack<T, VEC> b = load_pack<T, VEC>(res + row * h + c);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) a.v[k] = from_float<T>(to_float(a.v[k]) + to_float(b.v[k]));
+          store_pack<T, VEC>(sum_out + row * h + c, a);
+        }
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          v[p][k] = to_float(a.v[k]);
+          ss += v[p][k] * v[p][k];
+        }
+      }
+    }
+    const float r = rsqrtf(warp_sum(ss) / h + eps);
+    if (lane == 0) rstd[row] = r;
+#pragma unroll
+    for (int p = 0; p < NP; ++p) {
+      const int c = (p * 32 + lane) * VEC;
+      if (c < h) {
+        const Pack<T, VEC> wp = load_pack<T, VEC>(w + c);
+        Pack<T, VEC> o;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) o.v[k] = from_float<T>(to_float(from_float<T>(v[p][k] * r)) * to_float(wp.v[k]));
+        store_pack<T, VEC>(y + row * h + c, o);
+      }
+    }
+  }
+}
+
+// Each warp keeps the dw sums of its lanes' columns in registers over its rows; at the end the 8
+// warps of a block add theirs into shared memory in warp order (fixed order: deterministic) and the
+// block writes its partial row.
+template <typename T, int VEC, int NP, bool DSUM>
+__global__ void __launch_bounds__(kWarpBlock) rms_bwd_warp(const T* __restrict__ dy, const T* __restrict__ x,
+                                                         const T* __restrict__ w, const float* __restrict__ rstd,
+                                                         const T* __restrict__ dsum, T* __restrict__ dx,
+                                                         float* __restrict__ partial, int64_t rows, int h) {
+  extern __shared__ float block_dw[];  // [h]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float dw[NP][VEC];
+#pragma unroll
+  for (int p = 0; p < NP; ++p)
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) dw[p][k] = 0.f;
+  const float inv_h = 1.0f / h;
+  const int64_t stride = (int64_t)gridDim.x * kRowsPerWarpBlock;
+  for (int64_t row = (int64_t)blockIdx.x * kRowsPerWarpBlock + warp; row < rows; row += stride) {
+    const float r = rstd[row];
+    Pack<T, VEC> xp[NP], dp[NP];
+#pragma unroll
+    for (int p = 0; p < NP; ++p) {
+      const int c = (p * 32 + lane) * VEC;
+      if (c < h) {
+        xp[p] = load_pack<T, VEC>(x + row * h + c);
+        dp[p] = load_pack<T, VEC>(dy + row * h + c);
+      }
+    }
+    float dot = 0.f;
+#pragma unroll
+    for (int p = 0; p < NP; ++p) {
+      const int c = (p * 32 + lane) * VEC;
+      if (c < h) {
+        const Pack<T, VEC> wp = load_pack<T, VEC>(w + c);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const float d = to_float(dp[p].v[k]), xh = to_float(xp[p].v[k]) * r;
+          dot += d * to_float(wp.v[k]) * xh;
+          dw[p][k] += d * xh;
+        }
+      }
+    }
+    const float m = warp_sum(dot) * inv_h;
+#pragma unroll
+    for (int p = 0; p < NP; ++p) {
+      const int c = (p * 32 + lane) * VEC;
+      if (c < h) {
+        const Pack<T, VEC> wp = load_pack<T, VEC>(w + c);
+        Pack<T, VEC> o;
+        Pack<T, VEC> extra;
+        if constexpr (DSUM) extra = load_pack<T, VEC>(dsum + row * h + c);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const float xh = to_float(xp[p].v[k]) * r;
+          float v = r * (to_float(dp[p].v[k]) * to_float(wp.v[k]) - xh * m);
+          if constexpr (DSUM) v += to_float(extra.v[k]);
+          o.v[k] = from_float<T>(v);
+        }
+        store_pack<T, VEC>(dx + row * h + c, o);
+      }
+    }
+  }
+  for (int turn = 0; turn < kRowsPerWarpBlock; ++turn) {
+    if (warp == turn) {
+#pragma unroll
+      for (int p = 0; p < NP; ++p) {
+        const int c = (p * 32 + lane) * VEC;
+        if (c < h) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) block_dw[c + k] = turn == 0 ? dw[p][k] : block_dw[c + k] + dw[p][k];
+        }
+      }
+    }
+    __syncthreads();
+  }
+  for (int c = threadIdx.x; c < h; c += kWarpBlock) partial[(int64_t)blockIdx.x * h + c] = block_dw[c];
+}
+
 // dw[c] = sum over b of partial[b, c]: 32 columns per block, 16 row groups, fixed order.
 template <typename T>
 __global__ void dw_reduce(const float* __restrict__ partial, T* __restrict__ dw, int groups, int h) {
@@ -225,6 +353,18 @@ int packs_per_thread(int h, std::initializer_list<const void*> ptrs) {
   for (int block : {kBlock, kMaxBlock})
     for (int np : {1, 2, 4, 8, 16})
       if (packs <= np * block && np * kVec <= 64) return np;  // at most 64 values of a row per thread
+  return 0;
+}
+
+// Packs per lane for the warp-per-row path (rows of at most 8 packs per lane), or 0. Off with
+// MEGATRON_QWEN2_RMS_WARP_ROWS=0 (read per call, so a benchmark can time both paths).
+template <typename T>
+int warp_packs_per_lane(int h, int np_block) {
+  const char* e = std::getenv("MEGATRON_QWEN2_RMS_WARP_ROWS");
+  if (np_block == 0 || (e != nullptr && e[0] == '0')) return 0;
+  const int packs = h / (16 / static_cast<int>(sizeof(T)));
+  for (int np : {1, 2, 4, 8})
+    if (packs <= np * 32) return np;
   return 0;
 }
 
@@ -280,7 +420,18 @@ void rms_norm_forward_cuda(const at::Tensor& x, const c10::optional<at::Tensor>&
     float* rs = rstd.data_ptr<float>();
     constexpr int kVec = 16 / sizeof(T);
     const int np = packs_per_thread<T>(static_cast<int>(h), {xp, rp, wp, yp, sp});
-    if (np == 0) {
+    const int wnp = warp_packs_per_lane<T>(static_cast<int>(h), np);
+    if (wnp > 0) {
+      const int wgrid = static_cast<int>(std::min<int64_t>((rows + kRowsPerWarpBlock - 1) / kRowsPerWarpBlock,
+                                                           (int64_t)num_sms() * 8));
+      with_np(wnp, [&](auto npc) {
+        constexpr int NP = decltype(npc)::value;
+        if constexpr (NP <= 8) {
+          if (res) rms_fwd_warp<T, kVec, NP, true><<<wgrid, kWarpBlock, 0, stream>>>(xp, rp, wp, yp, sp, rs, rows, h, eps);
+          else rms_fwd_warp<T, kVec, NP, false><<<wgrid, kWarpBlock, 0, stream>>>(xp, rp, wp, yp, sp, rs, rows, h, eps);
+        }
+      });
+    } else if (np == 0) {
       if (res) rms_fwd_generic<T, true><<<grid, kBlock, 0, stream>>>(xp, rp, wp, yp, sp, rs, rows, h, eps);
       else rms_fwd_generic<T, false><<<grid, kBlock, 0, stream>>>(xp, rp, wp, yp, sp, rs, rows, h, eps);
     } else {
@@ -305,7 +456,18 @@ void rms_norm_backward_cuda(const at::Tensor& dy, const at::Tensor& x, const at:
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = current_stream();
   const bool has_dsum = dsum.has_value();
-  const int groups = bwd_groups(rows, h);
+  int groups = bwd_groups(rows, h);
+  // The warp-per-row path: one partial row per resident block (8 packs per lane take ~240
+  // registers: one 256-thread block per SM; fewer packs leave room for two).
+  int wnp = 0;
+  MQ2_DISPATCH(x.scalar_type(), T, {
+    wnp = warp_packs_per_lane<T>(static_cast<int>(h), packs_per_thread<T>(static_cast<int>(h),
+        {dy.data_ptr(), x.data_ptr(), w.data_ptr(), has_dsum ? dsum->data_ptr() : nullptr, dx.data_ptr()}));
+  });
+  if (wnp > 0)
+    groups = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((rows + 4 * kRowsPerWarpBlock - 1) /
+                                                                         (4 * kRowsPerWarpBlock),
+                                                                     (int64_t)num_sms() * (wnp >= 8 ? 1 : 2))));
   auto partial = at::empty({groups, h}, x.options().dtype(at::kFloat));
   MQ2_DISPATCH(x.scalar_type(), T, {
     const T* dyp = static_cast<const T*>(dy.data_ptr());
@@ -317,7 +479,18 @@ void rms_norm_backward_cuda(const at::Tensor& dy, const at::Tensor& x, const at:
     const float* rs = rstd.data_ptr<float>();
     constexpr int kVec = 16 / sizeof(T);
     const int np = packs_per_thread<T>(static_cast<int>(h), {dyp, xp, wp, dsp, dxp});
-    if (np == 0) {
+    if (wnp > 0) {
+      const size_t smem = static_cast<size_t>(h) * sizeof(float);
+      with_np(wnp, [&](auto npc) {
+        constexpr int NP = decltype(npc)::value;
+        if constexpr (NP <= 8) {
+          if (has_dsum)
+            rms_bwd_warp<T, kVec, NP, true><<<groups, kWarpBlock, smem, stream>>>(dyp, xp, wp, rs, dsp, dxp, pp, rows, h);
+          else
+            rms_bwd_warp<T, kVec, NP, false><<<groups, kWarpBlock, smem, stream>>>(dyp, xp, wp, rs, dsp, dxp, pp, rows, h);
+        }
+      });
+    } else if (np == 0) {
       if (has_dsum) rms_bwd_generic<T, true><<<groups, kBlock, 0, stream>>>(dyp, xp, wp, rs, dsp, dxp, pp, rows, h);
       else rms_bwd_generic<T, false><<<groups, kBlock, 0, stream>>>(dyp, xp, wp, rs, dsp, dxp, pp, rows, h);
     } else {

@@ -16,13 +16,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from megatron_qwen2 import ops
 from megatron_qwen2.config import ModelConfig
 from megatron_qwen2.model.attention import SelfAttention
 from megatron_qwen2.model.mlp import MLP
 from megatron_qwen2.model.moe import MoEBlock, load_balancing_loss
 from megatron_qwen2.model.norm import RMSNorm
 from megatron_qwen2.model.rope import RotaryEmbedding
-from megatron_qwen2.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_qwen2.parallel.expert_dispatch import ep_global_shape, ep_local_shard
 from megatron_qwen2.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, global_shape, local_shard
 from megatron_qwen2.parallel.mappings import copy_to_tp, gather_from_sp, gather_from_tp
@@ -66,11 +66,11 @@ class DecoderLayer(nn.Module):
         return self.attention(self.input_norm(x), *args)
 
     def _forward(self, x, cos, sin, document_ids=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        x = x + self._attention_block(x, cos, sin, document_ids)
+        normed, x = self.post_attention_norm.add_forward(self._attention_block(x, cos, sin, document_ids), x)
         if self.is_moe:
-            y, sums = self.mlp(self.post_attention_norm(x))
+            y, sums = self.mlp(normed)
             return x + y, sums
-        return x + self.mlp(self.post_attention_norm(x)), None
+        return x + self.mlp(normed), None
 
 
 class Qwen2Model(nn.Module):
@@ -173,7 +173,7 @@ class Qwen2Model(nn.Module):
             logits = self.output(h)  # [s, b, V/tp]
         if labels is None:
             return gather_from_tp(logits, self.tp_group).transpose(0, 1)
-        token_loss = vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group).t()
+        token_loss = ops.cross_entropy(logits, labels.t(), self.tp_group).t()  # fused: no fp32 copy of the logits
         aux = None
         if self.num_moe_layers:
             aux = load_balancing_loss(router_sums, labels.numel() * self.num_moe_layers, self.cfg.num_experts)

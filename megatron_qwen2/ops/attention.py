@@ -1,18 +1,45 @@
 """Attention door: GQA causal attention on [b, s, h, d] tensors (strided views allowed).
 
-No attention kernel of the project's own yet: on CUDA the door takes the fastest installed one,
-flash-attn (`flash_attn_func`, GQA without repeating K/V) when importable and the inputs suit it,
-else PyTorch SDPA with the cuDNN backend first in priority (then flash, memory-efficient, math:
-SDPA falls through to the next one that accepts the inputs). bench/kernels.py measures each.
+Backends (`backend()` names the one a call takes, `backend_reason()` says why):
+
+- ``kernel``: the project's flash-attention kernel (csrc/flash_attn.cu; bf16, head_dim 64 / 128):
+  GQA without repeated K/V, packed documents as per-token document ranges, returns the lse.
+  Packed documents on CUDA always take it when the inputs suit it, and MEGATRON_QWEN2_OPS=kernel
+  sends every call it supports there.
+- ``flash_attn``: `flash_attn_func` when the package is importable.
+- ``sdpa``: PyTorch SDPA with the cuDNN backend first in priority (then flash, memory-efficient,
+  math: SDPA falls through to the next one that accepts the inputs).
+- ``sdpa_masked``: SDPA with an explicit dense block-diagonal mask (packed documents the kernel
+  cannot take: another dtype or head_dim); slow and O(s^2) memory.
+- ``reference``: CPU inputs or MEGATRON_QWEN2_OPS=reference.
+
+Without documents the fastest of kernel / flash_attn / sdpa is chosen by the head-dim table
+`DENSE_PREFERENCE`, taken from bench/kernels.py on an H200 (bench/results/kernels_attention_*.json).
+
+Context parallelism uses the functional pair `flash_attention_forward` -> (out, lse) and
+`flash_attention_backward` -> (dq, dk, dv), which run the kernel on CUDA and the reference elsewhere.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
+from typing import NamedTuple, Optional
 
 import torch
 
 from megatron_qwen2.ops import extension, reference
+
+# Fastest first, per head_dim, for causal attention without documents (bf16, s 4096-8192), as
+# measured by bench/kernels.py on an H200 (bench/results/kernels_attention_h200_2026-12-02.json,
+# head_dim 128, 28/4 and 64/8 heads): cuDNN SDPA fwd 434-556 / fwd+bwd 423-540 TFLOP/s, the own
+# kernel 202-239 / 170-204, SDPA's flash backend (flash-attention 2) 201-274 / 221-299. The
+# flash-attn package was not importable there; it is placed by its SDPA twin. Backends that are not
+# available are skipped.
+DENSE_PREFERENCE: dict[int, tuple[str, ...]] = {
+    64: ("sdpa", "flash_attn", "kernel"),
+    128: ("sdpa", "flash_attn", "kernel"),
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -24,9 +51,131 @@ def _flash_attn_func():
     return flash_attn_func
 
 
-def backend() -> str:
-    """'flash_attn' or 'sdpa': which implementation CUDA inputs get."""
-    return "flash_attn" if extension.mode() != "reference" and _flash_attn_func() is not None else "sdpa"
+def document_bounds(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """document_ids [b, s] -> (start, end) int32 [b, s]: token i's document is [start[i], end[i]).
+
+    A document is a run of equal ids in its row (rows are non-decreasing in the model's packing).
+    Computed on the device without a host synchronisation.
+    """
+    if document_ids.dim() != 2:
+        raise ValueError(f"document_ids must be [batch, seq], got shape {tuple(document_ids.shape)}")
+    b, s = document_ids.shape
+    pos = torch.arange(s, device=document_ids.device).expand(b, s)
+    first = torch.ones(b, s, dtype=torch.bool, device=document_ids.device)
+    first[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    last = torch.ones_like(first)
+    last[:, :-1] = first[:, 1:]
+    start = torch.where(first, pos, 0).cummax(dim=1).values
+    end = torch.where(last, pos + 1, s).flip(1).cummin(dim=1).values.flip(1)
+    return start.to(torch.int32), end.to(torch.int32)
+
+
+class DocumentRanges(NamedTuple):
+    """Packed documents as index ranges, the form the kernel reads (int32, non-decreasing per row).
+
+    key_lo / key_hi [b, sq]: query i may see keys key_lo[i] <= j < key_hi[i] (the forward);
+    query_lo / query_hi [b, sk]: key j may be seen by queries query_lo[j] <= i < query_hi[j] (the backward).
+    """
+
+    key_lo: torch.Tensor
+    key_hi: torch.Tensor
+    query_lo: torch.Tensor
+    query_hi: torch.Tensor
+
+
+def document_ranges(q_documents: torch.Tensor, k_documents: Optional[torch.Tensor] = None) -> DocumentRanges:
+    """Ranges of a query block with document ids q_documents [b, sq] against a key block with
+    k_documents [b, sk] (both non-decreasing along the row, e.g. two chunks of one packed row under
+    context parallelism); k_documents None: self-attention, the document bounds of each token."""
+    if k_documents is None:
+        start, end = document_bounds(q_documents)
+        return DocumentRanges(start, end, start, end)
+    if q_documents.dim() != 2 or k_documents.dim() != 2 or q_documents.shape[0] != k_documents.shape[0]:
+        raise ValueError(f"document ids must be [batch, seq] with one batch size, got {tuple(q_documents.shape)} "
+                         f"and {tuple(k_documents.shape)}")
+    qd, kd = q_documents.contiguous(), k_documents.contiguous()
+    return DocumentRanges(torch.searchsorted(kd, qd).to(torch.int32),
+                          torch.searchsorted(kd, qd, right=True).to(torch.int32),
+                          torch.searchsorted(qd, kd).to(torch.int32),
+                          torch.searchsorted(qd, kd, right=True).to(torch.int32))
+
+
+_RANGES_CACHE: list = []  # [(weakref to document_ids, its version counter, DocumentRanges)]
+
+
+def _self_ranges(document_ids: torch.Tensor) -> DocumentRanges:
+    """document_ranges(document_ids), computed once per document_ids tensor: every layer of a step
+    (and its recomputation) passes the same one, and the dozen small kernels that derive the ranges
+    cost the host ~0.4 ms per call (measured on H200, eager)."""
+    if torch.compiler.is_compiling():
+        return document_ranges(document_ids)
+    try:
+        version = document_ids._version
+    except RuntimeError:  # an inference tensor has no version counter: no caching
+        return document_ranges(document_ids)
+    if _RANGES_CACHE:
+        ref, cached_version, ranges = _RANGES_CACHE[0]
+        if ref() is document_ids and cached_version == version:
+            return ranges
+    ranges = document_ranges(document_ids)
+    _RANGES_CACHE[:] = [(weakref.ref(document_ids), version, ranges)]
+    return ranges
+
+
+def _kernel_built() -> bool:
+    # the constant-result forms: under torch.compile the choice is fixed at trace time
+    return extension._mode_now() != "reference" and extension._built()
+
+
+def _kernel_supports(q, k, v) -> bool:
+    return (all(t.is_cuda and t.dtype == torch.bfloat16 for t in (q, k, v)) and q.shape[-1] in (64, 128)
+            and k.shape[-1] == q.shape[-1])
+
+
+def _choose(q, k, v, causal: bool, document_ids) -> tuple[str, str]:
+    """(backend, reason) for these inputs."""
+    mode = extension._mode_now()
+    if mode == "reference":
+        return "reference", "MEGATRON_QWEN2_OPS=reference"
+    if not q.is_cuda:
+        return "reference", "inputs on the CPU"
+    built = _kernel_built()
+    if mode == "kernel" and not built:
+        raise RuntimeError("MEGATRON_QWEN2_OPS=kernel but megatron_qwen2._C is not built "
+                           "(pip install --no-build-isolation -e . on a CUDA machine)")
+    fits = built and _kernel_supports(q, k, v) and (not causal or q.shape[1] == k.shape[1])
+    if document_ids is not None:
+        if fits:
+            return "kernel", "packed documents: own kernel (varlen, tiles outside the documents skipped)"
+        return "sdpa_masked", ("packed documents but the kernel is " + ("not built" if not built else
+                               "not for these inputs (bf16, head_dim 64/128, sq == sk)") + ": dense masked SDPA")
+    if mode == "kernel" and fits:
+        return "kernel", "MEGATRON_QWEN2_OPS=kernel"
+    fa_ok = _flash_attn_func() is not None and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256
+    available = {"kernel": fits, "flash_attn": fa_ok, "sdpa": True}
+    order = DENSE_PREFERENCE.get(q.shape[-1], ("sdpa",))
+    for name in order:
+        if available.get(name):
+            return name, f"fastest available for head_dim {q.shape[-1]} in the measured order {order}"
+    return "sdpa", "nothing else accepts these inputs"
+
+
+def backend(q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
+            causal: bool = True, document_ids: Optional[torch.Tensor] = None) -> str:
+    """The backend `attention(q, k, v, causal, document_ids=...)` takes; without tensors, the one of a
+    CUDA bf16 causal call at Qwen2-7B shape (28 / 4 heads, head_dim 128) without documents."""
+    if q is None:
+        if not torch.cuda.is_available():
+            return "reference"
+        q = torch.empty(1, 1, 28, 128, device="cuda", dtype=torch.bfloat16)
+        k = v = torch.empty(1, 1, 4, 128, device="cuda", dtype=torch.bfloat16)
+    return _choose(q, k, v, causal, document_ids)[0]
+
+
+def backend_reason(q, k, v, causal: bool = True, document_ids: Optional[torch.Tensor] = None) -> str:
+    """Why `attention` takes `backend(...)` on these inputs, in words."""
+    name, why = _choose(q, k, v, causal, document_ids)
+    return f"{name}: {why}"
 
 
 def _sdpa_cuda(q, k, v, causal, softmax_scale):
@@ -37,6 +186,14 @@ def _sdpa_cuda(q, k, v, causal, softmax_scale):
         return reference.attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
 
 
+def _check_shapes(q, k, v) -> None:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"q must be [b, s, hq, d] and k, v [b, s, hkv, d]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"query heads {q.shape[2]} are not a multiple of kv heads {k.shape[2]}")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
               softmax_scale: float | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """q [b, s, hq, d], k/v [b, s, hkv, d] with hq % hkv == 0 -> [b, s, hq, d].
@@ -44,13 +201,64 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     document_ids [b, s]: several documents packed in a row; a token attends only to tokens of its
     own document (block-diagonal causal mask). None: one sequence per row.
     """
-    if q.shape[2] % k.shape[2] != 0:
-        raise ValueError(f"query heads {q.shape[2]} are not a multiple of kv heads {k.shape[2]}")
-    if document_ids is not None:  # SDPA with an explicit block-diagonal mask on every device (no varlen kernel yet)
-        return reference.attention(q, k, v, causal=causal, softmax_scale=softmax_scale, document_ids=document_ids)
-    if q.is_cuda and extension.mode() != "reference":
-        fa = _flash_attn_func()
-        if fa is not None and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256:
-            return fa(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    _check_shapes(q, k, v)
+    name, _ = _choose(q, k, v, causal, document_ids)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    if name == "kernel":
+        from megatron_qwen2.ops import library
+
+        ranges = _self_ranges(document_ids) if document_ids is not None else (None,) * 4
+        return library.flash_attention(q, k, v, causal, scale, *ranges)[0]
+    if name == "flash_attn":
+        return _flash_attn_func()(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    if name == "sdpa":
         return _sdpa_cuda(q, k, v, causal, softmax_scale)
-    return reference.attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    return reference.attention(q, k, v, causal=causal, softmax_scale=softmax_scale, document_ids=document_ids)
+
+
+# ---- Functional pair with the log-sum-exp (context parallelism merges partial outputs with it).
+
+def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                            softmax_scale: float | None = None,
+                            ranges: DocumentRanges | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [b, sq, hq, d], lse fp32 [b, hq, sq]) without autograd.
+
+    ranges: packed documents (`document_ranges`). Causal masks are bottom-right aligned: query i
+    sees key j <= i + sk - sq (the usual mask when sq == sk). A query that sees nothing gets out 0,
+    lse -inf. The kernel on CUDA when it supports the inputs, else the fp32 reference.
+    """
+    _check_shapes(q, k, v)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    if _kernel_built() and _kernel_supports(q, k, v):
+        from megatron_qwen2.ops import library
+
+        with torch.no_grad():
+            return library.flash_attention(q, k, v, causal, scale, *(ranges or (None,) * 4))
+    with torch.no_grad():
+        out, lse = reference.attention_with_lse(q.float(), k.float(), v.float(), causal, scale,
+                                                key_ranges=None if ranges is None else ranges[:2])
+    return out.to(q.dtype), lse
+
+
+def flash_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             out: torch.Tensor, lse: torch.Tensor, causal: bool = True,
+                             softmax_scale: float | None = None, ranges: DocumentRanges | None = None,
+                             dlse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `flash_attention_forward` given the gradients of out (and optionally lse).
+
+    dk / dv of a kv head are summed over its query heads. out and lse are those of the forward or,
+    in context parallelism, the merged ones (the formula only needs them consistent).
+    """
+    _check_shapes(q, k, v)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    if _kernel_built() and _kernel_supports(q, k, v):
+        from megatron_qwen2.ops import library
+
+        qr = (None, None) if ranges is None else (ranges.query_lo, ranges.query_hi)
+        with torch.no_grad():
+            return library.flash_attention_backward(dout, q, k, v, out, lse, dlse, causal, scale, *qr)
+    f32 = [t.float() for t in (dout, q, k, v, out)]
+    dq, dk, dv = reference.attention_backward_with_lse(*f32, lse.float(), causal, scale,
+                                                       key_ranges=None if ranges is None else ranges[:2],
+                                                       dlse=None if dlse is None else dlse.float())
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -270,3 +270,76 @@ def cross_entropy_backward(logits: Tensor, target: Tensor, lse: Tensor, grad: Te
 @cross_entropy_backward.register_fake
 def _(logits, target, lse, grad):
     return torch.empty_like(logits)
+
+
+# ---- Flash attention: q [b, sq, hq, d], k / v [b, sk, hkv, d] bf16 views (any batch / sequence /
+# head strides, contiguous last dimension). Packed documents: key_lo / key_hi int32 [b, sq] (query i
+# sees keys key_lo[i] <= j < key_hi[i]) and query_lo / query_hi int32 [b, sk] (key j is seen by
+# queries query_lo[j] <= i < query_hi[j]); ops.attention.document_ranges derives them. Returns out
+# (q's layout when q is dense, else contiguous) and lse fp32 [b, hq, sq], which the autograd formula
+# differentiates too (context parallelism merges partial outputs through it). query_lo / query_hi
+# left out with key_lo / key_hi given mean self-attention (the same document bounds serve both).
+
+def _attn_rows_ok(t: Tensor) -> bool:
+    """The kernel reads t in place: contiguous last dimension, batch / sequence / head strides in
+    whole 16-byte rows (the binding copies other layouts)."""
+    return t.stride(-1) == 1 and all(st % 8 == 0 or n == 1 for st, n in zip(t.stride()[:3], t.shape[:3]))
+
+
+def _attn_like(t: Tensor) -> Tensor:
+    """An empty tensor in the layout the binding gives an output shaped like t: t's layout when t
+    is dense (empty_like keeps it; a transposed view stays transposed), else contiguous."""
+    if not _attn_rows_ok(t):
+        return t.new_empty(t.shape)
+    out = torch.empty_like(t)
+    return out if _attn_rows_ok(out) else t.new_empty(t.shape)
+
+
+@custom_op("megatron_qwen2::flash_attention", mutates_args=())
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float,
+                    key_lo: Optional[Tensor] = None, key_hi: Optional[Tensor] = None,
+                    query_lo: Optional[Tensor] = None, query_hi: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    out, lse = _ext().flash_attention_forward(q, k, v, causal, softmax_scale, key_lo, key_hi)
+    return out, lse
+
+
+@flash_attention.register_fake
+def _(q, k, v, causal, softmax_scale, key_lo=None, key_hi=None, query_lo=None, query_hi=None):
+    return _attn_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+
+
+@custom_op("megatron_qwen2::flash_attention_backward", mutates_args=())
+def flash_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                             dlse: Optional[Tensor], causal: bool, softmax_scale: float,
+                             query_lo: Optional[Tensor] = None,
+                             query_hi: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = _ext().flash_attention_backward(dout, q, k, v, out, lse, dlse, causal, softmax_scale, query_lo,
+                                                 query_hi)
+    return dq, dk, dv
+
+
+@flash_attention_backward.register_fake
+def _(dout, q, k, v, out, lse, dlse, causal, softmax_scale, query_lo=None, query_hi=None):
+    dk = _attn_like(k)
+    return _attn_like(q), dk, torch.empty_strided(dk.shape, dk.stride(), dtype=dk.dtype, device=dk.device)
+
+
+def _flash_setup(ctx, inputs, output):
+    q, k, v, causal, softmax_scale, key_lo, key_hi, query_lo, query_hi = inputs
+    if key_lo is not None and query_lo is None:
+        if q.shape[1] != k.shape[1]:
+            raise ValueError("flash_attention: with sq != sk the backward needs query_lo / query_hi")
+        query_lo, query_hi = key_lo, key_hi  # self-attention: a key's queries are its document's
+    ctx.save_for_backward(q, k, v, output[0], output[1], query_lo, query_hi)
+    ctx.causal, ctx.softmax_scale = causal, softmax_scale
+
+
+def _flash_grad(ctx, dout, dlse):
+    q, k, v, out, lse, query_lo, query_hi = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout  # any strides: the kernel reads views
+    dq, dk, dv = flash_attention_backward(dout, q, k, v, out, lse, None if dlse is None else dlse.contiguous(),
+                                          ctx.causal, ctx.softmax_scale, query_lo, query_hi)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+flash_attention.register_autograd(_flash_grad, setup_context=_flash_setup)

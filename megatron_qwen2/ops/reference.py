@@ -51,6 +51,74 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     return out.transpose(1, 2)
 
 
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                       softmax_scale: float | None = None, document_ids: torch.Tensor | None = None,
+                       key_ranges: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit GQA attention in q's dtype: (out [b, sq, hq, d], lse [b, hq, sq]).
+
+    The definition the flash-attention kernel is tested against. Causal masks are aligned to the
+    bottom right (query i sees key j <= i + sk - sq), which is the usual top-left mask when
+    sq == sk; document_ids [b, s] (sq == sk) keep each query inside its document; key_ranges
+    (lo, hi) [b, sq] let query i see only keys lo[i] <= j < hi[i]. A query that sees no key gets
+    out 0 and lse -inf.
+    """
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    g = hq // hkv
+    qh = q.permute(0, 2, 1, 3).reshape(b, hkv, g, sq, d)
+    scores = torch.einsum("bhgid,bjhd->bhgij", qh, k) * scale  # [b, hkv, g, sq, sk]
+    visible = _visible(b, sq, sk, causal, document_ids, key_ranges, q.device)
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [b, hkv, g, sq]
+    p = torch.exp(scores - lse.unsqueeze(-1).masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0))
+    p = p.masked_fill(~visible[:, None, None], 0.0)
+    out = torch.einsum("bhgij,bjhd->bhgid", p, v)  # [b, hkv, g, sq, d]
+    out = out.reshape(b, hq, sq, d).permute(0, 2, 1, 3)
+    return out, lse.reshape(b, hq, sq)
+
+
+def _visible(b, sq, sk, causal, document_ids, key_ranges, device) -> torch.Tensor:
+    visible = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if causal:
+        visible = visible.tril(sk - sq)
+    visible = visible.expand(b, sq, sk)
+    if document_ids is not None:
+        visible = visible & (document_ids[:, :, None] == document_ids[:, None, :])
+    if key_ranges is not None:
+        j = torch.arange(sk, device=device)
+        visible = visible & (j >= key_ranges[0][:, :, None]) & (j < key_ranges[1][:, :, None])
+    return visible
+
+
+def attention_backward_with_lse(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                out: torch.Tensor, lse: torch.Tensor, causal: bool = True,
+                                softmax_scale: float | None = None, document_ids: torch.Tensor | None = None,
+                                key_ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
+                                dlse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) by the flash-attention formula from a given out and lse (e.g. merged over K/V
+    blocks by context parallelism): P = exp(S - lse), dS = P * (dO V^T - rowsum(dO * out) + dlse)."""
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    g = hq // hkv
+    qh = q.permute(0, 2, 1, 3).reshape(b, hkv, g, sq, d)
+    doh = dout.to(q.dtype).permute(0, 2, 1, 3).reshape(b, hkv, g, sq, d)
+    scores = torch.einsum("bhgid,bjhd->bhgij", qh, k) * scale
+    finite = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse).to(q.dtype)
+    p = torch.exp(scores - finite.reshape(b, hkv, g, sq, 1))
+    p = p.masked_fill(~_visible(b, sq, sk, causal, document_ids, key_ranges, q.device)[:, None, None], 0.0)
+    delta = (dout.to(q.dtype) * out.to(q.dtype)).sum(-1).transpose(1, 2)  # [b, hq, sq]
+    if dlse is not None:
+        delta = delta - dlse.to(q.dtype)
+    dp = torch.einsum("bhgid,bjhd->bhgij", doh, v)
+    ds = p * (dp - delta.reshape(b, hkv, g, sq, 1))
+    dv = torch.einsum("bhgij,bhgid->bjhd", p, doh)
+    dk = torch.einsum("bhgij,bhgid->bjhd", ds, qh) * scale
+    dq = torch.einsum("bhgij,bjhd->bhgid", ds, k).reshape(b, hq, sq, d).permute(0, 2, 1, 3) * scale
+    return dq, dk, dv
+
+
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual): the residual add of a pre-norm block fused with the norm."""

@@ -85,6 +85,35 @@ def test_rms_norm_unaligned_and_empty_and_deterministic():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@pytest.mark.parametrize("dtype,shape", [(torch.bfloat16, (4099, 1536)), (torch.bfloat16, (1000, 896)),
+                                         (torch.bfloat16, (300, 2048)), (torch.float32, (513, 1024)),
+                                         (torch.float16, (77, 24))])
+def test_rms_norm_warp_rows_path_matches_block_path(monkeypatch, dtype, shape):
+    """Short rows take the warp-per-row kernels; MEGATRON_QWEN2_RMS_WARP_ROWS=0 forces the block ones."""
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    res = torch.randn(shape, device="cuda", dtype=dtype)
+    w = 1 + 0.3 * torch.randn(shape[-1], device="cuda", dtype=dtype)
+    dy, ds = torch.randn_like(x), torch.randn_like(x)
+    ext = extension.load()
+    out = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MEGATRON_QWEN2_RMS_WARP_ROWS", flag)
+        y, rstd, s = ext.rms_norm_forward(x, res, w, 1e-6)
+        dx, dw = ext.rms_norm_backward(dy, s, w, rstd, ds)
+        dx2, dw2 = ext.rms_norm_backward(dy, s, w, rstd, ds)
+        assert torch.equal(dx, dx2) and torch.equal(dw, dw2), "backward is not deterministic"
+        out[flag] = (y, s, dx, dw)
+    sr = (x.double() + res.double()).to(dtype).double().requires_grad_(True)
+    wr = w.double().requires_grad_(True)
+    yr = reference.rms_norm(sr, wr, 1e-6)
+    yr.backward(dy.double())
+    for y, s, dx, dw in out.values():
+        assert torch.equal(s, out["0"][1])
+        check(y, yr, dtype)
+        check(dx, sr.grad + ds.double(), dtype, 2)
+        check(dw, wr.grad, dtype, 2)
+
+
 def test_rms_norm_rejects_bad_input():
     ext = extension.load()
     with pytest.raises(RuntimeError, match="weight"):
