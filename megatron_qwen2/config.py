@@ -284,8 +284,15 @@ class Config:
         # More tp ranks than kv heads: each kv head is replicated on tp / num_kv_heads ranks.
         _require(m.num_kv_heads % p.tp == 0 or p.tp % m.num_kv_heads == 0,
                  f"model.num_kv_heads={m.num_kv_heads} and parallel.tp={p.tp}: one must divide the other")
+        if p.cp > 1:
+            _require(t.seq_length % (2 * p.cp) == 0,
+                     f"train.seq_length={t.seq_length} is not divisible by 2*parallel.cp = {2 * p.cp} "
+                     "(context parallelism cuts each sequence into 2*cp chunks, two per cp rank)")
         if p.sequence_parallel and p.tp > 1:
-            _require(t.seq_length % p.tp == 0,
+            _require((t.seq_length // p.cp) % p.tp == 0,
+                     f"train.seq_length={t.seq_length} / parallel.cp={p.cp} = {t.seq_length // p.cp} tokens per cp "
+                     f"rank is not divisible by parallel.tp={p.tp} (sequence parallelism cuts them across tp ranks)"
+                     if p.cp > 1 else
                      f"train.seq_length={t.seq_length} is not divisible by parallel.tp={p.tp} "
                      "(sequence parallelism cuts the sequence across tp ranks)")
         _require(m.num_layers % p.pp == 0 or p.pp_layout is not None,

@@ -39,13 +39,6 @@ from megatron_qwen2.model.moe import moe_load_stats, set_moe_loss_scale
 from megatron_qwen2.parallel.tp_grads import sync_tp_grads
 
 
-def _check_supported(cfg: Config) -> None:
-    p = cfg.parallel
-    if p.cp > 1:
-        raise ValueError(f"parallel.cp={p.cp}: this training loop runs tensor, sequence, pipeline, data and "
-                         "expert parallelism; the context-parallel degree must be 1")
-
-
 EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: a checkpoint was saved at the step boundary (EX_TEMPFAIL: requeue)
 EXIT_NONFINITE = 3  # NaN/Inf loss or grad norm with train.on_nonfinite=stop
 EXIT_CONFIG = 2  # a bad config value or an unusable checkpoint, before training
@@ -97,7 +90,6 @@ def train(cfg: Config, run_dir: Path, on_step_start=None) -> dict:
     Returns the last step's metrics (on every rank) with "status": "completed", or "preempted"
     after a SIGTERM/SIGUSR1 saved a checkpoint. on_step_start(step) is a hook for tests.
     """
-    _check_supported(cfg)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda but no CUDA device is available; use device=cpu")
     world_size, rank = init_distributed(cfg.device)
@@ -119,11 +111,13 @@ def train(cfg: Config, run_dir: Path, on_step_start=None) -> dict:
     params = [p for chunk in chunks for p in chunk.parameters()]
     tied = [p for chunk in chunks for n, p in chunk.named_parameters() if n == "embedding.weight"
             and cfg.model.tie_word_embeddings and topo.pp > 1]
-    grads = GradBuffer(params, topo.group("dp"), bucket_size=cfg.parallel.bucket_size,
+    # Parameters are replicated over dp and cp: their gradients are summed (and, with the
+    # distributed optimizer, sharded) over dp x cp; expert parameters over expert_dp x cp.
+    grads = GradBuffer(params, topo.group("dp_cp"), bucket_size=cfg.parallel.bucket_size,
                        shard=cfg.parallel.distributed_optimizer, overlap=cfg.parallel.overlap_grad_reduce,
-                       deferred=tied, expert_dp_group=topo.group("expert_dp"))
+                       deferred=tied, expert_dp_group=topo.group("expert_dp_cp"))
     optimizer = MixedPrecisionOptimizer(grads, cfg.optim, topo.group("tp"), norm_groups=[topo.group("mp")],
-                                        ep_group=topo.group("ep"))
+                                        ep_group=topo.group("ep"), cp_group=topo.group("cp"))
     runner = PipelineRunner(chunks, cfg.model, topo, t.micro_batch_size, t.seq_length, dtype, device)
     for chunk in chunks:
         chunk.set_recompute(t.recompute, t.recompute_num_layers)
@@ -138,7 +132,7 @@ def train(cfg: Config, run_dir: Path, on_step_start=None) -> dict:
     if is_logger:
         print(f"model {cfg.model.name}: {count_parameters(cfg.model) / 1e6:.2f}M parameters; {len(dataset)} samples "
               f"of {t.seq_length} tokens per epoch; tp={topo.tp} pp={topo.pp} vpp={topo.vpp} dp={topo.dp} "
-              f"sp={topo.sequence_parallel}; run dir {run_dir}", flush=True)
+              f"cp={topo.cp} sp={topo.sequence_parallel}; run dir {run_dir}", flush=True)
 
     ckpt_root = run_dir / "checkpoints"
     start_step = restore(cfg, ckpt_root, chunks, optimizer, topo, say)
@@ -181,10 +175,11 @@ def train(cfg: Config, run_dir: Path, on_step_start=None) -> dict:
                             num_tokens=num_tokens)
         grads.finish(before_deferred=lambda ps: sum_tied_embedding_grads(ps, topo))
         sync_tp_grads(params, topo.group("tp"))
-        # Only the last pipeline stage saw the losses; sum over stages and data-parallel ranks
-        # (on the device: NCCL reduces device tensors), before the update so a NaN can stop it.
+        # Only the last pipeline stage saw the losses; sum over stages, data-parallel ranks and the
+        # cp ranks' shares of the sequence (on the device: NCCL reduces device tensors), before the
+        # update so a NaN can stop it.
         sums = torch.stack([result.loss_sum, result.aux_sum])
-        for group in (topo.group("pp"), topo.group("dp")):
+        for group in (topo.group("pp"), topo.group("dp_cp")):
             if group is not None:
                 dist.all_reduce(sums, group=group)
         sums = sums.cpu()
@@ -222,7 +217,7 @@ def train(cfg: Config, run_dir: Path, on_step_start=None) -> dict:
         metrics.update(memory_metrics(device))
         if cfg.model.is_moe:
             metrics["aux_loss"] = sums[1].item() / total_micro
-            metrics.update(moe_load_stats(chunks, topo.group("dp")))  # this stage's layers, whole batch
+            metrics.update(moe_load_stats(chunks, topo.group("dp_cp")))  # this stage's layers, whole batch
         if t.eval_interval and ((step + 1) % t.eval_interval == 0 or step + 1 == t.steps):
             val = evaluate(runner, valid_dataset, cfg, topo, device)
             if val is not None:
@@ -287,7 +282,8 @@ def restore(cfg: Config, ckpt_root: Path, chunks, optimizer, topo: Topology, say
                                   f"global batch size it was saved with")
         lay = state.get("layout", {})
         say(f"resumed from {found} at step {step} (saved under tp={lay.get('tp')} pp={lay.get('pp')} "
-            f"vpp={lay.get('vpp')} dp={lay.get('dp')} ep={lay.get('ep')}) in {time.perf_counter() - began:.1f}s")
+            f"vpp={lay.get('vpp')} dp={lay.get('dp')} cp={lay.get('cp', 1)} ep={lay.get('ep')}) "
+            f"in {time.perf_counter() - began:.1f}s")
         return step
     if t.init_from:
         src = resolve_checkpoint_dir(t.init_from)  # follows `latest`
@@ -316,7 +312,7 @@ def evaluate(runner: PipelineRunner, dataset, cfg: Config, topo: Topology, devic
         result = runner.forward_only(batch.split(t.micro_batch_size), loss_scale=1.0 / total_micro, aux_coef=0.0,
                                      num_tokens=num_tokens)
         loss = result.loss_sum.reshape(1)
-        for group in (topo.group("pp"), topo.group("dp")):
+        for group in (topo.group("pp"), topo.group("dp_cp")):
             if group is not None:
                 dist.all_reduce(loss, group=group)
         losses.append(loss.item() / total_micro)

@@ -2,7 +2,7 @@
 
 Every rank writes the pieces of master weights and Adam moments it owns, each as a chunk of
 the global tensor (global name, global shape, offsets; checkpoint/sharding.py says where each
-piece sits), so a checkpoint saved under one layout (tp, pp, vpp, dp, ep, distributed
+piece sits), so a checkpoint saved under one layout (tp, pp, vpp, dp, cp, ep, distributed
 optimizer on or off) loads under any other: each rank asks DCP for the boxes it needs and DCP
 reads them from whichever chunks overlap. No DTensor or DeviceMesh is involved, so the same
 code runs over gloo on CPUs and NCCL on GPUs.
@@ -171,11 +171,13 @@ def parameter_names(chunks: list[torch.nn.Module]) -> dict[int, str]:
     return {id(p): name for chunk in chunks for name, p in chunk.named_parameters()}
 
 
-def _dp_writes(p: torch.Tensor, topo, sharded: bool) -> bool:
-    """Data-parallel replicas: one writes, unless the distributed optimizer gave each rank other fragments."""
+def _dp_writes(p: torch.Tensor, buffer, sharded: bool) -> bool:
+    """Replicas of a parameter (over the group its gradient bucket reduces over: dp, or dp x cp with
+    context parallelism; expert_dp(x cp) for experts): one writes, unless the distributed optimizer gave
+    each rank of that group other fragments."""
     if sharded:
         return True
-    group = topo.group("expert_dp") if getattr(p, "ep_split_dim", None) is not None else topo.group("dp")
+    group = buffer.bucket_of[p].group
     return group is None or dist.get_rank(group) == 0
 
 
@@ -315,7 +317,7 @@ def _prepare_save(ckpt_root, step, chunks, optimizer, topo, model_cfg, train_sta
     model_items, optim_items = {}, {}
     for (pname, gshape, pieces), f, st in zip(_fragment_pieces(optimizer, names, topo), optimizer.fragments,
                                               state["fragments"]):
-        if not _dp_writes(f.param, topo, sharded):
+        if not _dp_writes(f.param, optimizer.buffer, sharded):
             continue
         for pc in pieces:
             if not pc.writer:
@@ -329,7 +331,7 @@ def _prepare_save(ckpt_root, step, chunks, optimizer, topo, model_cfg, train_sta
     meta = None
     if rank == 0:
         layout = {"world_size": topo.world_size, "tp": topo.tp, "pp": topo.pp, "vpp": topo.vpp, "dp": topo.dp,
-                  "ep": topo.ep, "distributed_optimizer": sharded}
+                  "cp": topo.cp, "ep": topo.ep, "distributed_optimizer": sharded}
         meta = {CONFIG_FILE: dataclasses.asdict(model_cfg), RUN_CONFIG_FILE: run_config,
                 TRAIN_STATE_FILE: dict(train_state, step=step, optimizer_step=state["step"], layout=layout,
                                        format=FORMAT_VERSION, torch=torch.__version__)}

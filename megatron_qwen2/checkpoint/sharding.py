@@ -11,6 +11,10 @@ the only place that reads the sharding attributes of parameters:
 - `ep_split_dim`: the dimension cut over the expert-parallel group (expert weights, dim 0);
 - `pipeline_copy`: the last stage's copy of a tied embedding (never written; read like the original).
 
+Replication over data and context parallelism (dp, cp) is not a property of the parameter: the
+ranks of its gradient bucket's group hold the same values, and the checkpoint writer picks one of
+them (checkpoint/distributed.py), so the layout on disk does not depend on dp or cp.
+
 `flat_pieces` then cuts a flat range of the local tensor (a distributed-optimizer fragment)
 into boxes that are contiguous in memory and lie inside one region each, so every piece of
 master weights or Adam state is a plain chunk of a global tensor with offsets.

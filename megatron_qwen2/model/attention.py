@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from megatron_qwen2 import ops
 from megatron_qwen2.config import ModelConfig
+from megatron_qwen2.parallel.cp import ContextParallelRing, ring_attention
 from megatron_qwen2.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_qwen2.parallel.topology import Topology
 
@@ -38,6 +39,10 @@ class SelfAttention(nn.Module):
     whole groups, and the query heads of a rank only read the kv heads it holds. With more
     tp ranks than kv heads, each rank holds one kv head (shared with tp / kv_heads - 1 other
     ranks, whose k/v gradients are summed by `sync_tp_grads`) and a slice of its query heads.
+
+    With context parallelism (cp > 1) the sequence is this cp rank's share (chunks r and 2cp-1-r
+    of the row, parallel/cp.py) and attention is ring attention over the cp group: this rank's
+    K/V (its kv heads) travel round the ring; the queries stay.
     """
 
     def __init__(self, cfg: ModelConfig, topo: Topology):
@@ -63,12 +68,15 @@ class SelfAttention(nn.Module):
                 if p is not None:
                     p.tp_kv_replica = (kv_head, nkv, kv_local)
         self.out = RowParallelLinear(nq * d, cfg.hidden_size, bias=False, group=tp_group, sequence_parallel=sp)
+        self.cp_ring = ContextParallelRing.from_topology(topo)  # None when cp == 1
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [s, b, h] -> [s, b, h] (both [s/tp, b, h] with sequence parallelism).
 
-        document_ids [b, s] (the full sequence): attention stays inside each packed document.
+        document_ids [b, s] (the full sequence, gathered over sp): attention stays inside each
+        packed document. With cp > 1, s is this cp rank's share of the row and document_ids are
+        the ids of those tokens; cos/sin belong to the same tokens.
         """
         qkv = self.qkv(x)  # [s, b, local heads * d]: the full sequence either way
         s, b = qkv.shape[:2]
@@ -77,7 +85,11 @@ class SelfAttention(nn.Module):
         q = qkv[:, :, :, :g].reshape(s, b, self.kv_heads_local * g, self.head_dim)
         k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
         q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
-        # The door takes [b, s, heads, d]; transposed views, no copies.
-        o = ops.attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                          causal=True, softmax_scale=self.softmax_scale, document_ids=document_ids)
+        # The door and the ring take [b, s, heads, d]; transposed views, no copies.
+        if self.cp_ring is not None:
+            o = ring_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self.cp_ring,
+                               softmax_scale=self.softmax_scale, document_ids=document_ids)
+        else:
+            o = ops.attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                              causal=True, softmax_scale=self.softmax_scale, document_ids=document_ids)
         return self.out(o.transpose(0, 1).reshape(s, b, -1))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from megatron_qwen2 import ops
 from megatron_qwen2.config import ModelConfig
 from megatron_qwen2.model.mlp import MLP
+from megatron_qwen2.parallel.cp import sum_over_cp
 from megatron_qwen2.parallel.expert_dispatch import TokenDispatcher
 from megatron_qwen2.parallel.mappings import gather_from_sp, scatter_to_sp
 from megatron_qwen2.parallel.topology import Topology
@@ -135,18 +136,23 @@ class MoEBlock(nn.Module):
     copies to them and back.
 
     Aux loss: the router sums [2, E] cover exactly one micro-batch (all of its sequence, gathered
-    over tp), which is Megatron's `aux_loss` statistic over the tp(x cp) group that shares a
-    sequence. The ep ranks each run a different micro-batch, so their statistics are not pooled:
-    that keeps the loss a function of the micro-batch alone and every layout equal to one process.
+    over tp and summed over cp), which is Megatron's `aux_loss` statistic over the tp x cp group
+    that shares a sequence. The ep ranks each run a different micro-batch, so their statistics are
+    not pooled: that keeps the loss a function of the micro-batch alone and every layout equal to
+    one process. With cp > 1 the block returns the cp sums divided by cp, i.e. the statistic of the
+    micro-batch scaled to this rank's token count (the loss divides by the local count), and each
+    cp rank back-propagates the aux loss into its own tokens only (`sum_over_cp`).
 
     z-loss (model.moe_z_loss_coef > 0): coef * mean over tokens of logsumexp(router logits)^2,
     added to the loss through the backward (`_AttachLoss`) scaled by `loss_scale`, which the
-    training loop sets to the weight of one micro-batch (`set_moe_loss_scale`).
+    training loop sets to the weight of one micro-batch (`set_moe_loss_scale`). With cp > 1 each cp
+    rank's mean covers its share of the tokens, so each adds 1/cp of it.
     """
 
     def __init__(self, cfg: ModelConfig, topo: Topology):
         super().__init__()
         self.sp_group = topo.group("tp") if topo.sequence_parallel else None
+        self.cp_group, self.cp = topo.group("cp"), topo.cp
         self.router = Router(cfg)
         self.experts = Experts(cfg, topo)
         self.dispatcher = TokenDispatcher(cfg.num_experts, topo.group("ep"), cfg.moe_capacity_factor)
@@ -197,9 +203,11 @@ class MoEBlock(nn.Module):
             z = torch.logsumexp(logits.float(), dim=-1).square().mean()
             self.z_loss_sum += z.item()
             self.z_loss_count += 1
-            out = _AttachLoss.apply(out, self.z_loss_coef * z, self.loss_scale)
-        self.load = self.load.to(sums.device) + sums[0].detach()
+            out = _AttachLoss.apply(out, self.z_loss_coef * z, self.loss_scale / self.cp)
+        self.load = self.load.to(sums.device) + sums[0].detach()  # this rank's tokens (stats sum over dp x cp)
         self.dropped += self.dispatcher.dropped
+        if self.cp_group is not None:
+            sums = sum_over_cp(sums, self.cp_group) / self.cp
         return scatter_to_sp(out.view(shape), self.sp_group), sums
 
 

@@ -6,7 +6,13 @@ copy and their fp32 main-grad view. Without sharding each parameter is one fragm
 reduce-scatter leaves summed on it), keeps master weights and Adam moments for that range
 only, updates it, and the buffers all-gather the updated parameters afterwards. Expert
 parameters (sharded over ep) sit in buckets of the expert-dp group, so their shards are 1/expert_dp
-of those buckets; each bucket says which group it belongs to.
+of those buckets; each bucket says which group it belongs to. With context parallelism the
+buffer's groups are dp x cp and expert_dp x cp (the parameters are replicated over cp), so a
+shard is 1/(dp*cp) of a bucket.
+
+Gradient norm: partial sums of squares are added over the groups that hold different pieces
+(the buffer's group when sharded, ep for experts), then over the model-parallel group tp x cp x pp.
+The cp ranks of that group hold the same gradients, so only cp rank 0 brings its sum to it.
 """
 
 from __future__ import annotations
@@ -30,16 +36,20 @@ class Fragment:
     master: torch.Tensor  # fp32; a view of the parameter itself when it is fp32
     counts_in_norm: torch.Tensor  # bool mask: False where another tp rank counts the element
     expert: bool = False  # sharded over ep: its squared norm is summed over ep too
+    counts_all: bool = True  # the mask is all True (decided once, so the norm needs no host sync)
 
 
 class MixedPrecisionOptimizer:
     """Clip by the global grad norm, AdamW on fp32 masters, write back to the model."""
 
     def __init__(self, buffer: GradBuffer, cfg: OptimConfig, tp_group: Optional[dist.ProcessGroup],
-                 norm_groups: list[Optional[dist.ProcessGroup]], ep_group: Optional[dist.ProcessGroup] = None):
+                 norm_groups: list[Optional[dist.ProcessGroup]], ep_group: Optional[dist.ProcessGroup] = None,
+                 cp_group: Optional[dist.ProcessGroup] = None):
         self.buffer, self.cfg = buffer, cfg
         self.tp_group = tp_group
         self.tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
+        # cp ranks hold the same (reduced) gradients; only the first counts them in the norm.
+        self.cp_rank = 0 if cp_group is None else dist.get_rank(cp_group)
         # Groups over which squared-norm partial sums are added: model-parallel ones, plus dp when sharded.
         self.norm_groups = [g for g in norm_groups if g is not None]
         # Non-expert parameters: those, plus dp when sharded. Expert parameters: those, plus ep (each
@@ -54,7 +64,10 @@ class MixedPrecisionOptimizer:
         groups = [{"params": [f.master for f in decay], "weight_decay": cfg.weight_decay},
                   {"params": [f.master for f in no_decay], "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        # One fused kernel over all masters on CUDA (the multi-tensor foreach version elsewhere).
+        fused = bool(self.fragments) and self.fragments[0].master.is_cuda
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                           fused=fused or None)
         self.num_steps = 0  # Adam steps taken (skipped steps do not count)
 
     def _make_fragments(self) -> list[Fragment]:
@@ -71,7 +84,8 @@ class MixedPrecisionOptimizer:
                     continue
                 flat = p.detach().view(-1)[s:e]
                 master = flat if p.dtype == torch.float32 else flat.float()
-                frags.append(Fragment(p, s, e, master, self._norm_mask(p)[s:e], expert=bucket.expert))
+                mask = self._norm_mask(p)[s:e]
+                frags.append(Fragment(p, s, e, master, mask, expert=bucket.expert, counts_all=bool(mask.all())))
         return frags
 
     def _norm_mask(self, p: torch.nn.Parameter) -> torch.Tensor:
@@ -94,9 +108,15 @@ class MixedPrecisionOptimizer:
     def grad_norm(self) -> float:
         """The L2 norm of the full model's gradient, identical on every rank."""
         sq = torch.zeros(2, dtype=torch.float32, device=self.buffer.grad_data.device)  # [dense, expert]
-        for f in self.fragments:
-            g = self._grad(f)
-            sq[int(f.expert)] += (g * f.counts_in_norm).square().sum() if not f.counts_in_norm.all() else g.square().sum()
+        for expert in (False, True):
+            frags = [f for f in self.fragments if f.expert == expert]
+            grads = [self._grad(f) if f.counts_all else self._grad(f) * f.counts_in_norm for f in frags]
+            if not grads:
+                continue
+            if sq.is_cuda:  # multi-tensor norms: a few kernels and no host sync
+                sq[int(expert)] = torch.stack(torch._foreach_norm(grads)).square().sum()
+            else:  # the CPU's per-tensor sums of squares round less than its foreach norms
+                sq[int(expert)] = torch.stack([g.square().sum() for g in grads]).sum()
         for group in self.dense_norm_groups:
             part = sq[:1].clone()
             dist.all_reduce(part, group=group)
@@ -108,6 +128,8 @@ class MixedPrecisionOptimizer:
                 sq[1:] = part
         # Model-parallel groups last: a pipeline stage without experts must receive the expert sums
         # of the other stages only after each stage has summed them over its ep group.
+        if self.cp_rank != 0:  # its sums equal cp rank 0's: the model-parallel sum counts them once
+            sq.zero_()
         for group in self.norm_groups:
             dist.all_reduce(sq, group=group)
         return sq.sum().sqrt().item()
@@ -124,16 +146,21 @@ class MixedPrecisionOptimizer:
         scale = 1.0
         if self.cfg.clip_grad > 0 and norm > self.cfg.clip_grad:
             scale = self.cfg.clip_grad / (norm + 1e-6)
-        for f in self.fragments:
-            f.master.grad = self._grad(f) * scale if scale != 1.0 else self._grad(f)
+        grads = [self._grad(f) for f in self.fragments]  # views of the main grads: no copies
+        if scale != 1.0:  # clipped in place (the buffer is zeroed before the next step's backward)
+            torch._foreach_mul_(grads, scale)
+        for f, g in zip(self.fragments, grads):
+            f.master.grad = g
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.num_steps += 1
+        copies = [f for f in self.fragments if f.param.dtype != torch.float32]
         for f in self.fragments:
             f.master.grad = None
-            if f.param.dtype != torch.float32:
-                f.param.detach().view(-1)[f.start:f.end].copy_(f.master)
+        if copies:
+            torch._foreach_copy_([f.param.detach().view(-1)[f.start:f.end] for f in copies],
+                                 [f.master for f in copies])
         self.buffer.gather_params()
         return norm
 
@@ -169,7 +196,9 @@ class MixedPrecisionOptimizer:
             self.optimizer.state.pop(f.master, None)
             if self.num_steps > 0 and "exp_avg" in st:
                 self.optimizer.state[f.master] = {
-                    "step": torch.tensor(float(self.num_steps), dtype=torch.float32),
+                    # the fused kernel reads the step count on the device, the foreach one on the host
+                    "step": torch.tensor(float(self.num_steps), dtype=torch.float32,
+                                         device=f.master.device if self.optimizer.defaults.get("fused") else "cpu"),
                     "exp_avg": st["exp_avg"].to(f.master),
                     "exp_avg_sq": st["exp_avg_sq"].to(f.master)}
         self.buffer.gather_params()

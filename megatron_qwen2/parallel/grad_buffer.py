@@ -15,7 +15,12 @@ has run, so that their cross-stage sum happens on the unreduced gradients.
 Expert parameters (marked `ep_split_dim`, sharded over the ep group) are replicated only over
 the expert-data-parallel group: they sit in buckets of their own, which reduce (and, under the
 distributed optimizer, shard) over `expert_dp_group` instead of dp. Every bucket carries its
-group, so the optimizer and the all-gather of updated shards follow it.
+group, so the optimizer, the all-gather of updated shards and the checkpoint writers follow it.
+
+Context parallelism: the cp ranks of a replica hold the same parameters and each back-propagates
+its share of the sequence, so the training loop passes the dp x cp group as `dp_group` and
+expert_dp x cp as `expert_dp_group` (topology kinds dp_cp and expert_dp_cp): the bucket sums
+then add every token's contribution, and shards are 1/(dp*cp) of a bucket.
 """
 
 from __future__ import annotations
@@ -144,7 +149,10 @@ class GradBuffer:
             b.handle = None
 
     def _on_grad(self, p: torch.nn.Parameter) -> None:
-        p.main_grad.add_(p.grad)
+        if getattr(p, "wgrad_in_main_grad", False):  # the GEMM already added it (layers._LinearMainGrad)
+            p.wgrad_in_main_grad = False
+        else:
+            p.main_grad.add_(p.grad)
         p.grad = None
         self._count[id(p)] += 1
         if self._count[id(p)] < self._expected:

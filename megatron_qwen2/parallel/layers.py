@@ -12,6 +12,7 @@ gradients are summed over tp before the optimizer step.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -79,6 +80,48 @@ def gather_full(p: torch.Tensor, local: torch.Tensor, group: Optional[dist.Proce
     return full
 
 
+def _fuse_wgrad(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether weight's gradient can be added straight into its fp32 `main_grad` by the GEMM."""
+    return (x.is_cuda and torch.is_grad_enabled() and weight.requires_grad and hasattr(weight, "main_grad")
+            and os.environ.get("MEGATRON_QWEN2_WGRAD_FUSION", "1") != "0")
+
+
+class _LinearMainGrad(torch.autograd.Function):
+    """y = x W^T + b, whose backward accumulates dW = dy^T x into W.main_grad (fp32) inside the GEMM.
+
+    The unfused path writes a bf16 dW and adds it to main_grad afterwards (12 bytes moved per
+    parameter per micro-batch, and a bf16 rounding of dW). Autograd still gets a gradient for W,
+    an uninitialised placeholder, so the gradient buffer's per-parameter hook fires in order; the
+    flag `wgrad_in_main_grad` tells it the gradient is already in main_grad. `weight` is the
+    parameter itself (any shape [..., in]); it is multiplied as [-1, in].
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight.reshape(-1, weight.shape[-1]), bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        w = weight.reshape(-1, weight.shape[-1])
+        dx = dy.matmul(w) if ctx.needs_input_grad[0] else None
+        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+        main = weight.main_grad.view(w.shape)
+        torch.addmm(main, dy2.t(), x2, out_dtype=torch.float32, out=main)
+        weight.wgrad_in_main_grad = True
+        db = dy2.sum(0) if ctx.has_bias else None
+        return dx, torch.empty_like(weight), db
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [..., in] @ weight[-1, in]^T (+ bias), with the weight gradient fused into main_grad on CUDA."""
+    if _fuse_wgrad(x, weight):
+        return _LinearMainGrad.apply(x, weight, None if bias is None else bias.reshape(-1))
+    return F.linear(x, weight.reshape(-1, weight.shape[-1]), None if bias is None else bias.reshape(-1))
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W split along its output rows; the input is shared by all tp ranks.
 
@@ -118,9 +161,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [s, b, in] ([s/tp, b, in] with sequence parallelism) -> [s, b, stack * out/tp]."""
         x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
-        w = self.weight.reshape(-1, self.weight.shape[-1])
-        b = None if self.bias is None else self.bias.reshape(-1)
-        return F.linear(x, w, b)
+        return linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -141,7 +182,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [s, b, in/tp] -> [s, b, out] ([s/tp, b, out] with sequence parallelism)."""
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         y = reduce_scatter_to_sp(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
         return y if self.bias is None else y + self.bias
 

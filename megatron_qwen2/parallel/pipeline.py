@@ -13,6 +13,11 @@ not), and messages between two ranks are consumed in the order they are sent (te
 
 Between stages travel the hidden states [s(/tp), b, h] and, for MoE models, the running
 router sums [2, E] of the load-balancing loss; their shapes are known before the step.
+
+Context parallelism: each cp rank runs every micro-batch on its share of the sequence (chunks r
+and 2cp-1-r of each row, parallel/cp.py). The runner cuts inputs, labels, loss mask, positions
+(global, or reset per document) and document ids the same way before the first stage, so the
+hidden states between stages are [s/cp(/tp), b, h].
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch.distributed as dist
 from megatron_qwen2.config import ModelConfig, ParallelConfig
 from megatron_qwen2.data.batch import Batch, as_batch
 from megatron_qwen2.model import Qwen2Model
+from megatron_qwen2.parallel.cp import split_sequence
 from megatron_qwen2.parallel.schedule import Action, build_schedule
 from megatron_qwen2.parallel.topology import Topology
 
@@ -63,7 +69,30 @@ class StepResult:
     # Sum over this rank's micro-batches of each one's token-loss term / loss_scale (last stage only):
     # summed over all ranks and multiplied by loss_scale, the global batch's loss.
     loss_sum: torch.Tensor
-    aux_sum: torch.Tensor  # sum over this rank's micro-batches of the MoE aux loss
+    aux_sum: torch.Tensor  # sum over this rank's micro-batches of the MoE aux loss (on cp rank 0 only)
+
+
+@dataclass
+class LocalMicroBatch:
+    """What this rank's stages read of a micro-batch: its share of the sequence ([b, s/cp] each)."""
+
+    inputs: torch.Tensor  # token ids
+    labels: torch.Tensor
+    positions: torch.Tensor  # RoPE positions
+    document_ids: Optional[torch.Tensor]
+    loss_mask: Optional[torch.Tensor]
+    counted: Union[int, torch.Tensor]  # labels of the whole micro-batch (all cp shares) that count in the loss
+
+
+def local_microbatch(mb: Batch, cp: int, cp_rank: int) -> LocalMicroBatch:
+    """Cut a micro-batch to this cp rank's share of every row (the identity when cp == 1)."""
+    def share(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else split_sequence(t, cp, cp_rank, dim=1)
+
+    return LocalMicroBatch(inputs=share(mb.tokens[:, :-1]), labels=share(mb.tokens[:, 1:]),
+                           positions=share(mb.positions()), document_ids=share(mb.document_ids),
+                           loss_mask=share(mb.loss_mask),
+                           counted=mb.loss_mask.sum() if mb.loss_mask is not None else mb.tokens[:, 1:].numel())
 
 
 class PipelineRunner:
@@ -78,7 +107,10 @@ class PipelineRunner:
             ranks = next(r for r in topo.rank_lists("pp") if topo.rank in r)
             self.next_rank = ranks[(topo.pp_rank + 1) % topo.pp]
             self.prev_rank = ranks[(topo.pp_rank - 1) % topo.pp]
-        s_local = seq_length // topo.tp if topo.sequence_parallel else seq_length
+        if topo.cp > 1 and seq_length % (2 * topo.cp) != 0:
+            raise ValueError(f"train.seq_length={seq_length} is not divisible by 2*parallel.cp = {2 * topo.cp}")
+        s_local = seq_length // topo.cp
+        s_local = s_local // topo.tp if topo.sequence_parallel else s_local
         # What travels between stages, identical for activations and their gradients.
         self.specs = [((s_local, micro_batch_size, cfg.hidden_size), dtype)]
         if cfg.is_moe:
@@ -110,14 +142,14 @@ class PipelineRunner:
 
     @staticmethod
     def _token_loss_term(token_loss: torch.Tensor, mask: Optional[torch.Tensor], loss_scale: float,
-                         num_tokens: Optional[int]) -> torch.Tensor:
-        """A micro-batch's share of the global batch's token loss (see `run`)."""
+                         num_tokens: Optional[int], counted: Union[int, torch.Tensor]) -> torch.Tensor:
+        """This rank's share of the global batch's token loss (see `run`); `counted`: the labels of the
+        whole micro-batch that count, over all cp shares, so the cp ranks' terms add up to the micro-batch's."""
+        total = token_loss.sum() if mask is None else (token_loss * mask).sum()
         if num_tokens is not None:
-            total = token_loss.sum() if mask is None else (token_loss * mask).sum()
             return total / max(num_tokens, 1)  # a global batch without counted labels contributes 0
-        if mask is None:
-            return token_loss.mean() * loss_scale
-        return (token_loss * mask).sum() / mask.sum().clamp(min=1) * loss_scale
+        counted = counted.clamp(min=1) if isinstance(counted, torch.Tensor) else max(counted, 1)
+        return total / counted * loss_scale
 
     def run(self, microbatches: Sequence[Union[Batch, torch.Tensor]], loss_scale: float, aux_coef: float,
             num_tokens: Optional[int] = None, forward_only: bool = False) -> StepResult:
@@ -129,7 +161,8 @@ class PipelineRunner:
         batch weighs the same however the micro-batches and ranks cut it (Megatron's
         normalisation); without num_tokens it is loss_scale * the micro-batch's masked mean.
         """
-        microbatches = [as_batch(mb) for mb in microbatches]
+        cp, cp_rank = self.topo.cp, self.topo.cp_rank
+        microbatches = [local_microbatch(as_batch(mb), cp, cp_rank) for mb in microbatches]
         schedule = build_schedule(self.pp, self.vpp, self.topo.pp_rank, len(microbatches))
         if forward_only:  # validation: the forwards alone (dropping actions only removes waits: no deadlock)
             schedule = [a for a in schedule if a.kind == "F"]
@@ -144,18 +177,21 @@ class PipelineRunner:
             if a.kind == "F":
                 mb = microbatches[a.microbatch]
                 if stage == 0:
-                    inputs, x, sums = [], mb.tokens[:, :-1], None
+                    inputs, x, sums = [], mb.inputs, None
                 else:
                     inputs = [t.requires_grad_() for t in incoming]
                     x, sums = inputs[0], (inputs[1] if self.cfg.is_moe else None)
-                labels = mb.tokens[:, 1:] if stage == self.last_stage else None
-                out = self.chunks[a.chunk].forward_stage(x, mb.positions(), labels, sums,
+                labels = mb.labels if stage == self.last_stage else None
+                out = self.chunks[a.chunk].forward_stage(x, mb.positions, labels, sums,
                                                          document_ids=mb.document_ids)
                 if stage == self.last_stage:
-                    loss = self._token_loss_term(out.token_loss, mb.loss_mask, loss_scale, num_tokens)
+                    loss = self._token_loss_term(out.token_loss, mb.loss_mask, loss_scale, num_tokens, mb.counted)
                     loss_sum += loss.detach() / loss_scale
                     if out.aux_loss is not None:
-                        aux_sum += out.aux_loss.detach()
+                        # Every cp rank computes the whole micro-batch's aux loss (router sums summed
+                        # over cp, model/moe.py) and back-propagates it into its own tokens; count it once.
+                        if cp_rank == 0:
+                            aux_sum += out.aux_loss.detach()
                         loss = loss + loss_scale * aux_coef * out.aux_loss
                     outputs = [loss]
                 else:

@@ -15,7 +15,11 @@ ranks, ep*tp*cp apart) reduces expert gradients once per step. Experts are repli
 
 Groups: tp, cp, dp, pp (one per grid axis), ep and expert_dp (inside dp), mp (model
 parallel: every rank of one model replica, tp x cp x pp) and embedding (first and last
-pipeline stage, which share the tied embedding).
+pipeline stage, which share the tied embedding). Context parallelism splits the sequence, not
+the parameters: every cp rank holds the same parameters and sees other tokens, so gradients are
+summed (and the distributed optimizer shards) over dp_cp (dp x cp, Megatron's data-parallel group
+with context parallelism), expert gradients over expert_dp_cp (expert_dp x cp). With cp = 1 these
+are the dp and expert_dp groups themselves (the same communicators).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch.distributed as dist
 from megatron_qwen2.config import ParallelConfig
 
 
-GROUP_KINDS = ("tp", "cp", "dp", "pp", "ep", "expert_dp", "mp", "embedding")
+GROUP_KINDS = ("tp", "cp", "dp", "pp", "ep", "expert_dp", "dp_cp", "expert_dp_cp", "mp", "embedding")
 
 
 @dataclass
@@ -99,18 +103,21 @@ class Topology:
             topo.p2p = topo._make_p2p_groups()
         return topo
 
-    def _ranks_along(self, dim: str) -> list[list[int]]:
-        """All rank lists that vary only along `dim` of the (pp, dp, cp, tp) grid."""
+    def _ranks_along(self, *dims: str) -> list[list[int]]:
+        """All rank lists that vary only along `dims` of the (pp, dp, cp, tp) grid (sorted ranks)."""
         sizes = {"tp": self.tp, "cp": self.cp, "dp": self.dp, "pp": self.pp}
         strides = {"tp": 1, "cp": self.tp, "dp": self.tp * self.cp, "pp": self.tp * self.cp * self.dp}
-        others = [d for d in ("tp", "cp", "dp", "pp") if d != dim]
+        others = [d for d in ("tp", "cp", "dp", "pp") if d not in dims]
+        inside = [0]  # offsets of the ranks of one list from its first rank
+        for d in dims:
+            inside = sorted(o + i * strides[d] for o in inside for i in range(sizes[d]))
         lists = []
-        for idx in range(self.world_size // sizes[dim]):
+        for idx in range(self.world_size // len(inside)):
             base, rem = 0, idx
             for d in others:
                 base += (rem % sizes[d]) * strides[d]
                 rem //= sizes[d]
-            lists.append([base + i * strides[dim] for i in range(sizes[dim])])
+            lists.append([base + o for o in inside])
         return lists
 
     def rank_lists(self, name: str) -> list[list[int]]:
@@ -123,6 +130,15 @@ class Topology:
                 blocks = [dp_ranks[i:i + self.ep] for i in range(0, self.dp, self.ep)]
                 lists += blocks if name == "ep" else [list(col) for col in zip(*blocks)]
             return lists
+        if name == "dp_cp":
+            return self._ranks_along("cp", "dp")
+        if name == "expert_dp_cp":  # the expert_dp groups of the cp ranks that share tp, ep and pp ranks
+            merged: dict[tuple[int, int, int], list[int]] = {}
+            for ranks in self.rank_lists("expert_dp"):
+                r = ranks[0]
+                key = (r % self.tp, (r // (self.tp * self.cp)) % self.dp, r // (self.tp * self.cp * self.dp))
+                merged.setdefault(key, []).extend(ranks)
+            return [sorted(ranks) for ranks in merged.values()]
         if name == "mp":
             replicas: dict[int, list[int]] = {}
             for r in range(self.world_size):
@@ -150,9 +166,14 @@ class Topology:
         return mine
 
     def _make_groups(self) -> dict[str, Optional[dist.ProcessGroup]]:
-        # new_group must be called by every rank for every group, in the same order.
+        # new_group must be called by every rank for every group, in the same order. With cp = 1,
+        # dp_cp and expert_dp_cp are the dp and expert_dp groups: the same communicators.
         groups: dict[str, Optional[dist.ProcessGroup]] = {}
+        same_without_cp = {"dp_cp": "dp", "expert_dp_cp": "expert_dp"}
         for name in GROUP_KINDS:
+            if self.cp == 1 and name in same_without_cp:
+                groups[name] = groups.get(same_without_cp[name])
+                continue
             for ranks in self.rank_lists(name):
                 g = dist.new_group(ranks) if len(ranks) > 1 else None
                 if self.rank in ranks:
