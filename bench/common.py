@@ -70,3 +70,31 @@ def write_result(name: str, payload: dict, out_dir: str | None, commit: str | No
     path = root / f"{name}_{slug}_{date}.json"
     path.write_text(json.dumps(payload, indent=1) + "\n")
     return path
+
+
+def device_name() -> str:
+    """The CUDA device's name, else the CPU's (for dry runs of a benchmark on a machine without a GPU)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def device_slug(name: str | None = None) -> str:
+    """A file-name form of the device name: 'NVIDIA H200' -> 'h200', 'cpu (x86_64)' -> 'cpu'."""
+    name = name or device_name()
+    if name.startswith("cpu"):
+        return "cpu"
+    return name.replace("NVIDIA ", "").replace(" ", "-").lower()
+
+
+def write_result_file(path: str | Path, payload: dict, commit: str | None = None) -> Path:
+    """Write payload to exactly `path` as JSON, with device, commit, date and versions added."""
+    payload = dict(payload, device=device_name(), commit=git_commit(commit),
+                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   torch=torch.__version__, cuda=torch.version.cuda)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    return path

@@ -8,7 +8,7 @@ Everything is computed from the same sources the training code uses: parameter s
 Memory per GPU = model state (weights, fp32 main grads, optimizer) + the larger of two peaks:
 forward/backward (activations saved per layer and micro-batch times the layer x micro-batches in
 flight, pipeline messages held until the step ends, logits buffers, gradient transients) and the
-optimizer step (the clip copy of the grads and Adam's sqrt(v)) + a fixed allowance for the CUDA
+optimizer step (foreach AdamW's sqrt(v) off the GPU; nothing with the fused one) + a fixed allowance for the CUDA
 context and NCCL. The activation
 accounting lists, tensor by tensor, what this code keeps for backward (`layer_activation_tensors`);
 it is exact for tensors, not for allocator fragmentation.
@@ -315,14 +315,15 @@ class Plan:
 
 
 def _rank_memory(cfg: Config, dp: int, params: dict[str, int], layer_ids: list[list[int]], live: list[int],
-                 sends: int, is_last: bool, path: str) -> dict[str, float]:
+                 sends: int, is_last: bool, path: str, unfused: bool = False) -> dict[str, float]:
     """Bytes on one GPU of pipeline rank: model state, then the backward and step transients."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     bf16 = t.dtype == "bf16"
     n_dense, n_expert = params["dense"], params["expert"]
     n = n_dense + n_expert
-    shard_dense = dp if p.distributed_optimizer else 1
-    shard_expert = dp // p.ep if p.distributed_optimizer else 1
+    # The distributed optimizer shards over dp x cp (the parameters are replicated over cp too).
+    shard_dense = dp * p.cp if p.distributed_optimizer else 1
+    shard_expert = dp // p.ep * p.cp if p.distributed_optimizer else 1
     master_b = 4 if bf16 else 0  # fp32 masters; with fp32 params the master is the parameter itself
     opt_elems = n_dense / shard_dense + n_expert / shard_expert
     mem = {
@@ -342,16 +343,23 @@ def _rank_memory(cfg: Config, dp: int, params: dict[str, int], layer_ids: list[l
     T = t.seq_length // p.cp * t.micro_batch_size
     if is_last:
         v_local = m.vocab_size // p.tp
-        # bf16 logits + fp32 copy + shifted + exp in forward; softmax, one-hot, difference and
-        # product in backward: 16 B per local logit at the peak (14 B without tp: F.cross_entropy).
-        mem["logits / loss buffers"] = (16 if p.tp > 1 else 14) * T * v_local + a * T * m.hidden_size
+        if path == "kernels" and not unfused:
+            # The fused cross-entropy (ops.cross_entropy) keeps the logits for backward and writes
+            # their gradient in the same dtype: no fp32 copy, no softmax tensor.
+            per_logit = 2 * a
+        else:
+            # bf16 logits + fp32 copy + shifted + exp in forward; softmax, one-hot, difference and
+            # product in backward: 16 B per local logit at the peak (14 B without tp: F.cross_entropy).
+            per_logit = 16 if p.tp > 1 else 14
+        mem["logits / loss buffers"] = per_logit * T * v_local + a * T * m.hidden_size
     largest = max(local_numel(k, s, cfg) for k, s in expected_native_shapes(m).items())
-    # The optimizer step (parallel/distributed_optimizer.py), after the activations are freed: with
-    # clipping on (grad norm > optim.clip_grad, the rule early in training) each master's .grad is
-    # a new fp32 tensor `main_grad * scale` (4 B x local masters), and foreach AdamW's sqrt(v) is
-    # another fp32 tensor per master (4 B x local masters).
-    clip_copy = 4 * opt_elems if cfg.optim.clip_grad > 0 else 0.0
-    step_transient = clip_copy + 4 * opt_elems
+    # The optimizer step (parallel/distributed_optimizer.py), after the activations are freed:
+    # clipping scales the main grads in place and the grad norm is per-tensor norms (small). On
+    # CUDA AdamW is the fused kernel (no temporaries); the foreach AdamW of the reference path
+    # (CPU) makes sqrt(v), an fp32 tensor per master (4 B x local masters).
+    step_transient = 0.0 if path == "kernels" else 4 * opt_elems
+    if unfused:  # then: clipping wrote `main_grad * scale` as new fp32 tensors, and AdamW was foreach
+        step_transient = (4 * opt_elems if cfg.optim.clip_grad > 0 else 0.0) + 4 * opt_elems
     # Backward: the .grad of a weight (compute dtype) exists until the hook adds it into main_grad
     # (the largest weight of the model: conservative on stages without the embedding or head).
     grad_transient = (2 if bf16 else 4) * largest
@@ -361,8 +369,14 @@ def _rank_memory(cfg: Config, dp: int, params: dict[str, int], layer_ids: list[l
 
 
 def make_plan(cfg: Config, world_size: int, gpu: str = "h100-80gb", efficiency: float = DEFAULT_EFFICIENCY,
-              path: str = "kernels", context_gib: float = CONTEXT_ALLOWANCE_GIB) -> Plan:
-    """The plan of a validated config on `world_size` GPUs of kind `gpu`."""
+              path: str = "kernels", context_gib: float = CONTEXT_ALLOWANCE_GIB,
+              unfused_loss_and_step: bool = False) -> Plan:
+    """The plan of a validated config on `world_size` GPUs of kind `gpu`.
+
+    `unfused_loss_and_step` plans the implementation before the fused cross-entropy, the in-place
+    clipping and the fused AdamW (commit 9100d68 and earlier), to check the estimate against the
+    peaks recorded with it.
+    """
     if gpu not in GPUS:
         raise ValueError(f"--gpu must be one of {sorted(GPUS)}, got {gpu!r}")
     if not 0 < efficiency <= 1:
@@ -380,7 +394,7 @@ def make_plan(cfg: Config, world_size: int, gpu: str = "h100-80gb", efficiency: 
         else:
             live, sends = [1] * p.vpp, 0
         is_last = r == p.pp - 1
-        mem = _rank_memory(cfg, dp, params[r], layer_ids, live, sends, is_last, path)
+        mem = _rank_memory(cfg, dp, params[r], layer_ids, live, sends, is_last, path, unfused_loss_and_step)
         ranks.append(RankPlan(r, params[r]["dense"], params[r]["expert"], [i for ids in layer_ids for i in ids],
                               live, mem, context_gib * GiB))
     flops = training_flops_per_token(m, t.seq_length) * t.global_batch_size * t.seq_length
@@ -422,7 +436,6 @@ def format_plan(plan: Plan) -> str:
             lines.append(f"    {k:<38} {_gib(w.mem[k])}")
     lines.append(f"  optimizer step, above the state:{'':<8} {_gib(w.step_peak)}"
                  f"{'  <- peak' if w.step_peak > w.backward_peak else ''}")
-    lines.append(f"    {'fp32 clip copy of the grads + Adam sqrt(v)':<38}")
     lines.append(f"  {'CUDA context / NCCL allowance':<40} {_gib(w.context)}")
     cap = plan.capacity_bytes
     lines.append(f"  {'total':<40} {_gib(w.total)}  of {_gib(cap)} usable on {plan.gpu} "
