@@ -191,29 +191,37 @@ def send_bytes(cfg: Config) -> float:
     return (2 if t.dtype == "bf16" else 4) * t.seq_length // (sp * p.cp) * t.micro_batch_size * cfg.model.hidden_size
 
 
-def in_flight(cfg: Config, pp_rank: int, num_microbatches: int, chunk_bytes: list[float]) -> tuple[list[int], int]:
+def in_flight(cfg: Config, pp_rank: int, num_microbatches: int, chunk_bytes: list[float],
+              sends_held_to_step_end: bool = False) -> tuple[list[int], int]:
     """Walk this rank's schedule (`build_schedule`) and find the moment of most saved memory.
 
     Saved: per chunk, the micro-batches whose forward has run and backward has not (times the
-    chunk's bytes per micro-batch), plus every message sent so far, because `PipelineRunner`
-    keeps each sent tensor until the sends are waited for at the end of the step.
+    chunk's bytes per micro-batch), plus the sent messages still held: `PipelineRunner` keeps a
+    sent activation until the backward of its micro-batch (the stage output, otherwise only the
+    next stage's) and a sent gradient until its send completes (one in flight). With
+    `sends_held_to_step_end` (the runner before that change) every message sent so far is held.
     Returns (micro-batches alive per chunk, messages held) at that moment.
     """
     p = cfg.parallel
     last = p.pp * p.vpp - 1
-    live, sends = [0] * p.vpp, 0
+    live, sends, outputs = [0] * p.vpp, 0, 0
     best, best_at = -1.0, ([0] * p.vpp, 0)
     for a in build_schedule(p.pp, p.vpp, pp_rank, num_microbatches):
         stage = a.chunk * p.pp + pp_rank
         if a.kind == "F":
             live[a.chunk] += 1
             sends += stage != last
+            outputs += stage != last
+            grad_in_flight = 0
         else:
             live[a.chunk] -= 1
             sends += stage != 0
-        held = sum(n * b for n, b in zip(live, chunk_bytes)) + sends * send_bytes(cfg)
+            outputs -= stage != last
+            grad_in_flight = int(stage != 0)
+        held_msgs = sends if sends_held_to_step_end else outputs + grad_in_flight
+        held = sum(n * b for n, b in zip(live, chunk_bytes)) + held_msgs * send_bytes(cfg)
         if held > best:
-            best, best_at = held, (list(live), sends)
+            best, best_at = held, (list(live), held_msgs)
     return best_at
 
 
@@ -253,7 +261,7 @@ class RankPlan:
     context: float = 0.0  # the fixed CUDA context / NCCL allowance, bytes
 
     STATE = ("weights", "main grads fp32", "optimizer (masters + Adam m, v)")
-    BACKWARD = ("activations in flight", "pipeline sends held until step end", "backward working set (one layer)",
+    BACKWARD = ("activations in flight", "pipeline messages held", "backward working set (one layer)",
                 "logits / loss buffers",
                 "grad transient (largest weight)")
 
@@ -337,7 +345,7 @@ def _rank_memory(cfg: Config, dp: int, params: dict[str, int], layer_ids: list[l
     worst_layer = max((layer_activation_bytes(cfg, m.is_moe_layer(i), None, path) for ids in layer_ids for i in ids),
                       default=0.0)
     mem["activations in flight"] = act
-    mem["pipeline sends held until step end"] = sends * send_bytes(cfg)
+    mem["pipeline messages held"] = sends * send_bytes(cfg)
     mem["backward working set (one layer)"] = worst_layer
     a = 2 if bf16 else 4
     T = t.seq_length // p.cp * t.micro_batch_size
@@ -370,12 +378,12 @@ def _rank_memory(cfg: Config, dp: int, params: dict[str, int], layer_ids: list[l
 
 def make_plan(cfg: Config, world_size: int, gpu: str = "h100-80gb", efficiency: float = DEFAULT_EFFICIENCY,
               path: str = "kernels", context_gib: float = CONTEXT_ALLOWANCE_GIB,
-              unfused_loss_and_step: bool = False) -> Plan:
+              earlier_implementation: bool = False) -> Plan:
     """The plan of a validated config on `world_size` GPUs of kind `gpu`.
 
-    `unfused_loss_and_step` plans the implementation before the fused cross-entropy, the in-place
-    clipping and the fused AdamW (commit 9100d68 and earlier), to check the estimate against the
-    peaks recorded with it.
+    `earlier_implementation` plans the code of commit 9100d68 and before (unfused cross-entropy,
+    clipping into new fp32 tensors, foreach AdamW, pipeline messages held to the step's end), to
+    check the estimate against the peaks recorded with it.
     """
     if gpu not in GPUS:
         raise ValueError(f"--gpu must be one of {sorted(GPUS)}, got {gpu!r}")
@@ -390,11 +398,12 @@ def make_plan(cfg: Config, world_size: int, gpu: str = "h100-80gb", efficiency: 
     for r in range(p.pp):
         layer_ids = [stages[c * p.pp + r] for c in range(p.vpp)]
         if p.pp > 1:
-            live, sends = in_flight(cfg, r, nmb, [chunk_activation_bytes(cfg, ids, path) for ids in layer_ids])
+            live, sends = in_flight(cfg, r, nmb, [chunk_activation_bytes(cfg, ids, path) for ids in layer_ids],
+                                    sends_held_to_step_end=earlier_implementation)
         else:
             live, sends = [1] * p.vpp, 0
         is_last = r == p.pp - 1
-        mem = _rank_memory(cfg, dp, params[r], layer_ids, live, sends, is_last, path, unfused_loss_and_step)
+        mem = _rank_memory(cfg, dp, params[r], layer_ids, live, sends, is_last, path, earlier_implementation)
         ranks.append(RankPlan(r, params[r]["dense"], params[r]["expert"], [i for ids in layer_ids for i in ids],
                               live, mem, context_gib * GiB))
     flops = training_flops_per_token(m, t.seq_length) * t.global_batch_size * t.seq_length

@@ -104,8 +104,8 @@ def test_activation_accounting_matches_saved_tensors(moe, recompute):
 
 
 # Recorded peaks (torch.cuda.max_memory_allocated on rank 0, GB = 1e9 B) of runs where only the
-# measured model was alive: (result file, row, model, layout, train, world, pp rank measured, ops path,
-# planned as the implementation before the fused loss and optimizer step).
+# measured model was alive: (result file, row, model, layout, train, world, pp rank measured, ops path, planned as the
+# implementation before the fused loss and optimizer step and the released pipeline messages).
 M72 = dict(hidden_size=8192, num_layers=4, num_attention_heads=64, num_kv_heads=8, ffn_hidden_size=29568,
            vocab_size=152064)
 M7 = dict(hidden_size=3584, num_layers=8, num_attention_heads=28, num_kv_heads=4, ffn_hidden_size=18944,
@@ -137,7 +137,7 @@ RUNS = [
 
 def estimate_run(run) -> tuple[float, float]:
     """(planned bytes allocated, measured bytes) of one recorded run."""
-    name, row, model, par, train, world, pp_rank, path, unfused = run
+    name, row, model, par, train, world, pp_rank, path, earlier = run
     data = json.loads((ROOT / "bench" / "results" / name).read_text())
     if "results" in data:  # train_throughput.py: ours is the first system
         measured = data["results"][0]["mem_peak_allocated_gib"] * 2 ** 30
@@ -147,7 +147,7 @@ def estimate_run(run) -> tuple[float, float]:
         measured = (data["rows"][row] if row is not None else data)["max_memory_gb"] * 1e9
     cfg = Config(model=ModelConfig(name=name, **model), parallel=ParallelConfig(**par),
                  train=TrainConfig(**train)).validate(world)
-    plan = make_plan(cfg, world, "h200-141gb", path=path, context_gib=0.0, unfused_loss_and_step=unfused)
+    plan = make_plan(cfg, world, "h200-141gb", path=path, context_gib=0.0, earlier_implementation=earlier)
     return plan.ranks[pp_rank].allocated, measured
 
 

@@ -49,6 +49,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_qwen2.parallel.mappings import reduce_from_tp
+
 
 # ---------------------------------------------------------------------------------------------
 # Chunk layout
@@ -385,25 +387,12 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Cont
     return _RingAttention.apply(q, k, v, document_ids, ring, scale, block or default_block_attention(q))
 
 
-class _SumOverCP(torch.autograd.Function):
-    """Forward: all-reduce (sum) over cp. Backward: identity.
+def sum_over_cp(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """x summed over the cp group (all-reduce forward), the gradient passed to the local term only
+    (identity backward).
 
     Every cp rank then computes the same loss from the summed statistic and adds it to its own
     objective; summing those objectives counts the loss cp times, so each rank passes the gradient
     back only to its own contribution, and the cp ranks' gradients add up to one loss's.
     """
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def sum_over_cp(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-    """x summed over the cp group, gradient passed to the local term only (see `_SumOverCP`)."""
-    return x if group is None else _SumOverCP.apply(x, group)
+    return x if group is None else reduce_from_tp(x.clone(), group)  # the same pair of maps as tp's reduce

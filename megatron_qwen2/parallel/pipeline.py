@@ -4,7 +4,8 @@ Each pipeline rank holds `vpp` model chunks; chunk c of rank r is virtual stage 
 The runner walks this rank's action list (`schedule.py`). A forward receives its input from
 the previous virtual stage (the rank before, wrapping around), runs the chunk and sends the
 output on; a backward receives the output gradient from the next stage, back-propagates and
-sends the input gradient back. Sends are asynchronous (waited for at the end of the step);
+sends the input gradient back. Sends are asynchronous (each tensor dropped once its send has
+completed, the rest waited for at the end of the step);
 only receives block, just before the action that needs them. Each direction between two
 neighbours has its own process group, so that under NCCL, which runs the operations of one
 communicator in order, a message is never stuck behind one going the other way. With that,
@@ -102,6 +103,8 @@ class PipelineRunner:
                  seq_length: int, dtype: torch.dtype, device: torch.device):
         self.chunks, self.cfg, self.topo = chunks, cfg, topo
         self.pp, self.vpp = topo.pp, len(chunks)
+        self._pending: list = []  # (work, tensor, (microbatch, chunk) of an activation or None)
+        self.max_pending_activations = 0
         self.last_stage = self.pp * self.vpp - 1
         if topo.pp > 1:
             ranks = next(r for r in topo.rank_lists("pp") if topo.rank in r)
@@ -127,11 +130,28 @@ class PipelineRunner:
             return self.prev_rank if stage > 0 else None
         return self.next_rank if stage < self.last_stage else None
 
-    def _send(self, tensors: list[torch.Tensor], peer: int) -> None:
+    def _send(self, tensors: list[torch.Tensor], peer: int, key: Optional[tuple[int, int]] = None) -> None:
+        """isend each tensor to `peer`; `key` (microbatch, chunk) marks a forward activation."""
         group = self.topo.p2p[(self.topo.rank, peer)]
         for t in tensors:
             t = t.contiguous()
-            self._pending.append((dist.isend(t, dst=peer, group=group), t))  # keep t alive until sent
+            self._pending.append((dist.isend(t, dst=peer, group=group), t, key))  # keep t alive until sent
+        self.max_pending_activations = max(self.max_pending_activations,
+                                           sum(k is not None for _, _, k in self._pending))
+
+    def _release_sent(self, done: Optional[tuple[int, int]] = None) -> None:
+        """Drop the sends that have completed, so their tensors are freed as the step goes rather than
+        at its end. The activation of `done` (microbatch, chunk) has certainly arrived: its gradient
+        came back from the next stage, which computed it from that activation, so waiting for it
+        returns at once (every backend); other sends go when the backend reports them complete
+        (NCCL does as soon as they are; gloo only when waited for, at the step's end)."""
+        kept = []
+        for work, t, key in self._pending:
+            if done is not None and key == done:
+                work.wait()
+            elif not work.is_completed():
+                kept.append((work, t, key))
+        self._pending = kept
 
     def _recv(self, peer: int) -> list[torch.Tensor]:
         group = self.topo.p2p[(peer, self.topo.rank)]
@@ -170,7 +190,9 @@ class PipelineRunner:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._pending = []
+        self.max_pending_activations = 0  # the most activation sends outstanding at once in this step
         for a in schedule:
+            self._release_sent()
             stage = self._stage(a.chunk)
             peer = self._needs_recv(a) if self.pp > 1 else None
             incoming = self._recv(peer) if peer is not None else None
@@ -196,17 +218,19 @@ class PipelineRunner:
                     outputs = [loss]
                 else:
                     outputs = [out[0]] + ([out[1]] if self.cfg.is_moe else [])
-                    self._send([t.detach() for t in outputs], self.next_rank)
+                    self._send([t.detach() for t in outputs], self.next_rank, key=(a.microbatch, a.chunk))
                 if not forward_only:
                     saved[(a.microbatch, a.chunk)] = (inputs, outputs)
             else:
                 inputs, outputs = saved.pop((a.microbatch, a.chunk))
                 grads = None if stage == self.last_stage else incoming
+                if grads is not None:
+                    self._release_sent(done=(a.microbatch, a.chunk))
                 pairs = [(o, g) for o, g in zip(outputs, grads or [None] * len(outputs)) if o.requires_grad]
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs] if grads else None)
                 if stage > 0:
                     self._send([t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs], self.prev_rank)
-        for work, _ in self._pending:
+        for work, _, _ in self._pending:
             work.wait()
         self._pending = []
         return StepResult(loss_sum=loss_sum, aux_sum=aux_sum)
