@@ -4,8 +4,8 @@
         [--steps 10] [--warmup 3] [--recompute none|selective|full] [--ops auto|kernel|reference]
         [--compile] [--profile] [--hf] [--mcore] [--out FILE]
 
-Our step is the body of the loop in megatron_qwen2/train.py, on the same pieces (model chunks,
-GradBuffer, MixedPrecisionOptimizer, PipelineRunner, recomputation), fed random tokens: bf16
+Our step is megatron_qwen2.step.TrainingStep, the step megatron_qwen2/train.py loops over (model
+chunks, GradBuffer, MixedPrecisionOptimizer, PipelineRunner, recomputation), fed random tokens: bf16
 compute with fp32 main grads, fp32 masters and AdamW, gradient clipping, one optimizer step per
 global batch of gbs / mbs micro-batches. Warm-up steps run first, then the timed ones (each
 ends with a device synchronisation). Printed: tokens/s, TFLOP/s per GPU, MFU, peak memory
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 import statistics
 import sys
@@ -143,61 +142,34 @@ def score(name: str, times: list[float], losses: list[float], tokens_per_step: i
 
 
 class OurStep:
-    """The optimizer step of megatron_qwen2/train.py on one device, built from the same pieces."""
+    """megatron_qwen2.step.TrainingStep (the step train.py loops over) on one device, fed random tokens."""
 
     def __init__(self, mcfg, args, device: torch.device):
-        from megatron_qwen2.config import OptimConfig, ParallelConfig
+        from megatron_qwen2.config import Config, OptimConfig, ParallelConfig, TrainConfig
+        from megatron_qwen2.data.batch import Batch
         from megatron_qwen2.parallel import Topology
-        from megatron_qwen2.parallel.distributed_optimizer import MixedPrecisionOptimizer
-        from megatron_qwen2.parallel.grad_buffer import GradBuffer
-        from megatron_qwen2.parallel.pipeline import PipelineRunner, build_model_chunks
+        from megatron_qwen2.step import TrainingStep
 
-        self.mcfg, self.args, self.device = mcfg, args, device
-        par = ParallelConfig().validate()
-        self.topo = topo = Topology.build(par, 1, 0)
-        self.optim_cfg = OptimConfig(warmup_steps=0, schedule="constant").validate()
+        self.cfg = Config(model=mcfg, parallel=ParallelConfig(),
+                          optim=OptimConfig(warmup_steps=0, schedule="constant"),
+                          train=TrainConfig(seq_length=args.seq, micro_batch_size=args.mbs,
+                                            global_batch_size=args.gbs, dtype="bf16", recompute=args.recompute,
+                                            seed=args.seed),
+                          device="cuda" if device.type == "cuda" else "cpu")
+        self.cfg.validate(1)
         torch.manual_seed(args.seed)
-        with device:  # built and initialised on the device (same init as train.py, drawn there)
-            self.chunks = build_model_chunks(mcfg, par, topo)
+        # Weights drawn on the device: a large model initialises in seconds instead of minutes.
+        self.step = TrainingStep(self.cfg, Topology.build(self.cfg.parallel, 1, 0), device, init_on_device=True)
+        self.chunks = self.step.chunks
+        if args.compile:
             for chunk in self.chunks:
-                chunk.init_weights(args.seed)
-                chunk.to(device=device, dtype=torch.bfloat16)
-        self.params = [p for chunk in self.chunks for p in chunk.parameters()]
-        self.grads = GradBuffer(self.params, topo.group("dp"), bucket_size=par.bucket_size,
-                                shard=par.distributed_optimizer, overlap=par.overlap_grad_reduce,
-                                expert_dp_group=topo.group("expert_dp"))
-        self.optimizer = MixedPrecisionOptimizer(self.grads, self.optim_cfg, topo.group("tp"),
-                                                 norm_groups=[topo.group("mp")], ep_group=topo.group("ep"))
-        self.runner = PipelineRunner(self.chunks, mcfg, topo, args.mbs, args.seq, torch.bfloat16, device)
-        for chunk in self.chunks:
-            chunk.set_recompute(args.recompute)
-            if args.compile:
                 for layer in chunk.layers.values():
                     layer.compile()
-        self.batches = random_batches(mcfg.vocab_size, args.gbs, args.seq, device, args.seed)
+        rows = random_batches(mcfg.vocab_size, args.gbs, args.seq, device, args.seed)
+        self.batches = (Batch(tokens=r) for r in rows)
 
     def __call__(self) -> float:
-        from megatron_qwen2.model.moe import set_moe_loss_scale
-        from megatron_qwen2.parallel.tp_grads import sync_tp_grads
-
-        args = self.args
-        total_micro = args.gbs // args.mbs
-        batch = next(self.batches)
-        micro = batch.split(args.mbs)
-        self.grads.start_step(len(micro))
-        for chunk in self.chunks:
-            set_moe_loss_scale(chunk, 1.0 / total_micro)
-        with torch.profiler.record_function("forward_backward"):
-            result = self.runner.run(micro, loss_scale=1.0 / total_micro, aux_coef=self.mcfg.aux_loss_coef,
-                                     num_tokens=args.gbs * args.seq)
-        with torch.profiler.record_function("grad_finish"):
-            self.grads.finish()
-            sync_tp_grads(self.params, self.topo.group("tp"))
-            sums = torch.stack([result.loss_sum, result.aux_sum]).cpu()  # the loop's one host sync for the loss
-        with torch.profiler.record_function("optimizer"):
-            if bool(torch.isfinite(sums).all()):
-                self.optimizer.step(self.optim_cfg.lr, skip_nonfinite=True)
-        return sums[0].item() / total_micro
+        return self.step(next(self.batches), self.cfg.optim.lr).loss
 
 
 def ops_in_use(device: torch.device, mcfg=None, seq: int = 128) -> dict:

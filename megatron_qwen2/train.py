@@ -30,13 +30,10 @@ from megatron_qwen2.logging import MetricsLogger, memory_metrics, peak_flops_per
 from megatron_qwen2.model.flops import training_flops_per_token
 from megatron_qwen2.optimizer import learning_rate
 from megatron_qwen2.parallel import Topology
-from megatron_qwen2.parallel.distributed_optimizer import MixedPrecisionOptimizer
-from megatron_qwen2.parallel.grad_buffer import GradBuffer
 from megatron_qwen2.parallel.launch import init_distributed
-from megatron_qwen2.parallel.pipeline import PipelineRunner, build_model_chunks
-from megatron_qwen2.parallel.schedule import check_microbatches
-from megatron_qwen2.model.moe import moe_load_stats, set_moe_loss_scale
-from megatron_qwen2.parallel.tp_grads import sync_tp_grads
+from megatron_qwen2.parallel.pipeline import PipelineRunner
+from megatron_qwen2.step import TrainingStep
+from megatron_qwen2.model.moe import moe_load_stats
 
 
 EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: a checkpoint was saved at the step boundary (EX_TEMPFAIL: requeue)
@@ -96,7 +93,6 @@ def train(cfg: Config, run_dir: Path, on_step_start=None) -> dict:
     cfg.validate(world_size)
     topo = Topology.build(cfg.parallel, world_size, rank)
     device = torch.device(cfg.device, torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
-    dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
     t = cfg.train
     torch.manual_seed(t.seed)
 
@@ -104,27 +100,8 @@ def train(cfg: Config, run_dir: Path, on_step_start=None) -> dict:
     if dataset.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {dataset.vocab_size} tokens but model.vocab_size="
                          f"{cfg.model.vocab_size}; pick a larger model.vocab_size or another tokenizer")
-    chunks = build_model_chunks(cfg.model, cfg.parallel, topo)
-    for chunk in chunks:
-        chunk.init_weights(t.seed)
-        chunk.to(device=device, dtype=dtype)
-    params = [p for chunk in chunks for p in chunk.parameters()]
-    tied = [p for chunk in chunks for n, p in chunk.named_parameters() if n == "embedding.weight"
-            and cfg.model.tie_word_embeddings and topo.pp > 1]
-    # Parameters are replicated over dp and cp: their gradients are summed (and, with the
-    # distributed optimizer, sharded) over dp x cp; expert parameters over expert_dp x cp.
-    grads = GradBuffer(params, topo.group("dp_cp"), bucket_size=cfg.parallel.bucket_size,
-                       shard=cfg.parallel.distributed_optimizer, overlap=cfg.parallel.overlap_grad_reduce,
-                       deferred=tied, expert_dp_group=topo.group("expert_dp_cp"))
-    optimizer = MixedPrecisionOptimizer(grads, cfg.optim, topo.group("tp"), norm_groups=[topo.group("mp")],
-                                        ep_group=topo.group("ep"), cp_group=topo.group("cp"))
-    runner = PipelineRunner(chunks, cfg.model, topo, t.micro_batch_size, t.seq_length, dtype, device)
-    for chunk in chunks:
-        chunk.set_recompute(t.recompute, t.recompute_num_layers)
-
-    total_micro = t.global_batch_size // t.micro_batch_size  # over all dp ranks
-    local_samples = t.global_batch_size // topo.dp
-    check_microbatches(topo.pp, topo.vpp, total_micro // topo.dp)
+    trainer = TrainingStep(cfg, topo, device)
+    chunks, optimizer, runner = trainer.chunks, trainer.optimizer, trainer.runner
     is_logger = rank == 0
     logger = MetricsLogger(run_dir, cfg.wandb, OmegaConf.to_container(OmegaConf.structured(cfg)),
                            log_interval=t.log_interval, total_steps=t.steps) if is_logger else None
@@ -164,31 +141,10 @@ def train(cfg: Config, run_dir: Path, on_step_start=None) -> dict:
         start = time.perf_counter()
         lr = learning_rate(step, cfg.optim, t.steps)
         batch = dataset.global_batch(step, t.global_batch_size)  # Batch of [gbs, s+1] rows, the same in every layout
-        num_tokens = batch.num_loss_tokens()  # the loss is a mean over the global batch's counted labels
-        batch = batch[topo.dp_rank * local_samples:(topo.dp_rank + 1) * local_samples].to(device)
-        micro = batch.split(t.micro_batch_size)
-        grads.start_step(len(micro))
-        # Every micro-batch of the global batch weighs 1/total_micro, whichever rank runs it.
-        for chunk in chunks:
-            set_moe_loss_scale(chunk, 1.0 / total_micro)
-        result = runner.run(micro, loss_scale=1.0 / total_micro, aux_coef=cfg.model.aux_loss_coef,
-                            num_tokens=num_tokens)
-        grads.finish(before_deferred=lambda ps: sum_tied_embedding_grads(ps, topo))
-        sync_tp_grads(params, topo.group("tp"))
-        # Only the last pipeline stage saw the losses; sum over stages, data-parallel ranks and the
-        # cp ranks' shares of the sequence (on the device: NCCL reduces device tensors), before the
-        # update so a NaN can stop it.
-        sums = torch.stack([result.loss_sum, result.aux_sum])
-        for group in (topo.group("pp"), topo.group("dp_cp")):
-            if group is not None:
-                dist.all_reduce(sums, group=group)
-        sums = sums.cpu()
-        loss_finite = bool(torch.isfinite(sums).all())  # the same on every rank
-        # A non-finite loss or grad norm leaves weights and Adam state as they were.
-        grad_norm = optimizer.step(lr, skip_nonfinite=True) if loss_finite else optimizer.grad_norm()
-        skipped = not (loss_finite and math.isfinite(grad_norm))
+        outcome = trainer(batch, lr)
+        skipped = outcome.skipped
         if skipped:
-            text = (f"step {step + 1}: non-finite loss {sums[0].item() / total_micro} or grad norm {grad_norm}; "
+            text = (f"step {step + 1}: non-finite loss {outcome.loss} or grad norm {outcome.grad_norm}; "
                     f"the update was skipped")
             if t.on_nonfinite == "stop":
                 stop.restore()
@@ -200,9 +156,9 @@ def train(cfg: Config, run_dir: Path, on_step_start=None) -> dict:
         elapsed = time.perf_counter() - start
         metrics = {
             "step": step + 1,
-            "loss": sums[0].item() / total_micro,
+            "loss": outcome.loss,
             "lr": lr,
-            "grad_norm": grad_norm,
+            "grad_norm": outcome.grad_norm,
             "tokens_per_s": t.global_batch_size * t.seq_length / elapsed,
             "step_time_s": elapsed,
             "consumed_samples": (step + 1) * t.global_batch_size,
@@ -216,7 +172,7 @@ def train(cfg: Config, run_dir: Path, on_step_start=None) -> dict:
             metrics["mfu"] = achieved / peak
         metrics.update(memory_metrics(device))
         if cfg.model.is_moe:
-            metrics["aux_loss"] = sums[1].item() / total_micro
+            metrics["aux_loss"] = outcome.aux_loss
             metrics.update(moe_load_stats(chunks, topo.group("dp_cp")))  # this stage's layers, whole batch
         if t.eval_interval and ((step + 1) % t.eval_interval == 0 or step + 1 == t.steps):
             val = evaluate(runner, valid_dataset, cfg, topo, device)
@@ -239,14 +195,6 @@ def train(cfg: Config, run_dir: Path, on_step_start=None) -> dict:
     if logger is not None:
         logger.close(summary=metrics)
     return dict(metrics, status="completed")
-
-
-def sum_tied_embedding_grads(params: list[torch.nn.Parameter], topo: Topology) -> None:
-    """First and last stage each hold the tied embedding: give both the sum of their gradients."""
-    group = topo.group("embedding")
-    if group is not None:
-        for p in params:
-            dist.all_reduce(p.main_grad, group=group)
 
 
 def count_parameters(cfg) -> int:
