@@ -168,7 +168,9 @@ class MoEBlock(nn.Module):
         # Load since the last `moe_load_stats` (not part of the state dict).
         self.load = torch.zeros(cfg.num_experts)
         self.dropped = 0
-        self.z_loss_sum, self.z_loss_count = 0.0, 0
+        self.z_loss_sum, self.z_loss_count = 0.0, 0  # the sum is a device tensor once counted (no host sync)
+        # False while a recomputation repeats a forward whose statistics were already counted.
+        self.record_stats = True
 
     def _side_stream(self, tokens: torch.Tensor):
         if not (tokens.is_cuda and self.shared_expert is not None and self.overlap_shared_expert):
@@ -199,13 +201,17 @@ class MoEBlock(nn.Module):
                 torch.cuda.current_stream().wait_stream(side)
                 shared.record_stream(torch.cuda.current_stream())
             out = out + shared
+        # Statistics of training forwards only: not validation, not a recomputation's second pass.
+        record = self.record_stats and torch.is_grad_enabled()
         if self.z_loss_coef > 0 and torch.is_grad_enabled():
             z = torch.logsumexp(logits.float(), dim=-1).square().mean()
-            self.z_loss_sum += z.item()
-            self.z_loss_count += 1
+            if record:
+                self.z_loss_sum = self.z_loss_sum + z.detach()
+                self.z_loss_count += 1
             out = _AttachLoss.apply(out, self.z_loss_coef * z, self.loss_scale / self.cp)
-        self.load = self.load.to(sums.device) + sums[0].detach()  # this rank's tokens (stats sum over dp x cp)
-        self.dropped += self.dispatcher.dropped
+        if record:
+            self.load = self.load.to(sums.device) + sums[0].detach()  # this rank's tokens (stats sum over dp x cp)
+            self.dropped += self.dispatcher.dropped
         if self.cp_group is not None:
             sums = sum_over_cp(sums, self.cp_group) / self.cp
         return scatter_to_sp(out.view(shape), self.sp_group), sums
@@ -228,7 +234,7 @@ def moe_load_stats(models: list[nn.Module], group: Optional[dist.ProcessGroup]) 
     blocks = [(name, m) for model in models for name, m in model.named_modules() if isinstance(m, MoEBlock)]
     if not blocks:
         return {}
-    rows = [torch.cat([m.load.float().cpu(), torch.tensor([float(m.dropped), m.z_loss_sum, float(m.z_loss_count)],
+    rows = [torch.cat([m.load.float().cpu(), torch.tensor([float(m.dropped), float(m.z_loss_sum), float(m.z_loss_count)],
                                                           dtype=torch.float32)]) for _, m in blocks]
     loads = torch.stack(rows)
     if group is not None:

@@ -57,7 +57,18 @@ class DecoderLayer(nn.Module):
     def forward(self, *args, **kwargs) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """-> new hidden states, and this layer's router sums [2, E] (None for a dense layer)."""
         if self.recompute == "full" and torch.is_grad_enabled():
-            return checkpoint(self._forward, *args, use_reentrant=False, **kwargs)
+            calls = []
+
+            def run(*a, **k):
+                # Backward runs this forward again: the MoE statistics count the first pass only.
+                if self.is_moe:
+                    self.mlp.record_stats = not calls
+                calls.append(True)
+                return self._forward(*a, **k)
+
+            return checkpoint(run, *args, use_reentrant=False, **kwargs)
+        if self.is_moe:
+            self.mlp.record_stats = True
         return self._forward(*args, **kwargs)
 
     def _attention_block(self, x, *args) -> torch.Tensor:
