@@ -179,6 +179,9 @@ class DataConfig:
     reset_position_ids: bool = False  # positions restart at 0 at each document inside a sample
     reset_attention_mask: bool = False  # attention stays inside each document (block-diagonal causal mask)
     eod_mask_loss: bool = False  # no loss on the label after an end-of-document token
+    # data.format=sft: pack several conversations per row (each attends within itself, positions
+    # restart per conversation) instead of one padded conversation per row.
+    sft_packing: bool = False
 
     def validate(self) -> "DataConfig":
         _require(bool(self.corpus), "data.corpus must name 'stdlib' or a path/glob of text files")
@@ -196,7 +199,10 @@ class DataConfig:
         if self.format == "sft":
             _require(not (self.reset_position_ids or self.reset_attention_mask or self.eod_mask_loss),
                      "data.reset_position_ids / reset_attention_mask / eod_mask_loss do not apply to data.format=sft "
-                     "(one padded conversation per sample, loss on assistant turns)")
+                     "(loss on assistant turns; with data.sft_packing=true every conversation of a row attends "
+                     "within itself and its positions restart)")
+        _require(self.format == "sft" or not self.sft_packing,
+                 f"data.sft_packing=true needs data.format=sft, got data.format={self.format!r}")
         return self
 
 

@@ -112,7 +112,8 @@ def build_datasets(data_cfg, seq_length: int, seed: int) -> tuple[SampleDataset,
         if data_cfg.format == "sft":
             convs = load_conversations(Path(path).expanduser(), tok)
             ranges = split_documents(len(convs), split, path)
-            make = lambda r, k: SFTDataset(convs[r[0]:r[1]], seq_length, [seed, i, k], eod, vocab_size)  # noqa: E731
+            make = lambda r, k: SFTDataset(convs[r[0]:r[1]], seq_length, [seed, i, k], eod, vocab_size,  # noqa: E731
+                                           pack=data_cfg.sft_packing)
         else:
             data = IndexedDataset(path)
             ranges = split_documents(len(data), split, path)

@@ -9,9 +9,13 @@ not a system message):
 
 The loss counts the tokens of each assistant message's content and its closing <|im_end|>;
 everything else (system and user turns, role headers, the newline after <|im_end|>) only
-conditions. Samples are padded, not packed: one conversation per row, cut to seq_length + 1
-tokens when longer, filled up with the end-of-document token, which the loss mask excludes.
-Rows then need neither a document mask nor position resets.
+conditions. By default samples are padded: one conversation per row, cut to seq_length + 1
+tokens when longer, filled up with the end-of-document token, which the loss mask excludes; rows
+then need neither a document mask nor position resets. With packing (`data.sft_packing=true`)
+a row holds as many whole conversations as fit (filled in a seeded order, each bin closed when the
+next conversation does not fit); every conversation is its own document (attention stays inside it,
+positions restart at 0) and the padding after the last one is one more, masked, document. A label
+never crosses conversations in the loss: the first token of a conversation (<|im_start|>) never counts.
 """
 
 from __future__ import annotations
@@ -97,28 +101,58 @@ def load_conversations(path: Path, tok: Tokenizer) -> list[tuple[np.ndarray, np.
     return convs
 
 
+def pack_conversations(lengths: Sequence[int], width: int, seed: Seed) -> list[list[int]]:
+    """Bins of conversation indices whose lengths sum to at most `width` (a longer conversation gets a
+    bin of its own and is cut): the conversations in a seeded permutation, each bin closed when the
+    next one does not fit. Deterministic in (lengths, width, seed)."""
+    order = EpochShuffle(len(lengths), seed)(np.arange(len(lengths)))  # epoch 0's permutation
+    bins: list[list[int]] = []
+    used = width + 1  # no open bin
+    for c in order.tolist():
+        n = min(int(lengths[c]), width)
+        if used + n > width:
+            bins.append([])
+            used = 0
+        bins[-1].append(c)
+        used += n
+    return bins
+
+
 class SFTDataset(SampleDataset):
-    """One padded conversation per sample; epoch e visits the conversations in a permutation of (seed, e)."""
+    """Conversations as samples — one padded per row, or packed several per row (`pack`); epoch e
+    visits the samples in a permutation of (seed, e)."""
 
     def __init__(self, conversations: Sequence[tuple[np.ndarray, np.ndarray]], seq_length: int, seed: Seed,
-                 pad_id: int, vocab_size: int):
+                 pad_id: int, vocab_size: int, pack: bool = False):
         if seq_length < 1:
             raise ValueError(f"seq_length must be >= 1, got {seq_length}")
         self.conversations, self.seq_length = list(conversations), seq_length
-        self.pad_id, self.vocab_size = pad_id, vocab_size
-        self.order = EpochShuffle(len(self.conversations), seed)
-        self.truncated = sum(len(ids) > seq_length + 1 for ids, _ in self.conversations)
+        self.pad_id, self.vocab_size, self.pack = pad_id, vocab_size, pack
+        width = seq_length + 1
+        pack_seed = ([seed] if isinstance(seed, int) else list(seed)) + [1]  # not the epochs' permutations
+        self.rows = (pack_conversations([len(ids) for ids, _ in self.conversations], width, pack_seed)
+                     if pack else [[c] for c in range(len(self.conversations))])
+        self.order = EpochShuffle(len(self.rows), seed)
+        self.truncated = sum(len(ids) > width for ids, _ in self.conversations)
 
     def __len__(self) -> int:
-        return len(self.conversations)
+        return len(self.rows)
 
     def samples(self, indices: np.ndarray) -> Batch:
         n, width = len(indices), self.seq_length + 1
         tokens = np.full((n, width), self.pad_id, dtype=np.int64)
         learn = np.zeros((n, width), dtype=bool)
-        for row, c in enumerate(self.order(indices)):
-            ids, mask = self.conversations[c]
-            k = min(len(ids), width)
-            tokens[row, :k], learn[row, :k] = ids[:k], mask[:k]
+        documents = np.zeros((n, width), dtype=np.int64)
+        for row, r in enumerate(self.order(indices)):
+            at = 0
+            for doc, c in enumerate(self.rows[r]):
+                ids, mask = self.conversations[c]
+                k = min(len(ids), width - at)
+                tokens[row, at:at + k], learn[row, at:at + k] = ids[:k], mask[:k]
+                documents[row, at:at + k] = doc
+                at += k
+            documents[row, at:] = len(self.rows[r])  # the padding: a document of its own, never learned
         # Label j is token j + 1: it counts when that token belongs to an assistant turn.
-        return make_batch(tokens, None, learn[:, 1:].astype(np.float32), False, False)
+        if not self.pack:
+            return make_batch(tokens, None, learn[:, 1:].astype(np.float32), False, False)
+        return make_batch(tokens, documents[:, :-1], learn[:, 1:].astype(np.float32), True, True)
