@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_qwen2.checkpoint import load_native_state
 from megatron_qwen2.config import Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from megatron_qwen2.ops import reference
 from megatron_qwen2.parallel.cp import (BlockMask, ContextParallelRing, KernelBlockAttention, MathBlockAttention,
                                         chunk_positions, merge_sequence, ring_attention, split_sequence)
 from megatron_qwen2.train import train
 from tests.distributed import run_distributed
+from tests.parallel.runs import assert_same_training, read_run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,12 +172,6 @@ def make_config(corpus, cache_dir, model=None, steps=STEPS, recompute="none", **
     )
 
 
-def read_run(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    state, _ = load_native_state(run_dir / "checkpoints")
-    return rows, state
-
-
 def _train_worker(rank, world_size, cfg, run_dir):
     return train(cfg.validate(world_size), run_dir)
 
@@ -235,16 +229,7 @@ def test_context_parallel_training_matches_single_process(case, corpus, tmp_root
     cfg = make_config(corpus, tmp_root / "cache", model=tiny_model(**MOE) if model == "moe" else None, **parallel)
     run_distributed(_train_worker, world, cfg, run_dir)
     rows, state = read_run(run_dir)
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    for r, ref in zip(rows, ref_rows):
-        assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5), r["step"]
-        assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), r["step"]
-        if "aux_loss" in ref:
-            assert r["aux_loss"] == pytest.approx(ref["aux_loss"], rel=1e-5), r["step"]
-            assert r["moe_load"] == ref["moe_load"], r["step"]
-    assert state.keys() == ref_state.keys()
-    for name in ref_state:
-        torch.testing.assert_close(state[name], ref_state[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_training(rows, state, ref_rows, ref_state, STEPS, moe_load=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,12 @@
 """Tensor, sequence, pipeline and data parallelism (with or without the distributed optimizer)
 train the same model as one process: same losses and grad norms each step, same weights after."""
 
-import json
-
 import pytest
-import torch
 
-from megatron_qwen2.checkpoint import load_native_state
 from megatron_qwen2.config import Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from megatron_qwen2.train import train
 from tests.distributed import run_distributed
+from tests.parallel.runs import assert_same_training, read_run
 
 STEPS = 3
 DENSE = dict(hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=2, ffn_hidden_size=64,
@@ -31,12 +28,6 @@ def make_config(model: dict, tied: bool, cache_dir: str, **parallel) -> Config:
         data=DataConfig(max_files=20, cache_dir=cache_dir),
         train=TrainConfig(steps=STEPS, micro_batch_size=1, global_batch_size=4, seq_length=16, log_interval=1),
     )
-
-
-def read_run(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    state, _ = load_native_state(run_dir / "checkpoints")
-    return rows, state
 
 
 def _worker(rank, world_size, cfg, run_dir):
@@ -99,12 +90,4 @@ def test_parallel_training_matches_single_process(case, tmp_root):
     cfg = make_config(MODELS[model_name], tied, str(tmp_root / "cache"), **parallel)
     run_distributed(_worker, world, cfg, run_dir)
     rows, state = read_run(run_dir)
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    for r, ref in zip(rows, ref_rows):
-        assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5), r["step"]
-        assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), r["step"]
-        if "aux_loss" in ref:
-            assert r["aux_loss"] == pytest.approx(ref["aux_loss"], rel=1e-5), r["step"]
-    assert state.keys() == ref_state.keys()
-    for name in ref_state:
-        torch.testing.assert_close(state[name], ref_state[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_training(rows, state, ref_rows, ref_state, STEPS)
