@@ -79,12 +79,31 @@ class TrainingStep:
         self.local_samples = t.global_batch_size // topo.dp
         check_microbatches(topo.pp, topo.vpp, self.total_micro // topo.dp)
 
+    def _microbatches(self, batch: Batch) -> list[Batch]:
+        """This dp rank's rows of the global batch, on the device, cut into micro-batches."""
+        rank = self.topo.dp_rank
+        mine = batch[rank * self.local_samples:(rank + 1) * self.local_samples].to(self.device)
+        return mine.split(self.cfg.train.micro_batch_size)
+
+    def _sum_over_ranks(self, sums: torch.Tensor) -> torch.Tensor:
+        """Only the last pipeline stage saw the losses: sum them over stages, data-parallel ranks and
+        the cp ranks' shares of the sequence (on the device: NCCL reduces device tensors)."""
+        for group in (self.topo.group("pp"), self.topo.group("dp_cp")):
+            if group is not None:
+                dist.all_reduce(sums, group=group)
+        return sums
+
+    def validation_loss(self, batch: Batch) -> float:
+        """Mean token loss of the global batch `batch`, forwards only (no gradients, no update)."""
+        result = self.runner.forward_only(self._microbatches(batch), loss_scale=1.0 / self.total_micro, aux_coef=0.0,
+                                          num_tokens=batch.num_loss_tokens())
+        return self._sum_over_ranks(result.loss_sum.reshape(1)).item() / self.total_micro
+
     def __call__(self, batch: Batch, lr: float) -> StepOutcome:
         """One optimizer step on the global batch `batch` ([gbs, s+1] rows, the same on every rank)."""
         topo, total_micro = self.topo, self.total_micro
         num_tokens = batch.num_loss_tokens()  # the loss is a mean over the global batch's counted labels
-        mine = batch[topo.dp_rank * self.local_samples:(topo.dp_rank + 1) * self.local_samples].to(self.device)
-        micro = mine.split(self.cfg.train.micro_batch_size)
+        micro = self._microbatches(batch)
         self.grads.start_step(len(micro))
         # Every micro-batch of the global batch weighs 1/total_micro, whichever rank runs it.
         for chunk in self.chunks:
@@ -95,14 +114,8 @@ class TrainingStep:
         with torch.profiler.record_function("grad_finish"):
             self.grads.finish(before_deferred=lambda ps: sum_tied_embedding_grads(ps, topo))
             sync_tp_grads(self.params, topo.group("tp"))
-            # Only the last pipeline stage saw the losses; sum over stages, data-parallel ranks and
-            # the cp ranks' shares of the sequence (on the device: NCCL reduces device tensors),
-            # before the update so a NaN can stop it.
-            sums = torch.stack([result.loss_sum, result.aux_sum])
-            for group in (topo.group("pp"), topo.group("dp_cp")):
-                if group is not None:
-                    dist.all_reduce(sums, group=group)
-            sums = sums.cpu()
+            # Summed over the ranks before the update, so that a NaN can stop it.
+            sums = self._sum_over_ranks(torch.stack([result.loss_sum, result.aux_sum])).cpu()
         loss_finite = bool(torch.isfinite(sums).all())  # the same on every rank
         with torch.profiler.record_function("optimizer"):
             # A non-finite loss or grad norm leaves weights and Adam state as they were.

@@ -31,7 +31,6 @@ from megatron_qwen2.model.flops import training_flops_per_token
 from megatron_qwen2.optimizer import learning_rate
 from megatron_qwen2.parallel import Topology
 from megatron_qwen2.parallel.launch import init_distributed
-from megatron_qwen2.parallel.pipeline import PipelineRunner
 from megatron_qwen2.step import TrainingStep
 from megatron_qwen2.model.moe import moe_load_stats
 
@@ -101,7 +100,7 @@ def train(cfg: Config, run_dir: Path, on_step_start=None) -> dict:
         raise ValueError(f"the tokenizer has {dataset.vocab_size} tokens but model.vocab_size="
                          f"{cfg.model.vocab_size}; pick a larger model.vocab_size or another tokenizer")
     trainer = TrainingStep(cfg, topo, device)
-    chunks, optimizer, runner = trainer.chunks, trainer.optimizer, trainer.runner
+    chunks, optimizer = trainer.chunks, trainer.optimizer
     is_logger = rank == 0
     logger = MetricsLogger(run_dir, cfg.wandb, OmegaConf.to_container(OmegaConf.structured(cfg)),
                            log_interval=t.log_interval, total_steps=t.steps) if is_logger else None
@@ -175,7 +174,7 @@ def train(cfg: Config, run_dir: Path, on_step_start=None) -> dict:
             metrics["aux_loss"] = outcome.aux_loss
             metrics.update(moe_load_stats(chunks, topo.group("dp_cp")))  # this stage's layers, whole batch
         if t.eval_interval and ((step + 1) % t.eval_interval == 0 or step + 1 == t.steps):
-            val = evaluate(runner, valid_dataset, cfg, topo, device)
+            val = evaluate(trainer, valid_dataset, cfg)
             if val is not None:
                 metrics["val_loss"] = val
         if logger is not None:
@@ -245,25 +244,14 @@ def restore(cfg: Config, ckpt_root: Path, chunks, optimizer, topo: Topology, say
     return 0
 
 
-def evaluate(runner: PipelineRunner, dataset, cfg: Config, topo: Topology, device) -> float | None:
+def evaluate(trainer: TrainingStep, dataset, cfg: Config) -> float | None:
     """Mean validation loss over train.eval_iters global batches (the same batches every time)."""
     if dataset is None:
         return None
     t = cfg.train
-    total_micro = t.global_batch_size // t.micro_batch_size
-    local = t.global_batch_size // topo.dp
-    losses = []
-    for i in range(t.eval_iters):
-        batch = dataset.global_batch(i % max(len(dataset) // t.global_batch_size, 1), t.global_batch_size)
-        num_tokens = batch.num_loss_tokens()
-        batch = batch[topo.dp_rank * local:(topo.dp_rank + 1) * local].to(device)
-        result = runner.forward_only(batch.split(t.micro_batch_size), loss_scale=1.0 / total_micro, aux_coef=0.0,
-                                     num_tokens=num_tokens)
-        loss = result.loss_sum.reshape(1)
-        for group in (topo.group("pp"), topo.group("dp_cp")):
-            if group is not None:
-                dist.all_reduce(loss, group=group)
-        losses.append(loss.item() / total_micro)
+    losses = [trainer.validation_loss(dataset.global_batch(i % max(len(dataset) // t.global_batch_size, 1),
+                                                           t.global_batch_size))
+              for i in range(t.eval_iters)]
     return sum(losses) / len(losses)
 
 

@@ -117,9 +117,10 @@ class _LinearMainGrad(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [..., in] @ weight[-1, in]^T (+ bias), with the weight gradient fused into main_grad on CUDA."""
+    b = None if bias is None else bias.reshape(-1)
     if _fuse_wgrad(x, weight):
-        return _LinearMainGrad.apply(x, weight, None if bias is None else bias.reshape(-1))
-    return F.linear(x, weight.reshape(-1, weight.shape[-1]), None if bias is None else bias.reshape(-1))
+        return _LinearMainGrad.apply(x, weight, b)
+    return F.linear(x, weight.reshape(-1, weight.shape[-1]), b)
 
 
 class ColumnParallelLinear(nn.Module):

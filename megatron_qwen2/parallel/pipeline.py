@@ -110,9 +110,7 @@ class PipelineRunner:
             ranks = next(r for r in topo.rank_lists("pp") if topo.rank in r)
             self.next_rank = ranks[(topo.pp_rank + 1) % topo.pp]
             self.prev_rank = ranks[(topo.pp_rank - 1) % topo.pp]
-        if topo.cp > 1 and seq_length % (2 * topo.cp) != 0:
-            raise ValueError(f"train.seq_length={seq_length} is not divisible by 2*parallel.cp = {2 * topo.cp}")
-        s_local = seq_length // topo.cp
+        s_local = seq_length // topo.cp  # divisible: Config.validate, and split_sequence at the first step
         s_local = s_local // topo.tp if topo.sequence_parallel else s_local
         # What travels between stages, identical for activations and their gradients.
         self.specs = [((s_local, micro_batch_size, cfg.hidden_size), dtype)]
@@ -192,10 +190,11 @@ class PipelineRunner:
         self._pending = []
         self.max_pending_activations = 0  # the most activation sends outstanding at once in this step
         for a in schedule:
-            self._release_sent()
             stage = self._stage(a.chunk)
             peer = self._needs_recv(a) if self.pp > 1 else None
             incoming = self._recv(peer) if peer is not None else None
+            # A backward that received its output gradient: the activation it was computed from has arrived.
+            self._release_sent(done=(a.microbatch, a.chunk) if a.kind == "B" and incoming is not None else None)
             if a.kind == "F":
                 mb = microbatches[a.microbatch]
                 if stage == 0:
@@ -224,8 +223,6 @@ class PipelineRunner:
             else:
                 inputs, outputs = saved.pop((a.microbatch, a.chunk))
                 grads = None if stage == self.last_stage else incoming
-                if grads is not None:
-                    self._release_sent(done=(a.microbatch, a.chunk))
                 pairs = [(o, g) for o, g in zip(outputs, grads or [None] * len(outputs)) if o.requires_grad]
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs] if grads else None)
                 if stage > 0:
