@@ -26,6 +26,7 @@ from megatron_qwen2.checkpoint.distributed import (CheckpointError, CheckpointSa
                                                    load_training_checkpoint)
 from megatron_qwen2.config import Config, resolve_config
 from megatron_qwen2.data import build_datasets
+from megatron_qwen2.errors import EXIT_CONFIG, EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteError
 from megatron_qwen2.logging import MetricsLogger, memory_metrics, peak_flops_per_device
 from megatron_qwen2.model.flops import training_flops_per_token
 from megatron_qwen2.optimizer import learning_rate
@@ -35,13 +36,6 @@ from megatron_qwen2.step import TrainingStep
 from megatron_qwen2.model.moe import moe_load_stats
 
 
-EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: a checkpoint was saved at the step boundary (EX_TEMPFAIL: requeue)
-EXIT_NONFINITE = 3  # NaN/Inf loss or grad norm with train.on_nonfinite=stop
-EXIT_CONFIG = 2  # a bad config value or an unusable checkpoint, before training
-
-
-class NonFiniteError(RuntimeError):
-    """A NaN/Inf loss or gradient norm with train.on_nonfinite=stop."""
 
 
 class StopRequest:
@@ -261,7 +255,7 @@ def main(dcfg: DictConfig) -> None:
         cfg = resolve_config(dcfg)
     except (ValueError, OmegaConfBaseException) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("RANK", "0")) == 0:
