@@ -95,6 +95,7 @@ setup(
         "wandb",
         "numpy",
         "tqdm",
+        "xxhash",
     ],
     extras_require={
         "test": ["pytest", "transformers>=4.45"],

@@ -1,18 +1,37 @@
 """Configuration dataclasses, one per concern, used as Hydra structured configs.
 
 Every field a user may change lives here with a default that serves. `validate()` on each
-raises `ValueError` naming the field and the bad value before anything is allocated.
+raises `ConfigError` (a ValueError, exit code 2) naming the field and the bad value before
+anything is allocated. `check_overrides` rejects unknown command-line keys before Hydra composes
+them; `resume_differences` says which fields a resumed run changes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import fnmatch
+import json
+import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from megatron_qwen2.errors import ConfigError
 
 
 def _require(cond: bool, msg: str) -> None:
     if not cond:
-        raise ValueError(msg)
+        raise ConfigError(msg)
+
+
+def _finite(obj, prefix: str) -> None:
+    """Every float field (and every float in a list field) of `obj` is a finite number."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        values = value if isinstance(value, list) else [value]
+        bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+        _require(not bad, f"{prefix}.{f.name} must be a finite number, got {value}")
 
 
 def _positive(obj, *names: str, prefix: str) -> None:
@@ -73,6 +92,7 @@ class ModelConfig:
 
     def validate(self) -> "ModelConfig":
         p = "model"
+        _finite(self, p)
         _positive(self, "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads",
                   "ffn_hidden_size", "vocab_size", "max_position_embeddings", prefix=p)
         _require(self.num_attention_heads % self.num_kv_heads == 0,
@@ -147,6 +167,7 @@ class OptimConfig:
     decay_steps: Optional[int] = None  # None: train.steps - warmup_steps
 
     def validate(self) -> "OptimConfig":
+        _finite(self, "optim")
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _require(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         for name in ("beta1", "beta2"):
@@ -184,6 +205,7 @@ class DataConfig:
     sft_packing: bool = False
 
     def validate(self) -> "DataConfig":
+        _finite(self, "data")
         _require(bool(self.corpus), "data.corpus must name 'stdlib' or a path/glob of text files")
         if self.max_files is not None:
             _require(self.max_files > 0, f"data.max_files must be > 0, got {self.max_files}")
@@ -220,18 +242,33 @@ class TrainConfig:
     save_interval: int = 0  # 0: no periodic checkpoints (the last step, and a preemption, still save)
     keep_last: int = 3  # keep this many newest checkpoints in run_dir/checkpoints (0: all)
     async_save: bool = False  # periodic saves write in a background thread (the loop waits for a CPU copy only)
-    resume: bool = True  # start from run_dir/checkpoints/latest when there is one
+    # true: continue from run_dir/checkpoints/latest when there is one, refusing a checkpoint whose
+    # model, data or batch fields differ (RESUME_MUST_MATCH); force: continue even then; false: start afresh.
+    resume: Union[bool, str] = True
     init_from: Optional[str] = None  # weights only (fresh optimizer) from a native/HF-converted checkpoint
     on_nonfinite: str = "skip"  # NaN/Inf loss or grad norm: skip the update, or stop (exit code 3)
+    max_skipped_steps: int = 10  # on_nonfinite=skip: more consecutive skipped updates than this stop the run (exit 3)
+    loss_spike_factor: float = 3.0  # warn when a loss exceeds this x the running median of recent losses (0: off)
     eval_interval: int = 0  # validation loss every N steps (0: never)
     eval_iters: int = 10  # global batches per validation
     recompute: str = "none"  # activation recomputation: none | selective (attention block) | full (layer)
     recompute_num_layers: Optional[int] = None  # recompute the first N layers of each model chunk (None: all)
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None: known GPUs' bf16 dense peak
+    # Hang watchdog (megatron_qwen2/watchdog.py): no step completed within this many minutes (the first
+    # step of a process: 3x) -> stacks to run_dir/hang/, exit code 76 (requeued). 0: off.
+    hang_timeout_min: float = 30
 
     def validate(self) -> "TrainConfig":
+        _finite(self, "train")
         _positive(self, "steps", "micro_batch_size", "global_batch_size", "seq_length", "log_interval",
                   "eval_iters", prefix="train")
+        _require(isinstance(self.resume, bool) or self.resume == "force",
+                 f"train.resume must be true, false or force, got {self.resume!r}")
+        _require(isinstance(self.max_skipped_steps, int) and self.max_skipped_steps >= 1,
+                 f"train.max_skipped_steps must be an integer >= 1 (consecutive skipped updates before the run "
+                 f"stops; train.on_nonfinite=stop stops at the first), got {self.max_skipped_steps!r}")
+        _require(self.loss_spike_factor == 0 or self.loss_spike_factor > 1,
+                 f"train.loss_spike_factor must be 0 (off) or > 1, got {self.loss_spike_factor}")
         _require(self.save_interval >= 0, f"train.save_interval must be >= 0, got {self.save_interval}")
         _require(self.keep_last >= 0, f"train.keep_last must be >= 0 (0 keeps all), got {self.keep_last}")
         _require(self.eval_interval >= 0, f"train.eval_interval must be >= 0, got {self.eval_interval}")
@@ -244,6 +281,8 @@ class TrainConfig:
                      f"train.recompute_num_layers must be >= 0 or null, got {self.recompute_num_layers}")
         if self.peak_tflops is not None:
             _require(self.peak_tflops > 0, f"train.peak_tflops must be > 0 or null, got {self.peak_tflops}")
+        _require(self.hang_timeout_min >= 0,
+                 f"train.hang_timeout_min must be >= 0 (0 turns the hang watchdog off), got {self.hang_timeout_min}")
         _require(self.dtype in ("fp32", "bf16"), f"train.dtype must be 'fp32' or 'bf16', got {self.dtype!r}")
         return self
 
@@ -319,7 +358,7 @@ def resolve_config(cfg, world_size: int | None = None) -> Config:
     """Merge a composed Hydra/OmegaConf config onto the typed schema and validate it.
 
     Unknown keys and values of the wrong type fail in OmegaConf (naming the full key);
-    out-of-range values fail in `validate` with a ValueError naming field and value.
+    out-of-range values fail in `validate` with a ConfigError naming field and value.
     """
     import os
 
@@ -329,3 +368,111 @@ def resolve_config(cfg, world_size: int | None = None) -> Config:
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     return OmegaConf.to_object(merged).validate(world_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming: which fields a checkpoint and the run that continues it must share
+
+# Fields that define the model, the data order or the batch: a run may continue a checkpoint only
+# when they are equal (train.resume=force overrides). Patterns over dotted names; RESUME_MAY_CHANGE
+# lists the exceptions. Every other field (steps, intervals, logging, eval, checkpointing, the
+# optimizer, precision, the parallel layout, wandb) may change on resume.
+RESUME_MUST_MATCH = ("model.*", "data.*", "train.seq_length", "train.micro_batch_size", "train.global_batch_size",
+                     "train.seed")
+RESUME_MAY_CHANGE = ("model.name", "data.cache_dir")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def must_match_on_resume(name: str) -> bool:
+    """True for a dotted field name that a resumed run must share with its checkpoint."""
+    return (any(fnmatch.fnmatchcase(name, p) for p in RESUME_MUST_MATCH)
+            and not any(fnmatch.fnmatchcase(name, p) for p in RESUME_MAY_CHANGE))
+
+
+def resume_differences(old: dict, new: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """Compare a checkpoint's run config with the config resuming it (both `dataclasses.asdict(Config)`).
+
+    Returns (blocking, allowed): {dotted name: (old value, new value)} for the fields that differ,
+    split by `must_match_on_resume`. Values are compared as JSON (the checkpoint's config.json), and
+    a field only one side has (a checkpoint older than the field) is not compared.
+    """
+    old_flat, new_flat = _flatten(old), _flatten(json.loads(json.dumps(new)))
+    blocking: dict[str, tuple] = {}
+    allowed: dict[str, tuple] = {}
+    for name in sorted(old_flat.keys() & new_flat.keys()):
+        if old_flat[name] != new_flat[name]:
+            (blocking if must_match_on_resume(name) else allowed)[name] = (old_flat[name], new_flat[name])
+    return blocking, allowed
+
+
+def format_differences(differences: dict[str, tuple]) -> str:
+    """`name: old -> new, ...` for the result of `resume_differences`."""
+
+    def show(value) -> str:
+        return value if isinstance(value, str) else json.dumps(value)
+
+    return ", ".join(f"{name}: {show(old)} -> {show(new)}" for name, (old, new) in differences.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line overrides
+
+def config_field_names(schema=Config, prefix: str = "") -> list[str]:
+    """Every dotted field name of the config schema (`model.hidden_size`, ..., `device`)."""
+    names = []
+    for f in dataclasses.fields(schema):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            names += config_field_names(type(default), f"{prefix}{f.name}.")
+        else:
+            names.append(f"{prefix}{f.name}")
+    return names
+
+
+def check_overrides(args: list[str], conf_dir: Path) -> None:
+    """Reject command-line overrides naming a field the schema lacks, or a config group option
+    that conf/ lacks, with one ConfigError naming it and the closest valid ones.
+
+    `hydra.*` keys and flags (`--cfg`, `-m`, ...) are left to Hydra; `+` / `++` / `~` prefixes
+    are checked like plain keys.
+    """
+    fields = config_field_names()
+    groups = sorted(p.name for p in Path(conf_dir).iterdir() if p.is_dir())
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~").split("@", 1)[0]
+        if key == "hydra" or key.startswith("hydra."):
+            continue
+        if key in groups:
+            options = sorted(p.stem for p in (Path(conf_dir) / key).glob("*.yaml"))
+            _require(value in options,
+                     f"unknown {key}={value}: conf/{key}/ holds {', '.join(options)}")
+            continue
+        # Lists and dicts (data.paths, parallel.pp_layout, ...) end the walk: their items are values.
+        if key in fields or any(key.startswith(name + ".") for name in fields):
+            continue
+        raise ConfigError(f"unknown config key {key} (in {arg!r}); {_closest_keys(key, fields)}")
+
+
+def _closest_keys(key: str, fields: list[str]) -> str:
+    """The closest valid names to an unknown dotted key: its section's first, else any."""
+    section = key.rpartition(".")[0]
+    siblings = [name for name in fields if name.rpartition(".")[0] == section]
+    close = difflib.get_close_matches(key, siblings, n=3, cutoff=0.6) or difflib.get_close_matches(key, fields, n=3)
+    if close:
+        return "the closest valid keys are " + ", ".join(close)
+    if section and siblings:
+        return f"{section} has " + ", ".join(name.rpartition(".")[2] for name in siblings)
+    return "every field is listed in megatron_qwen2/config.py"

@@ -4,6 +4,8 @@ metrics.jsonl keeps flat keys (step, loss, lr, grad_norm, tokens_per_s, mfu, ...
 step. wandb gets the same values under grouped names (`WANDB_GROUPS`: train/, perf/, mem/, moe/,
 data/) so the dashboards sort themselves; it runs offline unless WANDB_API_KEY is set or
 `wandb.mode=online`, and is optional: without the package the other two outputs still work.
+Every start in a run dir (a requeued job, a resume) continues the same wandb run: its id is kept
+in RUN_DIR/wandb_run_id and wandb.init resumes it.
 Only one process (global rank 0) constructs a logger.
 
 MFU = model FLOPs per token (model/flops.py: forward + backward matmuls, causal attention, no
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import secrets
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +28,8 @@ from megatron_qwen2.config import WandbConfig
 
 # Dense bf16 tensor-core peaks (TFLOP/s per device) by substring of the device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
+
+WANDB_RUN_ID_FILE = "wandb_run_id"  # in the run dir: the wandb run every start there continues
 
 WANDB_GROUPS = {
     "loss": "train/loss", "val_loss": "train/val_loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
@@ -43,6 +48,24 @@ def wandb_name(key: str) -> str:
     if key.startswith("moe_"):
         return "moe/" + key[4:]
     return "train/" + key
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The wandb run id of a run directory, kept in RUN_DIR/wandb_run_id so that every start there
+    (a requeued job, a resume) continues the same wandb run. WANDB_RUN_ID, when set, wins; a run
+    dir without the file gets WANDB_RUN_ID or a new random id, written there."""
+    path = Path(run_dir) / WANDB_RUN_ID_FILE
+    given = os.environ.get("WANDB_RUN_ID")
+    try:
+        kept = path.read_text().strip()
+    except OSError:
+        kept = ""
+    run_id = given or kept or secrets.token_hex(4)
+    if run_id != kept:
+        tmp = path.with_name(f".{WANDB_RUN_ID_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(run_id + "\n")
+        os.replace(tmp, path)
+    return run_id
 
 
 def peak_flops_per_device(device: torch.device, override_tflops: Optional[float] = None) -> Optional[float]:
@@ -93,7 +116,7 @@ class MetricsLogger:
             else:
                 mode = wandb_cfg.mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
                 self.wandb = wandb.init(project=wandb_cfg.project, dir=str(run_dir), config=config, mode=mode,
-                                        resume="allow", id=os.environ.get("WANDB_RUN_ID"))
+                                        resume="allow", id=wandb_run_id(run_dir))
 
     def log(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:

@@ -8,11 +8,17 @@
 #SBATCH --time=48:00:00
 #SBATCH --signal=USR1@600
 #SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 # Dense-to-MoE continued pretraining, as the Qwen2 report built 57B-A14B from 7B: upcycle a dense
 # native checkpoint once (64 experts of FFN 2560, top-8, shared expert 20480, half of each expert
 # re-initialised), then train it with the 57b_a14b recipe (conf/experiment/57b_a14b.yaml).
 #   DENSE_CKPT=ckpt/qwen2_7b sbatch slurm/upcycle_57b_a14b.sh [hydra overrides]
+# Stop signals: --signal=USR1@600 (use this) sends USR1 to the training tasks ten minutes before the
+# time limit; they save at the next step boundary and stop (exit 75), and the launcher requeues the
+# job, which resumes from the run directory's `latest` checkpoint. --signal=B:USR1@600 (to the batch
+# shell, which launch.sh forwards to the tasks) and `scancel -s USR1 [--batch] JOB` end the same way.
+# --open-mode=append keeps the output of every start of a requeued job in one file.
 # DENSE_CKPT: a native checkpoint (tools/convert_checkpoint.py hf-to-native, or a run's checkpoints/).
 # UPCYCLED_CKPT (default RUN_DIR/upcycled) is written once and reused; requeued jobs resume from
 # the run's own checkpoints (resume wins over train.init_from). UPCYCLE_SEED (default 0);

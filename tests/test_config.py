@@ -109,3 +109,67 @@ def test_tensor_parallel_layout_checks():
                 world_size=2).train.seq_length == 127
     with pytest.raises(ValueError, match=r"parallel.bucket_size must be a positive integer, got 0"):
         load("parallel.bucket_size=0")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("optim.lr=inf", "optim.lr must be a finite number, got inf"),
+    ("optim.lr=nan", "optim.lr must be a finite number, got nan"),
+    ("optim.lr=-1e-4", "optim.lr must be > 0, got -0.0001"),
+    ("optim.min_lr_ratio=-0.1", "optim.min_lr_ratio must be in [0, 1], got -0.1"),
+    ("optim.beta1=1.0", "optim.beta1 must be in [0, 1), got 1.0"),
+    ("optim.beta2=nan", "optim.beta2 must be a finite number, got nan"),
+    ("optim.eps=0", "optim.eps must be > 0, got 0.0"),
+    ("optim.eps=inf", "optim.eps must be a finite number, got inf"),
+    ("optim.clip_grad=-1", "optim.clip_grad must be >= 0 (0 disables), got -1.0"),
+    ("optim.clip_grad=inf", "optim.clip_grad must be a finite number, got inf"),
+    ("optim.weight_decay=inf", "optim.weight_decay must be a finite number, got inf"),
+    ("model.rope_theta=inf", "model.rope_theta must be a finite number, got inf"),
+    ("data.split=[1.0,inf]", "data.split must be a finite number, got [1.0, inf]"),
+    ("train.max_skipped_steps=0", "train.max_skipped_steps must be an integer >= 1"),
+    ("train.loss_spike_factor=0.5", "train.loss_spike_factor must be 0 (off) or > 1, got 0.5"),
+    ("train.loss_spike_factor=inf", "train.loss_spike_factor must be a finite number, got inf"),
+    ("train.resume=sometimes", "train.resume must be true, false or force, got 'sometimes'"),
+])
+def test_impossible_numbers_are_rejected(override, needle):
+    with pytest.raises(ValueError, match="^" + re.escape(needle)):
+        load(override)
+
+
+def test_resume_values():
+    assert [load(f"train.resume={v}").train.resume for v in ("true", "false", "force")] == [True, False, "force"]
+    t = load().train
+    assert (t.max_skipped_steps, t.loss_spike_factor, t.resume) == (10, 3.0, True)
+
+
+def test_resume_differences_split_what_must_match_from_what_may_change():
+    import dataclasses
+
+    from megatron_qwen2.config import format_differences, resume_differences
+
+    old = dataclasses.asdict(load())
+    new = dataclasses.asdict(load("train.seq_length=256", "model.hidden_size=96", "data.paths=[a/b]",
+                                  "train.micro_batch_size=2", "train.steps=500", "optim.lr=1e-4",
+                                  "parallel.tp=2", "model.name=renamed", "data.cache_dir=/elsewhere",
+                                  "train.resume=force", world_size=2))
+    del old["train"]["loss_spike_factor"]  # a checkpoint older than a field: not compared
+    blocking, allowed = resume_differences(old, new)
+    assert sorted(blocking) == ["data.paths", "model.hidden_size", "train.micro_batch_size", "train.seq_length"]
+    assert blocking["train.seq_length"] == (128, 256)
+    assert sorted(allowed) == ["data.cache_dir", "model.name", "optim.lr", "parallel.sequence_parallel",
+                               "parallel.tp", "train.resume", "train.steps"]
+    assert format_differences({"train.seq_length": (128, 256), "data.paths": (None, ["a/b"])}) == \
+        'train.seq_length: 128 -> 256, data.paths: null -> ["a/b"]'
+    assert resume_differences(old, dataclasses.asdict(load())) == ({}, {})
+
+
+def test_unknown_override_keys_and_group_options_name_the_closest():
+    from megatron_qwen2.config import check_overrides
+
+    check_overrides(["model=tiny", "+experiment=7b", "train.steps=3", "hydra.run.dir=x", "data.paths=[a,b]",
+                     "--cfg", "job", "++optim.lr=1e-3"], Path(CONF))
+    with pytest.raises(ValueError, match=r"^unknown config key train.stepz .*closest valid keys are train.steps"):
+        check_overrides(["train.stepz=3"], Path(CONF))
+    with pytest.raises(ValueError, match=r"^unknown config key model.hiden_size .*model.hidden_size"):
+        check_overrides(["+model.hiden_size=3"], Path(CONF))
+    with pytest.raises(ValueError, match=r"^unknown model=tinyy: conf/model/ holds .*tiny, tiny_moe"):
+        check_overrides(["model=tinyy"], Path(CONF))

@@ -1,5 +1,11 @@
 #!/usr/bin/env python
-"""Convert Qwen2 checkpoints: `hf-to-native --input HF_DIR --output CKPT_DIR`, or `native-to-hf ...`."""
+"""Convert Qwen2 checkpoints (see megatron_qwen2/checkpoint/convert.py):
+
+    python tools/convert_checkpoint.py hf-to-native --input HF_DIR --output CKPT_DIR
+    python tools/convert_checkpoint.py native-to-hf --input CKPT_DIR --output HF_DIR [--tokenizer PATH | --no-tokenizer]
+
+Errors are one line on stderr and exit code 2.
+"""
 
 import sys
 from pathlib import Path

@@ -4,6 +4,9 @@ megatron_qwen2/checkpoint/upcycle.py):
 
     python tools/upcycle.py --input DENSE_CKPT --output MOE_CKPT --num-experts 64 --top-k 8 \\
         --expert-ffn-size 2560 --shared-expert-ffn-size 20480 --reinit-fraction 0.5 --seed S [--equivalence]
+
+What cannot fit the output's disk or the host's memory is refused before starting; errors are one
+line on stderr and exit code 2.
 """
 
 import sys

@@ -15,17 +15,31 @@ A run's `checkpoints/step_NNNNNN/` holds:
     rng/rank_NNNNN.pt   each rank's torch CPU (and CUDA) RNG state
     train_state.json    step, consumed samples, Adam step count, the layout it was saved under
     config.json         the resolved run config
-    manifest.json       every file and its size; written last, checked before a load
+    manifest.json       every file with its size and xxh3 checksum (checkpoint/native.py); written last
 
-It is written under `.step_NNNNNN.tmp`, renamed into place when complete, and only then does
-`latest` move to it. A directory without a valid manifest, or whose files disagree with it,
-is refused (`CheckpointError`) and the resume falls back to the previous checkpoint.
-`CheckpointSaver` can also write in a background thread (train.async_save).
+Saving. Before anything is written, one all-reduce of one flag checks that no master weight or
+Adam moment of any rank is inf or nan (else NonFiniteError). Each rank writes its files under
+`.step_NNNNNN.tmp`, hashing the bytes as they go out, and sends the records (size, checksum)
+or its failure to rank 0 (one gather). Rank 0 writes the JSON files, checks every file's size on
+disk against its writer's record, writes the manifest, renames the directory into place and only
+then moves `latest`; it broadcasts the outcome, so every rank returns or raises together. Any
+OSError on any rank (a full or read-only disk, an I/O error) removes the temporary directory,
+leaves the previous checkpoints and `latest` as they were and raises RunDirError on every rank.
+
+"Verified when written" (what `rotate_checkpoints` counts): the directory has a manifest, which
+rank 0 writes only once every rank's records arrived and every size on disk matched, and the
+files it lists are still there with those sizes.
+
+Loading. The files of the manifest are spread over the ranks, each rank checks its share (size
+and checksum) and one all-gather tells every rank the first problem, so all refuse or accept the
+same checkpoint (`verify_checkpoint`). `CheckpointSaver` can also write in a background thread
+(train.async_save).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -34,33 +48,39 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex, TensorProperties,
                                                    TensorStorageMetadata)
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megatron_qwen2.checkpoint.native import CONFIG_FILE, LATEST_FILE, MODEL_DIR
+from megatron_qwen2.checkpoint.native import (CONFIG_FILE, LATEST_FILE, MANIFEST_FILE, MODEL_DIR, CheckpointError,
+                                              FileRecord, check_files, dcp_failures, describe_os_error, find_os_error,
+                                              fsync_dir, hashing_writer, json_bytes, present_with_sizes, read_manifest,
+                                              weight_files, write_file, write_manifest, written_records)
 from megatron_qwen2.checkpoint.sharding import flat_pieces, param_shard_spec
+from megatron_qwen2.errors import NonFiniteError, RunDirError
 
 OPTIM_DIR = "optim"
 RNG_DIR = "rng"
 TRAIN_STATE_FILE = "train_state.json"
 RUN_CONFIG_FILE = "config.json"
-MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # train_state.json's "format"; 2: the manifest holds checksums
+CORRUPT_SUFFIX = ".corrupt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_PARTIAL_SAVE = re.compile(r"^\.(step_\d+)\.(tmp|old)$")
 
 PathLike = Union[str, Path]
 
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that is incomplete, corrupt or does not fit the model."""
+__all__ = ["CheckpointError", "MANIFEST_FILE", "CheckpointSaver", "save_training_checkpoint", "load_training_checkpoint",
+           "verify_checkpoint", "find_resume_checkpoint", "rotate_checkpoints", "remove_partial_saves",
+           "set_aside", "point_latest", "read_latest"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,29 +157,90 @@ class _PieceLoadPlanner(DefaultLoadPlanner):
         pass  # resolve_tensor handed out a view of the destination: the data is already in place
 
 
+# ---------------------------------------------------------------------------------------------
+# Collectives (no-ops in a single process)
+
+
+def _rank_world(group=None) -> tuple[int, int]:
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _gather(obj, group=None) -> Optional[list]:
+    """Every rank's obj, by rank, on rank 0 (None elsewhere)."""
+    rank, world = _rank_world(group)
+    if world == 1:
+        return [obj]
+    out = [None] * world if rank == 0 else None
+    dist.gather_object(obj, out, dst=0, group=group)
+    return out
+
+
+def _all_gather(obj, group=None) -> list:
+    _, world = _rank_world(group)
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _broadcast(obj, group=None):
+    """Rank 0's obj on every rank."""
+    if _rank_world(group)[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def _collective_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# DCP reads and writes
+
+
 SAVE_THREADS = 4  # files written in parallel per rank
 
 
-def _dcp_save(items, path: Path, group=None) -> None:
+def _dcp_save(items, ckpt_dir: Path, sub: str, group=None) -> tuple[dict[str, FileRecord], list[OSError]]:
+    """Write `items` to ckpt_dir/sub (every rank of group takes part); this rank's file records
+    (relative to ckpt_dir) and the write errors it met, which it does not raise."""
     planner = _PieceSavePlanner(items)
-    writer = dcp.FileSystemWriter(str(path), thread_count=SAVE_THREADS)
+    writer = hashing_writer(ckpt_dir / sub, thread_count=SAVE_THREADS)
     if dist.is_initialized():
         dcp.save({}, storage_writer=writer, planner=planner, process_group=group)
     else:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+    return written_records(writer, ckpt_dir), list(writer.fs.errors)
 
 
 def _dcp_load(wanted, path: Path) -> None:
     planner = _PieceLoadPlanner(wanted, str(path))
     reader = dcp.FileSystemReader(str(path))
-    if dist.is_initialized():
-        dcp.load({}, storage_reader=reader, planner=planner)
-    else:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
+    try:
+        if dist.is_initialized():
+            dcp.load({}, storage_reader=reader, planner=planner)
+        else:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
+    except CheckpointException as e:  # raised on every rank: DCP gathers each rank's failure
+        failures = dcp_failures(e)
+        known = next((f for f in failures if isinstance(f, CheckpointError)), None)
+        if known is not None:
+            raise CheckpointError(str(known)) from None
+        cause = find_os_error(e)
+        detail = describe_os_error(cause) if cause else (f"{type(failures[0]).__name__}: {failures[0]}"
+                                                         if failures else str(e))
+        raise CheckpointError(f"{path} cannot be read ({detail})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +280,8 @@ def save_training_checkpoint(ckpt_root: PathLike, step: int, chunks, optimizer, 
     """Write ckpt_root/step_NNNNNN (every rank takes part), move `latest` to it, drop old ones.
 
     train_state: JSON-able loop state (consumed samples, ...); step and layout are added here.
-    keep_last > 0 keeps only that many newest step directories.
+    keep_last > 0 keeps only that many newest verified checkpoints (rotate_checkpoints).
+    Raises NonFiniteError (nothing written) or RunDirError (nothing changed) on every rank.
     """
     job = _prepare_save(ckpt_root, step, chunks, optimizer, topo, model_cfg, train_state, run_config, keep_last,
                         snapshot=False)
@@ -212,7 +294,8 @@ class CheckpointSaver:
     Asynchronous saves copy this rank's pieces to CPU memory at the step boundary (the only stall),
     then write, fsync, rename and move `latest` in a thread that coordinates the ranks over a
     process group of its own (gloo), so its collectives never interleave with training's. A save
-    waits for the previous one; `wait()` before exiting.
+    waits for the previous one; `wait()` before exiting. An error of the thread (RunDirError:
+    the disk is full, ...) is raised by the next `save()` or `wait()`, on every rank.
     """
 
     def __init__(self, async_save: bool = False):
@@ -259,9 +342,19 @@ class CheckpointSaver:
 
 
 @dataclasses.dataclass
+class _RankReport:
+    """What one rank sends rank 0 after writing: its files, or why it could not write them."""
+
+    files: dict[str, FileRecord]
+    failure: Optional[str] = None  # one line
+    io: bool = True  # the failure is an OSError (else a bug: raised as RuntimeError)
+
+
+@dataclasses.dataclass
 class _SaveJob:
     tmp: Path
     final: Path
+    step: int
     rank: int
     model_items: dict
     optim_items: dict
@@ -271,27 +364,125 @@ class _SaveJob:
     group: Optional[object]
 
     def run(self) -> Path:
-        _dcp_save(self.model_items, self.tmp / MODEL_DIR, self.group)
-        _dcp_save(self.optim_items, self.tmp / OPTIM_DIR, self.group)
-        torch.save(self.rng, self.tmp / RNG_DIR / f"rank_{self.rank:05d}.pt")
-        _barrier(self.group)
+        files: dict[str, FileRecord] = {}
+        errors: list[BaseException] = []
+        for items, sub in ((self.model_items, MODEL_DIR), (self.optim_items, OPTIM_DIR)):
+            try:  # every rank calls both DCP saves, whatever failed before: they are collectives
+                written, failed = _dcp_save(items, self.tmp, sub, self.group)
+                files.update(written)
+                errors.extend(failed)
+            except (Exception, CheckpointException) as e:  # DCP raises what failed on any rank on every rank
+                errors.append(e)
+        if not errors:
+            rel = f"{RNG_DIR}/rank_{self.rank:05d}.pt"
+            try:
+                buf = io.BytesIO()
+                torch.save(self.rng, buf)
+                files[rel] = write_file(self.tmp / rel, buf.getvalue())
+            except OSError as e:
+                errors.append(e)
+        report = _RankReport(files)
+        if errors:
+            cause = find_os_error(errors[0])
+            report = _RankReport({}, describe_os_error(cause) if cause is not None
+                                 else f"{type(errors[0]).__name__}: {errors[0]}", io=cause is not None)
+        reports = _gather(report, self.group)
+        outcome = None
         if self.rank == 0:
-            for name, content in self.meta.items():
-                (self.tmp / name).write_text(json.dumps(content, indent=1, default=str) + "\n")
-            _write_manifest(self.tmp)
-            ckpt_root = self.final.parent
-            if self.final.exists():  # the same step saved again (a rerun): replace it
-                shutil.rmtree(self.final)
-            os.replace(self.tmp, self.final)
-            _fsync_dir(ckpt_root)
-            latest_tmp = ckpt_root / f".{LATEST_FILE}.tmp"
-            latest_tmp.write_text(self.final.name + "\n")
-            os.replace(latest_tmp, ckpt_root / LATEST_FILE)
-            _fsync_dir(ckpt_root)
-            if self.keep_last > 0:
-                rotate_checkpoints(ckpt_root, self.keep_last)
-        _barrier(self.group)
+            try:
+                outcome = self._finish(reports)
+            except Exception as e:  # a bug: still answer the other ranks, which wait for the outcome
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                outcome = (f"cannot write checkpoint {self.final}: {type(e).__name__}: {e}", False)
+        outcome = _broadcast(outcome, self.group)
+        if outcome is not None:
+            text, is_io = outcome
+            err = RunDirError(text) if is_io else RuntimeError(text)
+            err.step = self.step  # outcome.json's step
+            raise err from (errors[0] if errors else None)
         return self.final
+
+    def _finish(self, reports: list[_RankReport]) -> Optional[tuple[str, bool]]:
+        """Rank 0: complete and publish the checkpoint, or remove it; (one line, is an OSError) on failure."""
+        failed = [(r, rep) for r, rep in enumerate(reports) if rep.failure is not None]
+        problem = None
+        if failed:
+            rank, rep = failed[0]
+            problem = (rep.failure + (f" (rank {rank})" if len(reports) > 1 else ""), rep.io)
+        else:
+            files = {rel: rec for rep in reports for rel, rec in rep.files.items()}
+            try:
+                for name, content in self.meta.items():
+                    files[name] = write_file(self.tmp / name, json_bytes(content))
+                write_manifest(self.tmp, files)
+                _publish(self.tmp, self.final)
+            except OSError as e:
+                problem = (describe_os_error(e), True)
+            except CheckpointError as e:  # a size on disk that is not the one written
+                problem = (str(e), True)
+        if problem is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            text, is_io = problem
+            return (f"cannot write checkpoint {self.final}: {text}; the partial {self.tmp.name} was removed and "
+                    f"the previous checkpoints and {LATEST_FILE} are unchanged (free space in {self.final.parent} "
+                    f"or make it writable, then resume)", is_io)
+        if self.keep_last > 0:
+            rotate_checkpoints(self.final.parent, self.keep_last)
+        return None
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename tmp to final (replacing a same-named checkpoint), then move `latest` to it. On failure
+    what was there is back in place and tmp holds the new checkpoint again."""
+    root = final.parent
+    old = root / f".{final.name}.old"
+    if final.exists():  # the same step saved again (a rerun): replaced only once the new one is complete
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+        try:
+            fsync_dir(root)
+            point_latest(root, final.name)
+        except BaseException:
+            os.replace(final, tmp)
+            raise
+    except BaseException:
+        if old.exists():
+            os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def point_latest(ckpt_root: Path, name: str) -> None:
+    """Make ckpt_root/latest name `name` (atomically; fsynced)."""
+    tmp = ckpt_root / f".{LATEST_FILE}.tmp"
+    try:
+        write_file(tmp, (name + "\n").encode())
+        os.replace(tmp, ckpt_root / LATEST_FILE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(ckpt_root)
+
+
+def _check_finite(state: dict, step: int, group=None) -> None:
+    """NonFiniteError on every rank when a master weight or Adam moment of any rank is inf or nan
+    (per tensor one min/max reduction on its device, which nan, inf and -inf reach, then one
+    all-reduce of one flag)."""
+    tensors = [st[k] for st in state["fragments"] for k in ("master", "exp_avg", "exp_avg_sq") if st[k].numel()]
+    if tensors:
+        extremes = torch.stack([torch.stack(torch.aminmax(t.detach())) for t in tensors])
+        finite = torch.isfinite(extremes).all().to(torch.float32)
+    else:
+        finite = torch.ones((), device=_collective_device())
+    if _rank_world(group)[1] > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=group)
+    if finite.item() != 1.0:
+        err = NonFiniteError(f"step {step}: a master weight or Adam moment is inf or nan, so checkpoint "
+                             f"step_{step:06d} was not written; the last checkpoint is the one to resume from")
+        err.step = step  # outcome.json's step
+        raise err
 
 
 def _prepare_save(ckpt_root, step, chunks, optimizer, topo, model_cfg, train_state, run_config, keep_last,
@@ -301,14 +492,25 @@ def _prepare_save(ckpt_root, step, chunks, optimizer, topo, model_cfg, train_sta
     name = f"step_{step:06d}"
     tmp = ckpt_root / f".{name}.tmp"
     rank = dist.get_rank() if dist.is_initialized() else 0
+    state = optimizer.state_dict()
+    _check_finite(state, step)
+    failure = None
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # a save interrupted before its rename
-        (tmp / RNG_DIR).mkdir(parents=True)
-    _barrier()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)  # a save interrupted before its rename
+            (tmp / RNG_DIR).mkdir(parents=True)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            failure = (f"cannot write checkpoint {ckpt_root / name}: {describe_os_error(e)}; the previous "
+                       f"checkpoints and {LATEST_FILE} are unchanged (free space in {ckpt_root} or make it writable)")
+    failure = _broadcast(failure)
+    if failure is not None:
+        err = RunDirError(failure)
+        err.step = step
+        raise err
 
     names = parameter_names(chunks)
     sharded = bool(optimizer.buffer.shard)  # each rank (of its bucket's group) holds other fragments
-    state = optimizer.state_dict()
     def keep(t: torch.Tensor) -> torch.Tensor:
         if not snapshot:
             return t
@@ -335,51 +537,32 @@ def _prepare_save(ckpt_root, step, chunks, optimizer, topo, model_cfg, train_sta
         meta = {CONFIG_FILE: dataclasses.asdict(model_cfg), RUN_CONFIG_FILE: run_config,
                 TRAIN_STATE_FILE: dict(train_state, step=step, optimizer_step=state["step"], layout=layout,
                                        format=FORMAT_VERSION, torch=torch.__version__)}
-    return _SaveJob(tmp, ckpt_root / name, rank, model_items, optim_items, rng, meta, keep_last, group)
+    return _SaveJob(tmp, ckpt_root / name, step, rank, model_items, optim_items, rng, meta, keep_last, group)
 
 
 def rotate_checkpoints(ckpt_root: PathLike, keep_last: int) -> list[Path]:
-    """Remove all but the newest `keep_last` step directories (never the one `latest` names)."""
+    """Remove the step directories older than the `keep_last` newest verified ones (see the module
+    docstring); never the one `latest` names. Newer unverified ones and `step_N.corrupt` stay."""
     ckpt_root = Path(ckpt_root)
-    latest = _read_latest(ckpt_root)
-    steps = sorted(_step_dirs(ckpt_root), key=lambda p: _step_of(p), reverse=True)
+    latest = read_latest(ckpt_root)
+    steps = sorted(_step_dirs(ckpt_root), key=_step_of, reverse=True)
+    verified = [p for p in steps if _verified_when_written(p)]
+    if keep_last <= 0 or len(verified) <= keep_last:
+        return []
+    oldest_kept = _step_of(verified[keep_last - 1])
     removed = []
-    for old in steps[keep_last:]:
-        if old.name != latest:
+    for old in steps:
+        if _step_of(old) < oldest_kept and old.name != latest:
             shutil.rmtree(old, ignore_errors=True)
             removed.append(old)
     return removed
 
 
-def _write_manifest(ckpt_dir: Path) -> None:
-    files = {str(p.relative_to(ckpt_dir)): p.stat().st_size
-             for p in sorted(ckpt_dir.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
-    for p in ckpt_dir.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-    path = ckpt_dir / MANIFEST_FILE
-    path.write_text(json.dumps({"format": FORMAT_VERSION, "files": files}, indent=1) + "\n")
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
+def _verified_when_written(ckpt_dir: Path) -> bool:
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _barrier(group=None) -> None:
-    if dist.is_initialized():
-        dist.barrier(group=group)
+        return present_with_sizes(ckpt_dir, read_manifest(ckpt_dir))
+    except CheckpointError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,59 +579,143 @@ def _step_of(path: Path) -> int:
     return int(_STEP_DIR.match(path.name).group(1))
 
 
-def _read_latest(ckpt_root: Path) -> Optional[str]:
+def read_latest(ckpt_root: Path) -> Optional[str]:
+    """The name `latest` holds, or None."""
     try:
-        return (ckpt_root / LATEST_FILE).read_text().strip() or None
+        return (Path(ckpt_root) / LATEST_FILE).read_text().strip() or None
     except OSError:
         return None
 
 
-def verify_checkpoint(ckpt_dir: PathLike, weights_only: bool = False) -> dict:
-    """Check a training checkpoint against its manifest; returns its train_state (CheckpointError if not)."""
+def remove_partial_saves(ckpt_root: PathLike) -> list[Path]:
+    """Remove what an interrupted save left (`.step_N.tmp`, `.latest.tmp`; call on rank 0 before
+    resuming). A `.step_N.old` (a same-step checkpoint being replaced) goes back to step_N when
+    that is missing, else is removed. Returns the paths removed; never raises."""
+    ckpt_root = Path(ckpt_root)
+    if not ckpt_root.is_dir():
+        return []
+    removed = []
+    for p in sorted(ckpt_root.iterdir()):
+        m = _PARTIAL_SAVE.match(p.name)
+        try:
+            if m and m.group(2) == "old" and not (ckpt_root / m.group(1)).exists():
+                os.replace(p, ckpt_root / m.group(1))
+            elif m or p.name == f".{LATEST_FILE}.tmp":
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+                removed.append(p)
+        except OSError:  # left for the next start (a read-only disk fails the next save anyway)
+            pass
+    return removed
+
+
+def set_aside(ckpt_dir: PathLike) -> Path:
+    """Rename a refused checkpoint to step_N.corrupt (step_N.corrupt.2, ... if taken); the new path.
+    Neither resuming nor rotation looks at it again."""
     ckpt_dir = Path(ckpt_dir)
+    target = ckpt_dir.with_name(ckpt_dir.name + CORRUPT_SUFFIX)
+    n = 2
+    while target.exists():
+        target = ckpt_dir.with_name(f"{ckpt_dir.name}{CORRUPT_SUFFIX}.{n}")
+        n += 1
+    os.replace(ckpt_dir, target)
+    fsync_dir(ckpt_dir.parent)
+    return target
+
+
+def _checked_on_load(rel: str, weights_only: bool) -> bool:
+    """The files a load checks against their checksums: all but model_config.json (a person may edit
+    it; ModelConfig.validate and the tensor shapes check it), or with weights_only model/ and
+    train_state.json."""
+    if weights_only:
+        return weight_files(rel) or rel == TRAIN_STATE_FILE
+    return rel != CONFIG_FILE
+
+
+def _share(files: dict[str, FileRecord], rank: int, world: int) -> dict[str, FileRecord]:
+    """This rank's part of `files`: largest first, each to the rank with the fewest bytes so far."""
+    load = [0] * world
+    mine = {}
+    for rel in sorted(files, key=lambda r: (-files[r].size, r)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        load[r] += files[rel].size
+        if r == rank:
+            mine[rel] = files[rel]
+    return mine
+
+
+def verify_checkpoint(ckpt_dir: PathLike, weights_only: bool = False) -> dict:
+    """Check a training checkpoint against its manifest; returns its train_state (CheckpointError if not).
+
+    Under torch.distributed every rank must call it: the files are spread over the ranks, each
+    checks its share, and all raise the same error (the first by rank) or none.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    rank, world = _rank_world()
+    problem, train_state = None, {}
     try:
-        manifest = json.loads((ckpt_dir / MANIFEST_FILE).read_text())
-        files = manifest["files"]
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete: it has no {MANIFEST_FILE}") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {ckpt_dir}: {MANIFEST_FILE} is corrupt ({e})") from None
-    for rel, size in files.items():
-        path = ckpt_dir / rel
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete: {rel} is missing")
-        if path.stat().st_size != size:
-            raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {rel} has {path.stat().st_size} bytes, "
-                                  f"the manifest says {size}")
-    dirs = (MODEL_DIR,) if weights_only else (MODEL_DIR, OPTIM_DIR)
-    for sub in dirs:
+        files = read_manifest(ckpt_dir)
+        checked = {rel: rec for rel, rec in files.items() if _checked_on_load(rel, weights_only)}
+        problem = check_files(ckpt_dir, _share(checked, rank, world))
+        if problem is None:
+            train_state = _readable_state(ckpt_dir, files, weights_only)
+    except CheckpointError as e:
+        problem = str(e)
+    problem = next((p for p in _all_gather(problem) if p is not None), None)
+    if problem is not None:
+        raise CheckpointError(problem)
+    return train_state
+
+
+def _readable_state(ckpt_dir: Path, files: dict, weights_only: bool) -> dict:
+    """Its DCP metadata unpickles and its train_state.json parses; the train state ({} for a native
+    checkpoint loaded for its weights)."""
+    for sub in (MODEL_DIR,) if weights_only else (MODEL_DIR, OPTIM_DIR):
         try:
             dcp.FileSystemReader(str(ckpt_dir / sub)).read_metadata()
         except Exception as e:  # DCP raises whatever unpickling a damaged file raises
             raise CheckpointError(f"checkpoint {ckpt_dir}: {sub}/ has unreadable DCP metadata ({e})") from None
+    if weights_only and TRAIN_STATE_FILE not in files:
+        return {}
+    return _read_train_state(ckpt_dir)
+
+
+def _read_train_state(ckpt_dir: Path) -> dict:
     try:
         return json.loads((ckpt_dir / TRAIN_STATE_FILE).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {ckpt_dir}: {TRAIN_STATE_FILE} is unreadable ({e})") from None
 
 
-def find_resume_checkpoint(ckpt_root: PathLike, log=print) -> Optional[Path]:
+def find_resume_checkpoint(ckpt_root: PathLike, log=print,
+                           on_refused: Optional[Callable[[Path, CheckpointError], None]] = None) -> Optional[Path]:
     """The newest usable checkpoint under ckpt_root: `latest` first, then older steps; None if none.
 
-    Each unusable one is reported through `log` with the reason, and skipped.
+    Each unusable one is reported, on every rank, through on_refused(path, error) when given, else
+    as one warning line through `log`, and skipped. Under torch.distributed every rank must call
+    it (rank 0 lists the candidates; verify_checkpoint runs on all) and all return the same path.
     """
     ckpt_root = Path(ckpt_root)
-    candidates = sorted(_step_dirs(ckpt_root), key=_step_of, reverse=True)
-    latest = _read_latest(ckpt_root)
-    if latest is not None:
-        named = ckpt_root / latest
-        candidates = [named] + [c for c in candidates if c != named]
-    for cand in candidates:
+    names = None
+    if _rank_world()[0] == 0:
+        candidates = sorted(_step_dirs(ckpt_root), key=_step_of, reverse=True)
+        latest = read_latest(ckpt_root)
+        named = ckpt_root / latest if latest is not None else None
+        if named is not None and named in candidates:
+            candidates = [named] + [c for c in candidates if c != named]
+        names = [c.name for c in candidates]
+    for name in _broadcast(names):
+        cand = ckpt_root / name
         try:
             verify_checkpoint(cand)
             return cand
         except CheckpointError as e:
-            log(f"warning: refusing {e}; trying the previous checkpoint")
+            if on_refused is not None:
+                on_refused(cand, e)
+            else:
+                log(f"warning: refusing {e}; trying the previous checkpoint")
     return None
 
 
@@ -456,19 +723,22 @@ def find_resume_checkpoint(ckpt_root: PathLike, log=print) -> Optional[Path]:
 # Load
 
 
-def load_training_checkpoint(ckpt_dir: PathLike, chunks, optimizer, topo, weights_only: bool = False) -> dict:
+def load_training_checkpoint(ckpt_dir: PathLike, chunks, optimizer, topo, weights_only: bool = False,
+                             verify: bool = True) -> dict:
     """Load masters (and, unless weights_only, Adam moments and RNG) into this rank's fragments.
 
     Works for any checkpoint in the canonical layout: a training checkpoint of any layout, or
     (weights_only) a native checkpoint converted from Hugging Face. Returns its train_state
-    ({} for a native checkpoint without one). Every rank must call it.
+    ({} for a native checkpoint without one). Every rank must call it. verify=False skips the
+    check against the manifest, for a checkpoint that verify_checkpoint has just accepted.
     """
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / MODEL_DIR).is_dir():
         raise CheckpointError(f"{ckpt_dir} is not a checkpoint (it needs {MODEL_DIR}/)")
-    # A native checkpoint converted from Hugging Face has no manifest and no training state.
-    has_manifest = (ckpt_dir / MANIFEST_FILE).exists()
-    train_state = verify_checkpoint(ckpt_dir, weights_only) if has_manifest or not weights_only else {}
+    if verify:
+        train_state = verify_checkpoint(ckpt_dir, weights_only)
+    else:
+        train_state = _read_train_state(ckpt_dir) if (ckpt_dir / TRAIN_STATE_FILE).exists() or not weights_only else {}
     names = parameter_names(chunks)
     fresh = [{k: torch.zeros_like(f.master) for k in ("master", "exp_avg", "exp_avg_sq")} for f in optimizer.fragments]
     model_wanted: dict = {}

@@ -1,4 +1,6 @@
-"""Read and write Hugging Face model directories: config.json + (sharded) safetensors."""
+"""Read and write Hugging Face model directories: config.json, (sharded) safetensors, and the
+tokenizer files that `transformers.AutoTokenizer` loads (tokenizer.json, tokenizer_config.json
+with Qwen2's chat template) with generation_config.json."""
 
 from __future__ import annotations
 
@@ -9,13 +11,19 @@ from typing import Optional, Union
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 from tqdm import tqdm
 
 from megatron_qwen2.checkpoint.atomic import atomic_directory
+from megatron_qwen2.data.sft import DEFAULT_SYSTEM_PROMPT, IM_END, IM_START, ensure_chat_tokens
+from megatron_qwen2.data.tokenizer import _QWEN2_SPLIT, EOD_TOKEN, eod_token_id
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", as transformers counts it
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
                 torch.float64: "float64"}
@@ -57,8 +65,9 @@ def read_hf_dir(hf_dir: Union[str, Path], progress: Optional[bool] = None) -> tu
 
 def write_hf_dir(tensors: dict[str, torch.Tensor], config: dict, out_dir: Union[str, Path],
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-                 progress: Optional[bool] = None) -> Path:
-    """Write config.json and safetensors (sharded, with an index, above max_shard_bytes), atomically."""
+                 progress: Optional[bool] = None, files: Optional[dict[str, str]] = None) -> Path:
+    """Write config.json, safetensors (sharded, with an index, above max_shard_bytes) and `files`
+    ({name: text}, e.g. hf_tokenizer_files), atomically."""
     if max_shard_bytes <= 0:
         raise ValueError(f"max shard size must be > 0 bytes, got {max_shard_bytes}")
     out_dir = Path(out_dir)
@@ -70,6 +79,8 @@ def write_hf_dir(tensors: dict[str, torch.Tensor], config: dict, out_dir: Union[
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     with atomic_directory(out_dir, overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         weight_map = {}
         bar = tqdm(total=len(tensors), desc="writing tensors", unit="tensor", disable=_no_bar(progress, len(tensors)))
         for fname, keys in zip(names, shards):
@@ -82,6 +93,72 @@ def write_hf_dir(tensors: dict[str, torch.Tensor], config: dict, out_dir: Union[
                      "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return out_dir
+
+
+def qwen2_chat_template(system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """Qwen2's chat template (Jinja): the rendering of megatron_qwen2/data/sft.py, the default system
+    prompt first when the conversation does not start with a system message, and
+    `<|im_start|>assistant\\n` after it with add_generation_prompt."""
+    system = json.dumps(f"{IM_START}system\n{system_prompt}{IM_END}\n")
+    return ("{%- for message in messages %}"
+            "{%- if loop.first and messages[0]['role'] != 'system' %}{{- " + system + " }}{%- endif %}"
+            "{{- '" + IM_START + "' + message['role'] + '\\n' + message['content'] + '" + IM_END + "' + '\\n' }}"
+            "{%- endfor %}"
+            "{%- if add_generation_prompt %}{{- '" + IM_START + "assistant\\n' }}{%- endif %}")
+
+
+def hf_tokenizer_files(tok: Tokenizer, vocab_size: int, max_length: int, chat: bool) -> tuple[dict[str, str], dict]:
+    """The tokenizer and generation files of an HF model directory, and the token ids its config.json
+    holds: ({file name: text}, {"bos_token_id": ..., "eos_token_id": ...}).
+
+    `tok` gets <|im_start|> / <|im_end|> where it lacks them, as SFT data adds them. Token ids are
+    Qwen2's: <|endoftext|> begins, pads and ends text; a model trained on chat (`chat`) ends its turn
+    with <|im_end|> (config.json's eos), and generation stops at either. ValueError when the
+    tokenizer has more tokens than the model's vocab_size.
+    """
+    where = getattr(tok, "source_path", "<in memory>")
+    eod = eod_token_id(tok)
+    ensure_chat_tokens(tok)
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"tokenizer {where} has {tok.get_vocab_size()} tokens (with {IM_START} and {IM_END}) but "
+                         f"the model's vocab_size is {vocab_size}: pass the run's tokenizer with --tokenizer")
+    im_end = tok.token_to_id(IM_END)
+    eos_token, eos_id = (IM_END, im_end) if chat else (EOD_TOKEN, eod)
+    tokenizer_config = {
+        # PreTrainedTokenizerFast loads tokenizer.json as it is; transformers' Qwen2Tokenizer would
+        # rebuild the pipeline with its own normaliser (NFC), and encode some text differently.
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None, "eos_token": eos_token, "pad_token": EOD_TOKEN, "unk_token": None,
+        "additional_special_tokens": [IM_START, IM_END],
+        "chat_template": qwen2_chat_template(),
+        "model_max_length": max_length,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": False,
+    }
+    generation = {"bos_token_id": eod, "pad_token_id": eod, "eos_token_id": [im_end, eod] if chat else eod}
+    files = {TOKENIZER_FILE: tok.to_str(pretty=True) + "\n",
+             TOKENIZER_CONFIG_FILE: json.dumps(tokenizer_config, indent=2) + "\n",
+             GENERATION_CONFIG_FILE: json.dumps(generation, indent=2) + "\n"}
+    return files, {"bos_token_id": eod, "eos_token_id": eos_id}
+
+
+def qwen2_pipeline_differences(tok: Tokenizer) -> list[str]:
+    """The parts of tok's pipeline that make ids differ from Qwen2's: 'normalizer' (Qwen2's is NFC),
+    'pre_tokenizer' (Qwen2's regex split, then byte-level). transformers >= 5 loads the tokenizer of a
+    qwen2 model with Qwen2's own pipeline over the exported vocabulary and merges, whatever
+    tokenizer.json says, so where these differ it encodes some text otherwise than training did."""
+    qwen2 = Tokenizer(models.BPE())
+    qwen2.normalizer = normalizers.NFC()
+    qwen2.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+                                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+    def parts(t: Tokenizer) -> dict:
+        spec = json.loads(t.to_str())
+        return json.loads(json.dumps({k: spec.get(k) for k in ("normalizer", "pre_tokenizer")}).replace(
+            '"trim_offsets": false', '"trim_offsets": true'))  # offsets only, not ids
+
+    ours, ref = parts(tok), parts(qwen2)
+    return [k for k in ref if ours[k] != ref[k]]
 
 
 def plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:

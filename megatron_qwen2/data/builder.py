@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 from numbers import Real
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -20,12 +21,13 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from megatron_qwen2.data.batch import Batch, documents_from_eod, make_batch
-from megatron_qwen2.data.indexed import IndexedDataset
+from megatron_qwen2.data.indexed import IndexedDataset, check_prefix_readable
 from megatron_qwen2.data.packed import DocumentPackedDataset, split_documents
 from megatron_qwen2.data.sampler import BlendedDataset, SampleDataset
 from megatron_qwen2.data.sft import SFTDataset, ensure_chat_tokens, load_conversations
 from megatron_qwen2.data.text_dataset import PackedDataset, _corpus_tokens
 from megatron_qwen2.data.tokenizer import eod_token_id, load_tokenizer
+from megatron_qwen2.errors import DataError
 
 FORMATS = ("pretrain", "sft")
 
@@ -90,6 +92,20 @@ def _blend(parts: list[SampleDataset], weights: list[Optional[float]]) -> Sample
     return BlendedDataset([p for p, _ in keep], [w for _, w in keep])
 
 
+def check_data_path(path: str, data_format: str) -> None:
+    """DataError naming `path` when the data it names (a .bin/.idx prefix, a chat jsonl file) cannot be read."""
+    if data_format != "sft":
+        check_prefix_readable(path)
+        return
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise DataError(f"data.paths: no SFT file {file}; give chat jsonl files (data.format=sft)")
+    if not file.is_file():
+        raise DataError(f"data.paths: SFT path {file} is not a file; give chat jsonl files (data.format=sft)")
+    if not os.access(file, os.R_OK):
+        raise DataError(f"data.paths: SFT file {file} cannot be read (permission denied); fix its permissions")
+
+
 def build_datasets(data_cfg, seq_length: int, seed: int) -> tuple[SampleDataset, Optional[SampleDataset]]:
     """(train, valid) datasets of a DataConfig; valid is None when data.split gives it no share."""
     split = list(data_cfg.split)
@@ -103,6 +119,8 @@ def build_datasets(data_cfg, seq_length: int, seed: int) -> tuple[SampleDataset,
         return tuple(CorpusDataset(p, eod, *flags) if p is not None else None for p in parts)
 
     entries = parse_data_paths(data_cfg.paths)
+    for _, path in entries:  # every path, before reading any of them
+        check_data_path(path, data_cfg.format)
     tok = load_tokenizer(data_cfg.tokenizer)
     if data_cfg.format == "sft":
         ensure_chat_tokens(tok)

@@ -12,6 +12,8 @@ import sysconfig
 from pathlib import Path
 from typing import Optional
 
+from megatron_qwen2.errors import DataError
+
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 
 # Directory names left out of the stdlib corpus: installed packages, the test suites
@@ -61,8 +63,8 @@ def corpus_files(spec: str, max_files: Optional[int] = None) -> list[Path]:
         else:
             files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(p))
     if not files:
-        raise ValueError(f"corpus {spec!r} matches no files: give 'stdlib', a text file, a directory holding "
-                         f"{'/'.join('*' + s for s in TEXT_SUFFIXES)} files, or a glob pattern")
+        raise DataError(f"data.corpus={spec!r} matches no files: give 'stdlib', a text file, a directory holding "
+                        f"{'/'.join('*' + s for s in TEXT_SUFFIXES)} files, or a glob pattern")
     return files[:max_files] if max_files is not None else files
 
 
@@ -72,3 +74,6 @@ def read_document(path: Path) -> Optional[str]:
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         return None
+    except OSError as err:
+        raise DataError(f"corpus file {path} cannot be read ({err.strerror or err}); fix its permissions or "
+                        "narrow data.corpus") from None

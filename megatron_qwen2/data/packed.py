@@ -17,6 +17,7 @@ import numpy as np
 from megatron_qwen2.data.batch import Batch, make_batch
 from megatron_qwen2.data.indexed import IndexedDataset
 from megatron_qwen2.data.sampler import EpochShuffle, SampleDataset, Seed
+from megatron_qwen2.errors import DataError
 
 
 def split_documents(num_documents: int, split: Sequence[float], name: str) -> list[tuple[int, int]]:
@@ -60,7 +61,7 @@ class DocumentPackedDataset(SampleDataset):
         self.start, end = int(data.offsets[lo]), int(data.offsets[hi])
         num_chunks = (end - self.start - 1) // seq_length
         if num_chunks < 1:
-            raise ValueError(f"{name or data.prefix}: documents [{lo}, {hi}) hold {end - self.start} tokens, fewer "
+            raise DataError(f"{name or data.prefix}: documents [{lo}, {hi}) hold {end - self.start} tokens, fewer "
                              f"than one sample of seq_length + 1 = {seq_length + 1}; use more data or a shorter "
                              "seq_length")
         self.order = EpochShuffle(num_chunks, seed)
@@ -74,13 +75,13 @@ class DocumentPackedDataset(SampleDataset):
 
     def samples(self, indices: np.ndarray) -> Batch:
         starts = self.window_starts(indices)
-        pos = starts[:, None] + np.arange(self.seq_length + 1)  # [n, s+1]
-        tokens = np.asarray(self.data.tokens[pos], dtype=np.int64)
+        tokens = self.data.windows(starts, self.seq_length + 1)  # [n, s+1], checked against the chunk checksums
         if tokens.max() >= self.vocab_size:  # checked per batch: a full scan of a large .bin at start-up is slow
-            raise ValueError(f"{self.data.bin_path}: token id {tokens.max()} is beyond the tokenizer's "
+            raise DataError(f"{self.data.bin_path}: token id {tokens.max()} is beyond the tokenizer's "
                              f"{self.vocab_size} tokens (the data was made with another tokenizer)")
         docs = None
         if self.reset_position_ids or self.reset_attention_mask:
-            docs = np.searchsorted(self.data.offsets, pos[:, :-1], side="right") - 1  # document of each input token
+            pos = starts[:, None] + np.arange(self.seq_length)  # [n, s]: the input tokens
+            docs = np.searchsorted(self.data.offsets, pos, side="right") - 1  # document of each input token
         loss_mask = (tokens[:, :-1] != self.eod).astype(np.float32) if self.eod_mask_loss else None
         return make_batch(tokens, docs, loss_mask, self.reset_position_ids, self.reset_attention_mask)

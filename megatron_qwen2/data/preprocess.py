@@ -4,7 +4,8 @@ A .jsonl (or .json) input holds one document per line, its text under `json_key`
 is one document. Each document is tokenised without added special tokens, with special-token
 strings inside the text read as plain text (a literal "<|endoftext|>" in a document does not end
 it), and followed by the end-of-document token. Workers tokenise batches of documents in parallel;
-the output is written in input order, so it is the same for any number of workers.
+the output is written in input order, so it is the same for any number of workers. An existing
+PREFIX.bin or PREFIX.idx is left as it is unless --overwrite is given.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from megatron_qwen2.data.indexed import IndexedDatasetWriter, data_file_paths, index_dtype
 from megatron_qwen2.data.tokenizer import eod_token_id, load_tokenizer, tokenizer_file
+from megatron_qwen2.errors import EXIT_CONFIG, EXIT_IO, ConfigError, DataError, TrainingError
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 _BATCH_DOCS = 256  # documents per worker task
@@ -37,7 +39,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
         matches = [path] if path.is_file() else sorted(
             Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
         if not matches:
-            raise ValueError(f"--input {pattern!r} matches no files")
+            raise DataError(f"--input {pattern!r} matches no files; give existing files or glob patterns")
         files.extend(m for m in matches if m not in files)
     return files
 
@@ -45,27 +47,33 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
 def iter_documents(files: Sequence[Path], json_key: str = "text") -> Iterator[str]:
     """The text of every document of the input files, in order (blank documents skipped)."""
     for path in files:
-        if path.suffix in JSONL_SUFFIXES:
-            with open(path, encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-                    if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
-                        raise ValueError(f"{path}:{line_no}: expected an object with a string field {json_key!r} "
-                                         "(set --json-key)")
-                    if record[json_key].strip():
-                        yield record[json_key]
-        else:
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-            if text.strip():
-                yield text
+        try:
+            yield from _file_documents(path, json_key)
+        except OSError as err:
+            raise DataError(f"--input file {path} cannot be read ({err.strerror or err})") from None
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _file_documents(path: Path, json_key: str) -> Iterator[str]:
+    if path.suffix in JSONL_SUFFIXES:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+                if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
+                    raise DataError(f"{path}:{line_no}: expected an object with a string field {json_key!r} "
+                                    "(set --json-key)")
+                if record[json_key].strip():
+                    yield record[json_key]
+    else:
+        text = path.read_text(encoding="utf-8")
+        if text.strip():
+            yield text
 
 
 _worker_tok = None
@@ -92,11 +100,26 @@ def _batches(docs: Iterator[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
+def check_output_free(output_prefix: Union[str, Path]) -> None:
+    """ConfigError naming the files when output_prefix.bin or .idx already exists."""
+    existing = [str(p) for p in data_file_paths(output_prefix) if os.path.lexists(p)]
+    if existing:
+        raise ConfigError(f"--output-prefix {str(output_prefix)!r}: {' and '.join(existing)} already exist"
+                          f"{'s' if len(existing) == 1 else ''}; pass --overwrite to replace "
+                          f"{'it' if len(existing) == 1 else 'them'}, or choose another prefix")
+
+
 def preprocess(inputs: Sequence[str], tokenizer: Union[str, Path, None], output_prefix: Union[str, Path],
-               workers: int = 1, json_key: str = "text", progress: bool = True) -> dict:
-    """Tokenise `inputs` (paths / globs) into output_prefix.bin/.idx; returns counts and timing."""
+               workers: int = 1, json_key: str = "text", progress: bool = True, overwrite: bool = False) -> dict:
+    """Tokenise `inputs` (paths / globs) into output_prefix.bin/.idx; returns counts and timing.
+
+    An existing output_prefix.bin or .idx is kept (ConfigError) unless `overwrite`; with it, the
+    pair is replaced only once the new one is complete.
+    """
     if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if not overwrite:
+        check_output_free(output_prefix)
     files = expand_inputs(inputs)
     tok_path = str(tokenizer_file(tokenizer))
     tok = load_tokenizer(tok_path)
@@ -125,7 +148,7 @@ def preprocess(inputs: Sequence[str], tokenizer: Union[str, Path, None], output_
                     elapsed = max(time.perf_counter() - start, 1e-9)
                     bar.set_postfix_str(f"{writer.num_tokens / elapsed:,.0f} tokens/s", refresh=False)
             if writer.num_documents == 0:
-                raise ValueError(f"inputs {list(inputs)} hold no non-empty documents")
+                raise DataError(f"inputs {list(inputs)} hold no non-empty documents")
             stats = {"files": len(files), "documents": writer.num_documents, "tokens": writer.num_tokens}
     finally:
         bar.close()
@@ -152,12 +175,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--workers", type=int, default=1, help="tokenising processes (default 1)")
     parser.add_argument("--json-key", default="text", help="field holding the text in .jsonl records")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin / PREFIX.idx "
+                        "(without it the tool refuses to write onto them)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     args = parser.parse_args(argv)
     try:
         preprocess(args.input, args.tokenizer, args.output_prefix, args.workers, args.json_key,
-                   progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as err:
+                   progress=not args.quiet, overwrite=args.overwrite)
+    except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as err:  # writing the output: the inputs' read errors are DataErrors
+        print(f"error: cannot write {err.filename or args.output_prefix} ({err.strerror or err}); choose a "
+              "writable --output-prefix with space", file=sys.stderr)
+        return EXIT_IO
     return 0

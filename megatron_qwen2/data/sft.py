@@ -29,6 +29,7 @@ from tokenizers import AddedToken, Tokenizer
 
 from megatron_qwen2.data.batch import Batch, make_batch
 from megatron_qwen2.data.sampler import EpochShuffle, SampleDataset, Seed
+from megatron_qwen2.errors import DataError
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -47,10 +48,10 @@ def render_chat(messages: Sequence[dict], tok: Tokenizer, system_prompt: Optiona
                 where: str = "conversation") -> tuple[np.ndarray, np.ndarray]:
     """Token ids of the rendered conversation and a bool mask of the tokens the loss counts."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: 'messages' must be a non-empty list")
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}: each message needs a role in {ROLES} and a string content, got {m!r}")
+            raise DataError(f"{where}: each message needs a role in {ROLES} and a string content, got {m!r}")
     if messages[0]["role"] != "system" and system_prompt is not None:
         messages = [{"role": "system", "content": system_prompt}] + list(messages)
     start, end = tok.token_to_id(IM_START), tok.token_to_id(IM_END)
@@ -84,20 +85,26 @@ def render_chat(messages: Sequence[dict], tok: Tokenizer, system_prompt: Optiona
 def load_conversations(path: Path, tok: Tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
     """Every conversation of a chat jsonl file, rendered and tokenised, in file order."""
     convs = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or "messages" not in record:
-                raise ValueError(f'{where}: expected an object {{"messages": [{{"role": ..., "content": ...}}, ...]}}')
-            convs.append(render_chat(record["messages"], tok, where=where))
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{line_no}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+                if not isinstance(record, dict) or "messages" not in record:
+                    raise DataError(f'{where}: expected an object {{"messages": [{{"role": ..., "content": ...}}, '
+                                    '...]}')
+                convs.append(render_chat(record["messages"], tok, where=where))
+    except OSError as err:
+        raise DataError(f"SFT file {path}: cannot be read ({err.strerror or err}); correct data.paths") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"SFT file {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not convs:
-        raise ValueError(f"{path}: holds no conversations")
+        raise DataError(f"{path}: holds no conversations")
     return convs
 
 

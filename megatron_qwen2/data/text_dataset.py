@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 from megatron_qwen2.data.corpus import corpus_files, read_document
 from megatron_qwen2.data.sampler import EpochShuffle
 from megatron_qwen2.data.tokenizer import eod_token_id, load_tokenizer, tokenizer_file
+from megatron_qwen2.errors import DataError
 
 try:
     import fcntl
@@ -62,14 +63,17 @@ def _corpus_tokens(spec, tokenizer, cache_dir, max_files) -> tuple[np.ndarray, T
     eod = eod_token_id(tok)
     key = _cache_key(tok_file, files)
     root = Path(os.path.expanduser(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR))
-    root.mkdir(parents=True, exist_ok=True)
     stem = f"{_slug(spec)}-{key}"
     bin_path, meta_path = root / f"{stem}.bin", root / f"{stem}.json"
-
-    with _exclusive(root / f"{stem}.lock"):  # one process tokenises; the others then find the cache
-        tokens = _load_cache(bin_path, meta_path, key)
-        if tokens is None:
-            tokens = _build_cache(files, tok, eod, key, bin_path, meta_path, spec)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with _exclusive(root / f"{stem}.lock"):  # one process tokenises; the others then find the cache
+            tokens = _load_cache(bin_path, meta_path, key)
+            if tokens is None:
+                tokens = _build_cache(files, tok, eod, key, bin_path, meta_path, spec)
+    except OSError as err:
+        raise DataError(f"data.cache_dir={str(root)!r}: cannot hold the tokenised corpus ({err.strerror or err}); "
+                        "set data.cache_dir to a writable directory with space") from None
     return tokens, tok
 
 
@@ -117,7 +121,7 @@ def _build_cache(files: Sequence[Path], tok: Tokenizer, eod: int, key: str, bin_
     tokens, num_docs, not_utf8 = _encode_files(files, tok, eod, dtype)
     elapsed = time.perf_counter() - start
     if tokens.size == 0:
-        raise ValueError(f"corpus {spec!r}: its {len(files)} files hold no UTF-8 text to train on")
+        raise DataError(f"corpus {spec!r}: its {len(files)} files hold no UTF-8 text to train on")
 
     _write_atomic(bin_path, tokens.tobytes())
     meta = {"format": _CACHE_FORMAT, "key": key, "corpus": spec, "num_files": len(files), "num_documents": num_docs,

@@ -13,6 +13,8 @@ from typing import Iterable, Union
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from megatron_qwen2.errors import DataError
+
 REPO_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tokenizer.json"
 EOD_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = (EOD_TOKEN, "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2 in the repo tokenizer
@@ -31,8 +33,8 @@ def tokenizer_file(path: Union[str, Path, None]) -> Path:
         if file.is_dir():
             file = file / "tokenizer.json"
     if not file.is_file():
-        raise FileNotFoundError(f"tokenizer {str(path) if path is not None else 'default'!r}: no file at {file} "
-                                "(give a tokenizer.json or a directory holding one)")
+        raise DataError(f"tokenizer {str(path) if path is not None else 'default'!r}: no file at {file} "
+                        "(give a tokenizer.json or a directory holding one)")
     return file
 
 
@@ -42,7 +44,7 @@ def load_tokenizer(path: Union[str, Path, None] = None) -> Tokenizer:
     try:
         tok = Tokenizer.from_file(str(file))
     except Exception as err:  # the Rust side raises plain Exception for malformed JSON
-        raise ValueError(f"tokenizer {file} is not a valid tokenizer.json: {err}") from err
+        raise DataError(f"tokenizer {file} is not a valid tokenizer.json: {err}") from err
     tok.source_path = str(file)  # for error messages further on
     return tok
 

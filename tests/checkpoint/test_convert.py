@@ -1,6 +1,9 @@
-"""HF <-> native conversion: bit-exact round trips, logits parity, per-expert names, bad input."""
+"""HF <-> native conversion: bit-exact round trips, logits parity, per-expert names, bad input, the
+exported tokenizer (encoding and chat template as in training), the umask's permissions."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +60,7 @@ def test_round_trip_is_bit_exact(tmp_path, kind, tied, dtype):
     assert all(t.dtype == dtype for t in state.values())
     # A small shard size forces several safetensors files and an index.
     assert convert(["native-to-hf", "--input", str(tmp_path / "native"), "--output", str(tmp_path / "out"),
-                    "--max-shard-size", "8KiB"]) == 0
+                    "--max-shard-size", "8KiB", "--no-tokenizer"]) == 0
     index = json.loads((tmp_path / "out" / INDEX_FILE).read_text())
     assert len(set(index["weight_map"].values())) > 1
     original, _ = read_hf_dir(src)
@@ -73,7 +76,8 @@ def test_round_trip_is_bit_exact(tmp_path, kind, tied, dtype):
 def test_native_checkpoint_gives_hf_logits_and_exports_loadable_hf(tmp_path, kind, tied):
     src = make_hf(tmp_path / "hf", kind, tied)
     assert convert(["hf-to-native", "--input", str(src), "--output", str(tmp_path / "native")]) == 0
-    assert convert(["native-to-hf", "--input", str(tmp_path / "native"), "--output", str(tmp_path / "out")]) == 0
+    assert convert(["native-to-hf", "--input", str(tmp_path / "native"), "--output", str(tmp_path / "out"),
+                    "--no-tokenizer"]) == 0
     assert not (tmp_path / "out" / INDEX_FILE).exists()  # one shard under the default 5GB
     ids = torch.randint(0, DENSE["vocab_size"], (2, 19))
     model = load_model(tmp_path / "native")
@@ -116,7 +120,8 @@ def test_bad_native_checkpoint_leaves_existing_output_unchanged(tmp_path, capsys
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert convert(["native-to-hf", "--input", str(tmp_path / "native"), "--output", str(out), "--overwrite"]) == 2
+    assert convert(["native-to-hf", "--input", str(tmp_path / "native"), "--output", str(out), "--overwrite",
+                    "--no-tokenizer"]) == 2
     assert "layers.1.mlp.experts.gate_up_weight" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and not leftovers(tmp_path)
 
@@ -136,13 +141,13 @@ def test_existing_output_and_bad_input_are_refused(tmp_path, capsys):
     assert not (out / "keep.txt").exists() and not leftovers(tmp_path)
     # An empty directory holds nothing to clobber.
     (tmp_path / "empty").mkdir()
-    assert convert(["native-to-hf", "--input", str(out), "--output", str(tmp_path / "empty")]) == 0
+    assert convert(["native-to-hf", "--input", str(out), "--output", str(tmp_path / "empty"), "--no-tokenizer"]) == 0
     assert (tmp_path / "empty" / "model.safetensors").is_file()
 
 
 def tiny_model_state(**overrides):
-    cfg = ModelConfig(hidden_size=32, num_layers=1, num_attention_heads=2, num_kv_heads=1, ffn_hidden_size=8,
-                      vocab_size=16, **overrides)
+    cfg = ModelConfig(**{**dict(hidden_size=32, num_layers=1, num_attention_heads=2, num_kv_heads=1, ffn_hidden_size=8,
+                                vocab_size=16), **overrides})
     torch.manual_seed(0)
     return {k: v.detach() for k, v in Qwen2Model(cfg).state_dict().items()}, cfg
 
@@ -187,3 +192,91 @@ def test_command_line_tool(tmp_path):
     assert "megatron_qwen2.checkpoint" in imported and "transformers" not in imported
     state, cfg = load_native_state(tmp_path / "native")
     assert cfg.hidden_size == 48 and all(t.dtype == torch.bfloat16 for t in state.values())
+
+
+def sft_run_checkpoints(root: Path) -> Path:
+    """A run's checkpoints/ after one SFT step with the repository tokenizer (data.tokenizer=null)."""
+    from megatron_qwen2.config import Config, DataConfig, TrainConfig
+    from megatron_qwen2.train import train
+
+    cfg = Config(model=ModelConfig(hidden_size=32, num_layers=1, num_attention_heads=2, num_kv_heads=1,
+                                   ffn_hidden_size=8, vocab_size=4096),
+                 data=DataConfig(format="sft", paths=[str(ROOT / "tests" / "data" / "assets" / "chat.jsonl")]),
+                 train=TrainConfig(steps=1, micro_batch_size=1, global_batch_size=1, seq_length=32, log_interval=100))
+    train(cfg.validate(1), root / "run")
+    return root / "run" / "checkpoints"
+
+
+def test_native_to_hf_writes_the_run_tokenizer_and_chat_template(tmp_path, capsys):
+    from megatron_qwen2.data.sft import ensure_chat_tokens, render_chat
+    from megatron_qwen2.data.tokenizer import load_tokenizer
+
+    run = sft_run_checkpoints(tmp_path)
+    assert convert(["native-to-hf", "--input", str(run), "--output", str(tmp_path / "hf")]) == 0
+    assert "differs from Qwen2's in its normalizer" in capsys.readouterr().err  # the repo tokenizer has no NFC
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = ensure_chat_tokens(load_tokenizer(None))
+    text = (ROOT / "megatron_qwen2" / "checkpoint" / "hf.py").read_text()
+    assert len(hf) == 4096 and hf(text)["input_ids"] == ours.encode(text).ids
+    assert hf.decode(hf(text)["input_ids"]) == text
+    conversations = [json.loads(line)["messages"]
+                     for line in (ROOT / "tests" / "data" / "assets" / "chat.jsonl").read_text().splitlines()]
+    for messages in conversations:
+        ids, _ = render_chat(messages, ours)
+        rendered = hf.apply_chat_template(messages, tokenize=False)
+        assert rendered == ours.decode(ids.tolist(), skip_special_tokens=False)
+        if not any("<|" in m["content"] for m in messages):  # SFT reads a special token typed in a message as text
+            assert hf(rendered, add_special_tokens=False)["input_ids"] == ids.tolist()
+    prompt = hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert prompt == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                      "<|im_start|>assistant\n")
+    assert (hf.eos_token, hf.pad_token, hf.bos_token) == ("<|im_end|>", "<|endoftext|>", None)
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    # Trained on chat: a turn ends with <|im_end|>, and generation stops at it or at <|endoftext|>.
+    assert generation == {"bos_token_id": 0, "pad_token_id": 0, "eos_token_id": [2, 0]}
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (0, 2)
+
+
+def test_native_to_hf_tokenizer_flag_and_its_errors(tmp_path, capsys):
+    from megatron_qwen2.data.tokenizer import REPO_TOKENIZER
+
+    state, cfg = tiny_model_state()  # vocab_size 16, no run config: no tokenizer record
+    save_native(state, cfg, tmp_path / "native")
+    out = tmp_path / "hf"
+    assert convert(["native-to-hf", "--input", str(tmp_path / "native"), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "records no tokenizer" in err and "--tokenizer PATH" in err and not out.exists()
+    assert convert(["native-to-hf", "--input", str(tmp_path / "native"), "--output", str(out),
+                    "--tokenizer", str(tmp_path / "nowhere.json")]) == 2
+    assert "nowhere.json" in capsys.readouterr().err and not out.exists()
+    assert convert(["native-to-hf", "--input", str(tmp_path / "native"), "--output", str(out),
+                    "--tokenizer", str(REPO_TOKENIZER)]) == 2
+    err = capsys.readouterr().err
+    assert "has 4096 tokens" in err and "vocab_size is 16" in err and not out.exists()
+    big_state, big_cfg = tiny_model_state(vocab_size=4100)
+    save_native(big_state, big_cfg, tmp_path / "big")
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_bytes(REPO_TOKENIZER.read_bytes())  # an HF tokenizer directory
+    assert convert(["native-to-hf", "--input", str(tmp_path / "big"), "--output", str(out),
+                    "--tokenizer", str(tmp_path / "tok")]) == 0
+    hf = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf("def f(x): return 2")["input_ids"] and json.loads((out / "generation_config.json").read_text()) == {
+        "bos_token_id": 0, "pad_token_id": 0, "eos_token_id": 0}  # not trained on chat: <|endoftext|> ends text
+
+
+@pytest.mark.parametrize("umask,dirs,files", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)], ids=["022", "027"])
+def test_outputs_get_the_umask_permissions(tmp_path, umask, dirs, files):
+    old = os.umask(umask)
+    try:
+        src = make_hf(tmp_path / "hf", "dense", False)
+        assert convert(["hf-to-native", "--input", str(src), "--output", str(tmp_path / "native")]) == 0
+        assert convert(["native-to-hf", "--input", str(tmp_path / "native"), "--output", str(tmp_path / "out"),
+                        "--no-tokenizer", "--max-shard-size", "8KiB"]) == 0
+    finally:
+        os.umask(old)
+    for root in (tmp_path / "native", tmp_path / "out"):
+        paths = [root, *root.rglob("*")]
+        assert len(paths) > 3
+        for p in paths:
+            assert stat.S_IMODE(p.stat().st_mode) == (dirs if p.is_dir() else files), p

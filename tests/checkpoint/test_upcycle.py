@@ -125,6 +125,12 @@ def test_cli_rejects_moe_input_and_existing_output(tmp_path, capsys):
     common = ["--num-experts", "8", "--top-k", "2", "--expert-ffn-size", "16", "--shared-expert-ffn-size", "0"]
     assert main(["--input", str(tmp_path / "moe"), "--output", str(tmp_path / "out")] + common) == 2
     assert "already an MoE model" in capsys.readouterr().err
-    assert main(["--input", str(tmp_path / "moe"), "--output", str(tmp_path / "moe")] + common) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert main(["--input", str(tmp_path / "moe"), "--output", str(tmp_path / "moe"), "--overwrite"] + common) == 2
+    assert "holds the input" in capsys.readouterr().err
+    assert main(["--input", str(tmp_path / "moe"), "--output", str(tmp_path)] + common) == 2
+    assert "holds the input" in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    assert main(["--input", str(tmp_path / "moe"), "--output", str(tmp_path / "taken")] + common) == 2
+    assert "already exists" in capsys.readouterr().err and (tmp_path / "taken" / "keep.txt").read_text() == "mine"
     assert not (tmp_path / "out").exists()

@@ -9,6 +9,7 @@ from megatron_qwen2.data import (BlendedDataset, DocumentPackedDataset, IndexedD
                                  parse_data_paths, write_indexed_dataset)
 from megatron_qwen2.data.batch import positions_in_documents
 from megatron_qwen2.data.packed import split_documents
+from megatron_qwen2.errors import DataError
 
 EOD = 0  # the repo tokenizer's <|endoftext|>
 
@@ -145,7 +146,7 @@ def test_data_paths_forms_and_errors(tmp_path):
         DataConfig(format="sft").validate()
     with pytest.raises(ValueError, match="do not apply to data.format=sft"):
         DataConfig(format="sft", paths=["x.jsonl"], reset_attention_mask=True).validate()
-    with pytest.raises(FileNotFoundError, match="missing"):
+    with pytest.raises(DataError, match=rf"no file {tmp_path / 'nope'}.idx; make the pair"):
         build_datasets(DataConfig(paths=[str(tmp_path / "nope")]), 16, 1)
     prefix = synthetic_prefix(tmp_path / "a", num_docs=2)
     with pytest.raises(ValueError, match="fewer than one sample"):

@@ -1,9 +1,10 @@
-"""tools/preprocess_data.py and the .bin/.idx format: round trip, atomic output, corrupt pairs rejected."""
+"""tools/preprocess_data.py and the .bin/.idx format: round trip, atomic output, corrupt pairs and chunks rejected."""
 
 import json
 import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from megatron_qwen2.data import IndexedDataset, load_tokenizer, write_indexed_dataset
 from megatron_qwen2.data.indexed import IndexedDatasetWriter, index_dtype
 from megatron_qwen2.data.preprocess import preprocess
+from megatron_qwen2.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ["def f(x):\n    return x + 1\n", "Hello, world! <|endoftext|> is text here.", "ünïcödé ✓ 123",
@@ -86,36 +88,87 @@ def pair(tmp_path):
 def test_corrupt_pairs_are_rejected_naming_the_file(pair, tmp_path):
     prefix, bin_path, idx_path = pair
     good_idx, good_bin = idx_path.read_bytes(), bin_path.read_bytes()
+    assert len(good_idx) == 48 + 8 * 4 + 4  # header, 4 offsets, one chunk checksum
 
     idx_path.write_bytes(b"XXXXXXXX" + good_idx[8:])
-    with pytest.raises(ValueError, match=rf"{idx_path}: bad magic"):
+    with pytest.raises(DataError, match=rf"{idx_path}: bad magic"):
         IndexedDataset(prefix)
     idx_path.write_bytes(good_idx[:20])
-    with pytest.raises(ValueError, match=rf"{idx_path}: 20 bytes, too short"):
+    with pytest.raises(DataError, match=rf"{idx_path}: 20 bytes, too short"):
         IndexedDataset(prefix)
-    idx_path.write_bytes(good_idx[:-8])
-    with pytest.raises(ValueError, match=rf"{idx_path}: 72 bytes, but .* needs 80"):
+    idx_path.write_bytes(good_idx[:-4])
+    with pytest.raises(DataError, match=rf"{idx_path}: 80 bytes, but .* needs 84"):
         IndexedDataset(prefix)
-    offsets = good_idx[48:]
-    idx_path.write_bytes(good_idx[:48] + offsets[:8] + struct.pack("<q", 2) + offsets[16:])
-    with pytest.raises(ValueError, match="fail their checksum"):
+    offsets = good_idx[48:80]
+    idx_path.write_bytes(good_idx[:48] + offsets[:8] + struct.pack("<q", 2) + offsets[16:] + good_idx[80:])
+    with pytest.raises(DataError, match="offsets fail their checksum"):
+        IndexedDataset(prefix)
+    idx_path.write_bytes(good_idx[:80] + b"\0\0\0\0")
+    with pytest.raises(DataError, match="chunk checksums fail their checksum"):
         IndexedDataset(prefix)
     idx_path.write_bytes(good_idx)
 
     bin_path.write_bytes(good_bin[:-2])  # truncated .bin
-    with pytest.raises(ValueError, match=rf"{bin_path}: 10 bytes, but .* 6 tokens"):
+    with pytest.raises(DataError, match=rf"{bin_path}: 10 bytes, but .* 6 tokens"):
         IndexedDataset(prefix)
     write_indexed_dataset(tmp_path / "other", [[1, 2, 3, 4]], vocab_size=100)  # .bin of another pair
     bin_path.write_bytes(Path(f"{tmp_path / 'other'}.bin").read_bytes())
-    with pytest.raises(ValueError, match="sizes|bytes, but"):
+    with pytest.raises(DataError, match="bytes, but"):
         IndexedDataset(prefix)
     bin_path.write_bytes(good_bin[:-2] + b"\x07\x00")  # right size, wrong content
-    data = IndexedDataset(prefix)
-    with pytest.raises(ValueError, match=rf"{bin_path}: checksum"):
+    data = IndexedDataset(prefix)  # opening reads no tokens
+    with pytest.raises(DataError, match=rf"{bin_path}: bytes \[0, 12\) fail their checksum"):
+        data[0]
+    with pytest.raises(DataError, match=rf"{bin_path}: bytes"):
         data.verify()
     bin_path.unlink()
-    with pytest.raises(FileNotFoundError, match="missing"):
+    with pytest.raises(DataError, match=rf"no file {bin_path}; make the pair with tools/preprocess_data.py"):
         IndexedDataset(prefix)
+
+
+def write_version_1(prefix: Path) -> None:
+    """Rewrite PREFIX.idx as a version 1 index: no chunk size, no chunk checksums."""
+    idx_path = Path(f"{prefix}.idx")
+    raw = idx_path.read_bytes()
+    magic, _, itemsize, num_docs, num_tokens, bin_crc, offsets_crc, _, _ = struct.unpack("<8sIIQQIIII", raw[:48])
+    header = struct.pack("<8sIIQQII8x", magic, 1, itemsize, num_docs, num_tokens, bin_crc, offsets_crc)
+    idx_path.write_bytes(header + raw[48:48 + 8 * (num_docs + 1)])
+
+
+def test_chunks_are_verified_when_first_read(tmp_path):
+    docs = [np.arange(i, i + 5 + i % 7) % 100 for i in range(40)]  # 315 tokens, documents across chunks
+    prefix = tmp_path / "d"
+    write_indexed_dataset(prefix, docs, vocab_size=100, chunk_bytes=64)  # 32 tokens a chunk
+    bin_path = Path(f"{prefix}.bin")
+    raw = bin_path.read_bytes()
+    data = IndexedDataset(prefix)
+    assert data.chunk_bytes == 64 and len(data.chunk_crc32) == -(-len(raw) // 64) == 10
+    assert [int(c) for c in data.chunk_crc32] == [zlib.crc32(raw[i:i + 64]) for i in range(0, len(raw), 64)]
+    assert [data[i].tolist() for i in range(len(data))] == [d.tolist() for d in docs]
+    assert data.chunk_verified.all()
+
+    flipped = bytearray(raw)
+    flipped[5 * 64 + 3] ^= 0x10  # a bit in chunk 5 (tokens 160..191)
+    bin_path.write_bytes(bytes(flipped))
+    data = IndexedDataset(prefix)
+    assert data.windows(np.array([0, 80]), 80).shape == (2, 80)  # tokens 0..159: chunks 0-4
+    assert data.chunk_verified.tolist() == [True] * 5 + [False] * 5
+    with pytest.raises(DataError, match=rf"{bin_path}: bytes \[320, 384\) fail their checksum"):
+        data.windows(np.array([150]), 20)  # reaches into chunk 5
+    assert not data.chunk_verified[5]
+    with pytest.raises(DataError, match="fail their checksum"):
+        data.windows(np.array([150]), 20)  # still refused: a failed chunk is never marked verified
+
+
+def test_version_1_index_is_read_and_verified_whole(pair):
+    prefix, bin_path, _ = pair
+    write_version_1(prefix)
+    data = IndexedDataset(prefix)
+    assert data.chunk_bytes == 12 and len(data.chunk_crc32) == 1
+    assert [data[i].tolist() for i in range(3)] == [[1, 2, 3], [4, 5], [6]]
+    bin_path.write_bytes(bin_path.read_bytes()[:-2] + b"\x07\x00")
+    with pytest.raises(DataError, match=rf"{bin_path}: bytes \[0, 12\) fail their checksum"):
+        IndexedDataset(prefix)[0]  # document 0 is intact, but the one chunk is the whole file
 
 
 def test_writer_abort_keeps_previous_pair(pair):

@@ -9,6 +9,7 @@ import torch
 
 from megatron_qwen2.data import PackedDataset, build_packed_dataset, corpus_files, corpus_tokens, load_tokenizer
 from megatron_qwen2.data import text_dataset
+from megatron_qwen2.errors import DataError
 
 NUM_FILES = 30
 
@@ -89,7 +90,7 @@ def test_special_token_text_inside_a_document_is_plain_text(tmp_path):
 
 
 def test_missing_tokenizer_and_bad_corpus(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no_tokenizer_here"):
+    with pytest.raises(DataError, match="no_tokenizer_here"):
         corpus_tokens("stdlib", tokenizer=str(tmp_path / "no_tokenizer_here"), cache_dir=tmp_path, max_files=2)
     with pytest.raises(ValueError, match="no-such-corpus"):
         corpus_tokens(str(tmp_path / "no-such-corpus"), cache_dir=tmp_path)

@@ -7,6 +7,7 @@ from tokenizers import Tokenizer, models
 
 from megatron_qwen2.data import (REPO_TOKENIZER, SPECIAL_TOKENS, corpus_files, eod_token_id, load_tokenizer,
                                  read_document, train_bpe_tokenizer)
+from megatron_qwen2.errors import DataError
 
 TEXTS = [
     "def f(x):\n    return x ** 2  # squares\n",
@@ -48,12 +49,12 @@ def test_load_from_directory_and_file(tmp_path):
 
 
 def test_missing_and_invalid_paths_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(DataError, match="nowhere"):
         load_tokenizer(str(tmp_path / "nowhere.json"))
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    with pytest.raises(DataError, match="tokenizer.json"):
         load_tokenizer(str(tmp_path))  # a directory without tokenizer.json
     (tmp_path / "broken.json").write_text("{not json")
-    with pytest.raises(ValueError, match="broken.json"):
+    with pytest.raises(DataError, match="broken.json"):
         load_tokenizer(str(tmp_path / "broken.json"))
 
 
