@@ -200,10 +200,20 @@ def train(cfg: Config, run_dir: Path, on_step_start=None) -> dict:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is available; use device=cpu")
     world_size, rank = init_distributed(cfg.device, collective_timeout_floor_min(cfg.train.hang_timeout_min))
+    device = torch.device(cfg.device, torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
+    stop = StopRequest(device)  # a signal during start-up stops the run before its first step
+    try:
+        return _train(cfg, run_dir, world_size, rank, device, stop, on_step_start)
+    finally:
+        stop.restore()
+
+
+def _train(cfg: Config, run_dir: Path, world_size: int, rank: int, device: torch.device, stop: StopRequest,
+           on_step_start) -> dict:
+    """The body of `train` once the process group and the stop-signal handlers exist."""
     # Start-up checks, before anything is allocated: a failure on any rank stops every rank.
     all_ranks_agree(lambda: (cfg.validate(world_size), check_run_dir(run_dir)))
     topo = Topology.build(cfg.parallel, world_size, rank)
-    device = torch.device(cfg.device, torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
     t = cfg.train
     torch.manual_seed(t.seed)
 
@@ -231,6 +241,10 @@ def train(cfg: Config, run_dir: Path, on_step_start=None) -> dict:
             f"train; raise train.steps to continue it, or start afresh with another hydra.run.dir or "
             f"train.resume=false")
         return {"step": start_step, "status": "completed"}
+    if stop.agreed():  # signalled while starting: the checkpoint resumed from (if any) stays `latest`
+        say(f"{stop.name} received during start-up: stopping before step {start_step + 1} without saving "
+            f"(nothing was trained); exiting with code {EXIT_PREEMPTED}")
+        return {"step": start_step, "status": "preempted"}
     # The run dir changes only once the resume (or fresh start) is decided.
     if is_logger:
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
@@ -238,7 +252,6 @@ def train(cfg: Config, run_dir: Path, on_step_start=None) -> dict:
                            log_interval=t.log_interval, total_steps=t.steps) if is_logger else None
     flops_per_token = training_flops_per_token(cfg.model, t.seq_length)
     peak = peak_flops_per_device(device, t.peak_tflops)
-    stop = StopRequest(device)
     saver = CheckpointSaver(t.async_save)
 
     def save(step_done: int, blocking: bool) -> None:
@@ -253,7 +266,6 @@ def train(cfg: Config, run_dir: Path, on_step_start=None) -> dict:
                        run_config=dataclasses.asdict(cfg), keep_last=t.keep_last, blocking=blocking,
                        on_done=lambda path, secs: say(f"checkpoint {path.name} complete after {secs:.1f}s"))
         except TrainingError:
-            stop.restore()
             if logger is not None:
                 logger.close()
             raise
@@ -278,7 +290,6 @@ def train(cfg: Config, run_dir: Path, on_step_start=None) -> dict:
             text = f"step {step + 1}: non-finite loss {outcome.loss} or grad norm {outcome.grad_norm}"
             if t.on_nonfinite == "stop" or skipped_in_a_row > t.max_skipped_steps:
                 saver.wait()  # a periodic save still writing holds finite state: let it finish
-                stop.restore()
                 if logger is not None:
                     logger.close()
                 why = ("train.on_nonfinite=stop" if t.on_nonfinite == "stop" else
@@ -331,7 +342,6 @@ def train(cfg: Config, run_dir: Path, on_step_start=None) -> dict:
             save(step + 1, blocking=True)
             say(f"{stop.name} received: saved checkpoint step_{step + 1:06d} at the step boundary; "
                 f"exiting with code {EXIT_PREEMPTED}")
-            stop.restore()
             if logger is not None:
                 logger.close(summary=metrics)
             return dict(metrics, status="preempted")
@@ -342,7 +352,6 @@ def train(cfg: Config, run_dir: Path, on_step_start=None) -> dict:
             save(step + 1, blocking=step + 1 == t.steps)
             save_due = False
     saver.wait()
-    stop.restore()
     if logger is not None:
         logger.close(summary=metrics)
     return dict(metrics, status="completed")

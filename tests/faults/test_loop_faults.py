@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ from hydra import compose, initialize_config_dir
 
 import megatron_qwen2.train as train_module
 from megatron_qwen2.config import resolve_config
-from megatron_qwen2.errors import EXIT_CONFIG, EXIT_IO, EXIT_NONFINITE, EXIT_OK, NonFiniteError, RunDirError
+from megatron_qwen2.errors import (EXIT_CONFIG, EXIT_IO, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, NonFiniteError,
+                                   RunDirError)
 from megatron_qwen2.outcome import read_outcome
 from megatron_qwen2.parallel.distributed_optimizer import MixedPrecisionOptimizer
 from megatron_qwen2.train import LossSpikes, report_error, run_and_record, train
@@ -176,6 +178,27 @@ def test_changed_steps_pass_with_a_note_and_a_finished_run_says_so(tmp_path, cac
     assert "train.steps: 2 -> 3" in notes[0] and "optim.lr: 0.0003 -> 0.001" in notes[0]
     assert "train.log_interval: 100 -> 7" in notes[0]
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]
+
+
+def test_a_stop_signal_during_start_up_exits_75_before_the_first_step(tmp_path, cache, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    train(composed(cache, "train.steps=2"), run_dir)
+    before = files(run_dir)
+    handler_before = signal.getsignal(signal.SIGUSR1)
+    real_build = train_module.build_datasets
+
+    def signalled_while_building(*args, **kwargs):  # the signal lands while the data is being built
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "build_datasets", signalled_while_building)
+    capsys.readouterr()
+    code = run_and_record(lambda: train(composed(cache, "train.steps=4"), run_dir), run_dir, rank=0)
+    assert code == EXIT_PREEMPTED
+    assert read_outcome(run_dir)["reason"] == "preempted" and read_outcome(run_dir)["step"] == 2
+    assert "SIGUSR1 received during start-up" in capsys.readouterr().out
+    assert files(run_dir) == before  # nothing trained, nothing saved: `latest` is still step 2
+    assert signal.getsignal(signal.SIGUSR1) == handler_before  # the handlers are given back
 
 
 # ---------------------------------------------------------------------------------------------
