@@ -34,14 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import SPEC_PEAK_TFLOPS, matmul_ceiling_tflops, write_result  # noqa: E402
 from megatron_qwen2.config import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
+from megatron_qwen2.engine.distributed_optimizer import MixedPrecisionOptimizer  # noqa: E402
+from megatron_qwen2.engine.grad_buffer import GradBuffer  # noqa: E402
 from megatron_qwen2.model import Qwen2Model  # noqa: E402
 from megatron_qwen2.model import moe  # noqa: E402
 from megatron_qwen2.model.flops import training_flops_per_token  # noqa: E402
 from megatron_qwen2.model.mlp import MLP  # noqa: E402
 from megatron_qwen2.parallel import Topology  # noqa: E402
-from megatron_qwen2.parallel.distributed_optimizer import MixedPrecisionOptimizer  # noqa: E402
 from megatron_qwen2.parallel.expert_dispatch import gather_ep_full  # noqa: E402
-from megatron_qwen2.parallel.grad_buffer import GradBuffer  # noqa: E402
 
 
 def timed(fn, device, warmup: int = 2, iters: int = 5) -> float:

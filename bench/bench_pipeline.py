@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import SPEC_PEAK_TFLOPS, matmul_ceiling_tflops, write_result  # noqa: E402
 from megatron_qwen2.config import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
+from megatron_qwen2.engine.distributed_optimizer import MixedPrecisionOptimizer  # noqa: E402
+from megatron_qwen2.engine.grad_buffer import GradBuffer  # noqa: E402
+from megatron_qwen2.engine.pipeline import PipelineRunner, build_model_chunks  # noqa: E402
+from megatron_qwen2.engine.schedule import textbook_bubble_fraction  # noqa: E402
 from megatron_qwen2.model.flops import training_flops_per_token  # noqa: E402
 from megatron_qwen2.parallel import Topology  # noqa: E402
-from megatron_qwen2.parallel.distributed_optimizer import MixedPrecisionOptimizer  # noqa: E402
-from megatron_qwen2.parallel.grad_buffer import GradBuffer  # noqa: E402
-from megatron_qwen2.parallel.pipeline import PipelineRunner, build_model_chunks  # noqa: E402
-from megatron_qwen2.parallel.schedule import textbook_bubble_fraction  # noqa: E402
 
 
 def stage_time_ms(runner: PipelineRunner, chunks, cfg: ModelConfig, seq: int) -> float:

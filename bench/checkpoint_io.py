@@ -92,8 +92,8 @@ def build(model: str, layers: int | None, device: torch.device, seq: int):
     """A TrainingStep of the model after one optimizer step (masters and Adam moments are filled)."""
     from megatron_qwen2.config import Config, OptimConfig, ParallelConfig, TrainConfig
     from megatron_qwen2.data.batch import Batch
+    from megatron_qwen2.engine.step import TrainingStep
     from megatron_qwen2.parallel import Topology
-    from megatron_qwen2.step import TrainingStep
 
     mcfg = model_config(model, layers)
     cfg = Config(model=mcfg, parallel=ParallelConfig(), optim=OptimConfig(warmup_steps=0, schedule="constant"),

@@ -4,7 +4,7 @@
         [--steps 10] [--warmup 3] [--recompute none|selective|full] [--ops auto|kernel|reference]
         [--compile] [--profile] [--hf] [--mcore] [--out FILE]
 
-Our step is megatron_qwen2.step.TrainingStep, the step megatron_qwen2/train.py loops over (model
+Our step is megatron_qwen2.engine.step.TrainingStep, the step megatron_qwen2/train.py loops over (model
 chunks, GradBuffer, MixedPrecisionOptimizer, PipelineRunner, recomputation), fed random tokens: bf16
 compute with fp32 main grads, fp32 masters and AdamW, gradient clipping, one optimizer step per
 global batch of gbs / mbs micro-batches. Warm-up steps run first, then the timed ones (each
@@ -142,13 +142,13 @@ def score(name: str, times: list[float], losses: list[float], tokens_per_step: i
 
 
 class OurStep:
-    """megatron_qwen2.step.TrainingStep (the step train.py loops over) on one device, fed random tokens."""
+    """megatron_qwen2.engine.step.TrainingStep (the step train.py loops over) on one device, fed random tokens."""
 
     def __init__(self, mcfg, args, device: torch.device):
         from megatron_qwen2.config import Config, OptimConfig, ParallelConfig, TrainConfig
         from megatron_qwen2.data.batch import Batch
+        from megatron_qwen2.engine.step import TrainingStep
         from megatron_qwen2.parallel import Topology
-        from megatron_qwen2.step import TrainingStep
 
         self.cfg = Config(model=mcfg, parallel=ParallelConfig(),
                           optim=OptimConfig(warmup_steps=0, schedule="constant"),

@@ -22,9 +22,9 @@ from typing import Optional
 
 from megatron_qwen2.checkpoint.hf import expected_native_shapes
 from megatron_qwen2.config import Config, ModelConfig
+from megatron_qwen2.engine.pipeline import stage_layers
+from megatron_qwen2.engine.schedule import build_schedule, simulate, textbook_bubble_fraction
 from megatron_qwen2.model.flops import training_flops_per_token
-from megatron_qwen2.parallel.pipeline import stage_layers
-from megatron_qwen2.parallel.schedule import build_schedule, simulate, textbook_bubble_fraction
 
 GiB = 1024 ** 3
 
@@ -361,7 +361,7 @@ def _rank_memory(cfg: Config, dp: int, params: dict[str, int], layer_ids: list[l
             per_logit = 16 if p.tp > 1 else 14
         mem["logits / loss buffers"] = per_logit * T * v_local + a * T * m.hidden_size
     largest = max(local_numel(k, s, cfg) for k, s in expected_native_shapes(m).items())
-    # The optimizer step (parallel/distributed_optimizer.py), after the activations are freed:
+    # The optimizer step (engine/distributed_optimizer.py), after the activations are freed:
     # clipping scales the main grads in place and the grad norm is per-tensor norms (small). On
     # CUDA AdamW is the fused kernel (no temporaries); the foreach AdamW of the reference path
     # (CPU) makes sqrt(v), an fp32 tensor per master (4 B x local masters).

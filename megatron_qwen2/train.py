@@ -34,16 +34,16 @@ from megatron_qwen2.checkpoint.distributed import (RUN_CONFIG_FILE, CheckpointEr
 from megatron_qwen2.config import (Config, check_overrides, format_differences, resolve_config,
                                    resume_differences)
 from megatron_qwen2.data import build_datasets
+from megatron_qwen2.engine.launch import init_distributed
+from megatron_qwen2.engine.step import TrainingStep
 from megatron_qwen2.errors import (EXIT_CONFIG, EXIT_HANG, EXIT_INTERNAL, EXIT_IO, EXIT_NONFINITE, EXIT_OK,
                                    EXIT_PREEMPTED, ConfigError, NonFiniteError, RunDirError, TrainingError)
-from megatron_qwen2.logging import MetricsLogger, memory_metrics, peak_flops_per_device
+from megatron_qwen2.lr_schedule import learning_rate
+from megatron_qwen2.metrics import MetricsLogger, memory_metrics, peak_flops_per_device
 from megatron_qwen2.model.flops import training_flops_per_token
-from megatron_qwen2.optimizer import learning_rate
-from megatron_qwen2.parallel import Topology
-from megatron_qwen2.parallel.launch import init_distributed
-from megatron_qwen2.step import TrainingStep
 from megatron_qwen2.model.moe import moe_load_stats
 from megatron_qwen2.outcome import write_outcome
+from megatron_qwen2.parallel import Topology
 from megatron_qwen2.watchdog import HangWatchdog, collective_timeout_floor_min
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

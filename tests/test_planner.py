@@ -46,7 +46,7 @@ def config(model: ModelConfig, par: ParallelConfig, world: int, **train) -> Conf
 
 
 def _count_params(rank, world):
-    from megatron_qwen2.parallel.pipeline import build_model_chunks
+    from megatron_qwen2.engine.pipeline import build_model_chunks
     from megatron_qwen2.parallel.topology import Topology
 
     counts = []

@@ -99,7 +99,7 @@ def test_recompute_keeps_losses_and_gradients():
 
 
 def test_learning_rate_schedules():
-    from megatron_qwen2.optimizer import learning_rate
+    from megatron_qwen2.lr_schedule import learning_rate
 
     cos = OptimConfig(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
     assert learning_rate(0, cos, 110) == pytest.approx(0.1)  # linear warm-up
@@ -117,9 +117,9 @@ def test_learning_rate_schedules():
 
 
 def test_weight_decay_skips_norms_and_biases():
+    from megatron_qwen2.engine.distributed_optimizer import MixedPrecisionOptimizer
+    from megatron_qwen2.engine.grad_buffer import GradBuffer
     from megatron_qwen2.model import Qwen2Model
-    from megatron_qwen2.parallel.distributed_optimizer import MixedPrecisionOptimizer
-    from megatron_qwen2.parallel.grad_buffer import GradBuffer
 
     model = Qwen2Model(ModelConfig(hidden_size=32, num_layers=1, num_attention_heads=4, num_kv_heads=2,
                                    ffn_hidden_size=64, vocab_size=256))
@@ -146,7 +146,7 @@ def test_global_batch_must_be_micro_times_accumulation_times_dp():
 
 def test_metrics_logger_groups_names_and_prints_console_line(tmp_path, capsys):
     from megatron_qwen2.config import WandbConfig
-    from megatron_qwen2.logging import MetricsLogger, wandb_name
+    from megatron_qwen2.metrics import MetricsLogger, wandb_name
 
     assert [wandb_name(k) for k in ("loss", "tokens_per_s", "mem_peak_gib", "consumed_tokens", "moe_load_max")] == \
         ["train/loss", "perf/tokens_per_s", "mem/peak_gib", "data/consumed_tokens", "moe/load_max"]

@@ -1,9 +1,10 @@
-"""Cross-entropy door over (vocabulary-parallel) logits, fused with the softmax.
+"""Cross-entropy door over (vocabulary-parallel) logits: the full logits are never gathered.
 
-The kernel path never makes an fp32 copy of the logits: the forward reads them once (row max,
-sum of exponentials, target logit over this rank's vocabulary shard), the tensor-parallel
-all-reduces of those [tokens] statistics run here in Python, and the backward reads the logits
-once more and writes the gradient in the logits' dtype.
+The kernel path is fused with the softmax and never makes an fp32 copy of the logits: the forward
+reads them once (row max, sum of exponentials, target logit over this rank's vocabulary shard),
+the tensor-parallel all-reduces of those [tokens] statistics run here in Python, and the backward
+reads the logits once more and writes the gradient in the logits' dtype. Without the kernel, the
+tensor-parallel form runs the same reductions in PyTorch on an fp32 copy of the shard.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from megatron_qwen2.ops import extension, library, reference
 
@@ -41,6 +43,37 @@ class _FusedCrossEntropy(torch.autograd.Function):
         return library.cross_entropy_backward(logits, target, lse, grad.float().contiguous()), None, None
 
 
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """The PyTorch form over a vocabulary shard, for logits the kernel does not take."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, group):
+        # logits [..., V/tp] in fp32; this rank holds vocab rows [start, start + V/tp).
+        v_local = logits.shape[-1]
+        start = dist.get_rank(group) * v_local
+        logits_max = logits.max(dim=-1).values
+        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - logits_max.unsqueeze(-1)
+        local = labels - start
+        outside = (local < 0) | (local >= v_local)
+        local = local.masked_fill(outside, 0)
+        target = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        dist.all_reduce(target, group=group)
+        dist.all_reduce(sum_exp, group=group)
+        loss = sum_exp.log() - target
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local, outside)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, local, outside = ctx.saved_tensors
+        onehot = F.one_hot(local, softmax.shape[-1]).to(softmax.dtype)
+        onehot.masked_fill_(outside.unsqueeze(-1), 0.0)
+        return (softmax - onehot) * grad.unsqueeze(-1), None, None
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
                   group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """Per-token loss [...] in fp32 from logits [..., V / tp] and labels [...] (global vocabulary ids).
@@ -57,6 +90,4 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
         return loss.view(labels.shape)
     if group is None:
         return reference.cross_entropy(logits, labels)
-    from megatron_qwen2.parallel.cross_entropy import vocab_parallel_cross_entropy
-
-    return vocab_parallel_cross_entropy(logits, labels, group)
+    return _VocabParallelCrossEntropy.apply(logits.float(), labels, group)

@@ -16,7 +16,7 @@ import torch
 from megatron_qwen2.checkpoint import load_model, load_model_config
 from megatron_qwen2.checkpoint.distributed import CheckpointError, find_resume_checkpoint, verify_checkpoint
 from megatron_qwen2.config import Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
-from megatron_qwen2.parallel.distributed_optimizer import MixedPrecisionOptimizer
+from megatron_qwen2.engine.distributed_optimizer import MixedPrecisionOptimizer
 from megatron_qwen2.train import EXIT_PREEMPTED, NonFiniteError, train
 from tests.distributed import run_distributed
 

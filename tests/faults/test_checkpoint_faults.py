@@ -23,9 +23,9 @@ from megatron_qwen2.checkpoint import load_native_state, save_native
 from megatron_qwen2.checkpoint import distributed, native
 from megatron_qwen2.checkpoint.distributed import (CheckpointError, _share, find_resume_checkpoint, read_manifest,
                                                    rotate_checkpoints, verify_checkpoint)
+from megatron_qwen2.engine.distributed_optimizer import MixedPrecisionOptimizer
 from megatron_qwen2.errors import EXIT_CONFIG, EXIT_IO, EXIT_NONFINITE, NonFiniteError, RunDirError
 from megatron_qwen2.outcome import read_outcome
-from megatron_qwen2.parallel.distributed_optimizer import MixedPrecisionOptimizer
 from megatron_qwen2.train import run_and_record, train
 from tests.checkpoint.test_resume import cache, losses, make_config, read_metrics, reference_run, tmp_root  # noqa: F401
 from tests.distributed import run_distributed

@@ -18,10 +18,10 @@ from hydra import compose, initialize_config_dir
 
 import megatron_qwen2.train as train_module
 from megatron_qwen2.config import resolve_config
+from megatron_qwen2.engine.distributed_optimizer import MixedPrecisionOptimizer
 from megatron_qwen2.errors import (EXIT_CONFIG, EXIT_IO, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, NonFiniteError,
                                    RunDirError)
 from megatron_qwen2.outcome import read_outcome
-from megatron_qwen2.parallel.distributed_optimizer import MixedPrecisionOptimizer
 from megatron_qwen2.train import LossSpikes, report_error, run_and_record, train
 from tests.distributed import run_distributed
 

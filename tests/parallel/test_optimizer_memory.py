@@ -6,10 +6,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_qwen2.config import ModelConfig, OptimConfig, ParallelConfig
+from megatron_qwen2.engine.distributed_optimizer import MixedPrecisionOptimizer
+from megatron_qwen2.engine.grad_buffer import GradBuffer
 from megatron_qwen2.model import Qwen2Model
 from megatron_qwen2.parallel import Topology
-from megatron_qwen2.parallel.distributed_optimizer import MixedPrecisionOptimizer
-from megatron_qwen2.parallel.grad_buffer import GradBuffer
 from tests.distributed import run_distributed
 
 MODEL = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2, ffn_hidden_size=128,

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from megatron_qwen2.config import ModelConfig, ParallelConfig
+from megatron_qwen2.engine.pipeline import PipelineRunner, build_model_chunks
 from megatron_qwen2.model import Qwen2Model
 from megatron_qwen2.parallel import Topology
-from megatron_qwen2.parallel.pipeline import PipelineRunner, build_model_chunks
 from tests.distributed import run_distributed
 
 MODEL = ModelConfig(hidden_size=64, num_layers=4, num_attention_heads=4, num_kv_heads=2, ffn_hidden_size=128,

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from megatron_qwen2.config import ModelConfig, ParallelConfig
+from megatron_qwen2.engine.tp_grads import sync_tp_grads
 from megatron_qwen2.model import Qwen2Model
 from megatron_qwen2.parallel import Topology
 from megatron_qwen2.parallel.layers import gather_full
-from megatron_qwen2.parallel.tp_grads import sync_tp_grads
 from tests.distributed import run_distributed
 
 DENSE = dict(hidden_size=48, num_layers=2, num_attention_heads=4, num_kv_heads=2, ffn_hidden_size=64,

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from megatron_qwen2.config import ModelConfig
+from megatron_qwen2.engine.grad_buffer import GradBuffer
 from megatron_qwen2.model import Qwen2Model
 from megatron_qwen2.parallel import layers
-from megatron_qwen2.parallel.grad_buffer import GradBuffer
 
 pytestmark = pytest.mark.gpu
 

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from megatron_qwen2.config import WandbConfig
-from megatron_qwen2.logging import WANDB_RUN_ID_FILE, MetricsLogger
+from megatron_qwen2.metrics import WANDB_RUN_ID_FILE, MetricsLogger
 
 wandb = pytest.importorskip("wandb")
 

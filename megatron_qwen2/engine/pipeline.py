@@ -31,9 +31,9 @@ import torch.distributed as dist
 
 from megatron_qwen2.config import ModelConfig, ParallelConfig
 from megatron_qwen2.data.batch import Batch, as_batch
+from megatron_qwen2.engine.schedule import Action, build_schedule
 from megatron_qwen2.model import Qwen2Model
 from megatron_qwen2.parallel.cp import split_sequence
-from megatron_qwen2.parallel.schedule import Action, build_schedule
 from megatron_qwen2.parallel.topology import Topology
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_qwen2.config import OptimConfig
-from megatron_qwen2.parallel.grad_buffer import GradBuffer
+from megatron_qwen2.engine.grad_buffer import GradBuffer
 
 
 @dataclass

@@ -17,13 +17,13 @@ import torch.distributed as dist
 
 from megatron_qwen2.config import Config
 from megatron_qwen2.data.batch import Batch
+from megatron_qwen2.engine.distributed_optimizer import MixedPrecisionOptimizer
+from megatron_qwen2.engine.grad_buffer import GradBuffer
+from megatron_qwen2.engine.pipeline import PipelineRunner, build_model_chunks
+from megatron_qwen2.engine.schedule import check_microbatches
+from megatron_qwen2.engine.tp_grads import sync_tp_grads
 from megatron_qwen2.model.moe import set_moe_loss_scale
 from megatron_qwen2.parallel import Topology
-from megatron_qwen2.parallel.distributed_optimizer import MixedPrecisionOptimizer
-from megatron_qwen2.parallel.grad_buffer import GradBuffer
-from megatron_qwen2.parallel.pipeline import PipelineRunner, build_model_chunks
-from megatron_qwen2.parallel.schedule import check_microbatches
-from megatron_qwen2.parallel.tp_grads import sync_tp_grads
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (the optimizer itself is parallel/distributed_optimizer.py)."""
+"""Learning-rate schedules (the optimizer itself is engine/distributed_optimizer.py)."""
 
 from __future__ import annotations
 
