@@ -26,6 +26,7 @@ from bench.common import SPEC_PEAK_TFLOPS, matmul_ceiling_tflops, write_result  
 from megatron_qwen2.config import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
 from megatron_qwen2.engine.distributed_optimizer import MixedPrecisionOptimizer  # noqa: E402
 from megatron_qwen2.engine.grad_buffer import GradBuffer  # noqa: E402
+from megatron_qwen2.engine.reductions import GradientReductions  # noqa: E402
 from megatron_qwen2.engine.pipeline import PipelineRunner, build_model_chunks  # noqa: E402
 from megatron_qwen2.engine.schedule import textbook_bubble_fraction  # noqa: E402
 from megatron_qwen2.model.flops import training_flops_per_token  # noqa: E402
@@ -85,8 +86,8 @@ def main() -> None:
         for chunk in chunks:
             chunk.to(torch.bfloat16)
         params = [p for c in chunks for p in c.parameters()]
-        grads = GradBuffer(params, None)
-        opt = MixedPrecisionOptimizer(grads, OptimConfig(lr=1e-4, warmup_steps=0), None, [topo.group("mp")])
+        grads = GradBuffer(params, GradientReductions.of(topo))
+        opt = MixedPrecisionOptimizer(grads, OptimConfig(lr=1e-4, warmup_steps=0))
         runner = PipelineRunner(chunks, cfg, topo, 1, args.seq, torch.bfloat16, torch.device("cuda"))
         batch = torch.randint(0, cfg.vocab_size, (args.micro, args.seq + 1), device="cuda")
 

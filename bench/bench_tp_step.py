@@ -26,6 +26,7 @@ from bench.common import SPEC_PEAK_TFLOPS, matmul_ceiling_tflops, write_result  
 from megatron_qwen2.config import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
 from megatron_qwen2.engine.distributed_optimizer import MixedPrecisionOptimizer  # noqa: E402
 from megatron_qwen2.engine.grad_buffer import GradBuffer  # noqa: E402
+from megatron_qwen2.engine.reductions import GradientReductions  # noqa: E402
 from megatron_qwen2.engine.tp_grads import sync_tp_grads  # noqa: E402
 from megatron_qwen2.model import Qwen2Model  # noqa: E402
 from megatron_qwen2.model.flops import training_flops_per_token  # noqa: E402
@@ -36,9 +37,8 @@ def build(cfg: ModelConfig, topo: Topology, seed: int = 0, distributed_optimizer
         model = Qwen2Model(cfg, topo)
     model.init_weights(seed)
     model.to(torch.bfloat16)
-    grads = GradBuffer(list(model.parameters()), topo.group("dp"), shard=distributed_optimizer)
-    opt = MixedPrecisionOptimizer(grads, OptimConfig(lr=1e-4, warmup_steps=0), topo.group("tp"),
-                                  norm_groups=[topo.group("tp")])
+    grads = GradBuffer(list(model.parameters()), GradientReductions.of(topo), shard=distributed_optimizer)
+    opt = MixedPrecisionOptimizer(grads, OptimConfig(lr=1e-4, warmup_steps=0))
     return model, grads, opt
 
 
@@ -53,10 +53,10 @@ def train_step(model, grads, opt, topo, batch, micro: int) -> float:
         (loss / micro).backward()
         total += loss.detach()
     grads.finish()
-    sync_tp_grads(model.parameters(), topo.group("tp"))
+    sync_tp_grads(model.parameters(), topo.groups.tp.pg)
     opt.step(1e-4)
-    if topo.group("dp") is not None:
-        dist.all_reduce(total, group=topo.group("dp"))
+    if topo.groups.dp.pg is not None:
+        dist.all_reduce(total, group=topo.groups.dp.pg)
     return float(total) / micro
 
 

@@ -4,8 +4,8 @@
 
 The state is what a training checkpoint holds: fp32 master weights and both Adam moments
 (Qwen2-1.5B: 1.54e9 parameters x 12 bytes = 18.5 GB), after one real optimizer step on random
-tokens, on one process. Every save and load goes through the functions training uses
-(megatron_qwen2.checkpoint.distributed: save_training_checkpoint, verify_checkpoint,
+tokens, on one process. Every save and load goes through what training uses
+(megatron_qwen2.checkpoint.distributed: a blocking CheckpointSaver.save, verify_checkpoint,
 load_training_checkpoint). Variants, alternated within each round:
 
 - save, hashing: the training path (xxh3 of every byte as it is written, the manifest);
@@ -143,6 +143,7 @@ def main() -> None:
 
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
+    saver = distributed.CheckpointSaver(async_save=False)  # the training loop's saver, each save blocking
     saves: dict[str, list[float]] = {"hashing": [], "no_hashing": []}
     last = None
 
@@ -153,8 +154,8 @@ def main() -> None:
         try:
             sync(device)
             t0 = time.perf_counter()
-            distributed.save_training_checkpoint(root, 1, chunks, optimizer, topo, cfg.model,
-                                                 train_state={"consumed_samples": 1}, run_config={})
+            saver.save(root, 1, chunks, optimizer, topo, cfg.model, train_state={"consumed_samples": 1},
+                       run_config={})
             saves[variant].append(time.perf_counter() - t0)
         finally:
             native.xxhash = xxhash

@@ -20,6 +20,9 @@ seq per layer and token (half of the full 12 n d s); no recomputation counted. T
 Megatron-Core's GPTModel) run the same shapes, batches and steps and are scored with the same
 FLOP count.
 
+--compile runs each decoder layer of ours through torch.compile (warm-up steps include the
+compilation) and records the graphs made and the graph breaks hit.
+
 --profile adds torch.profiler over 2 more steps of ours: time per op class and the top kernels
 (bench/profile_summary.py), also written into the JSON.
 """
@@ -184,7 +187,7 @@ def ops_in_use(device: torch.device, mcfg=None, seq: int = 128) -> dict:
         q = torch.empty(1, seq, mcfg.num_attention_heads, mcfg.kv_channels, dtype=torch.bfloat16, device=device)
         k = torch.empty(1, seq, mcfg.num_kv_heads, mcfg.kv_channels, dtype=torch.bfloat16, device=device)
         backend = attention_door.backend(q, k, k)
-    except Exception as e:  # noqa: BLE001 - an older or newer door: record that it could not say
+    except Exception as e:  # noqa: BLE001 - a door that cannot say for these inputs: record that
         backend = f"unknown ({type(e).__name__})"
     return {"ops_mode": extension.mode(), "extension_built": built,
             "fused_ops": "kernel" if built and device.type == "cuda" else "reference",
@@ -209,13 +212,27 @@ def profile_steps(step, device: torch.device, steps: int = 2) -> dict:
         return summarise_trace(trace, wall_ms, steps)
 
 
+def compile_counts() -> dict:
+    """Graphs torch.compile made and graph breaks it hit since the counters were cleared."""
+    from torch._dynamo.utils import counters
+
+    return {"compiled_graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values())}
+
+
 def measure_ours(mcfg, args, device, flops_per_token: float, ceiling: float | None) -> tuple[dict, dict | None]:
     reset_memory(device)
+    if args.compile:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
     step = OurStep(mcfg, args, device)
     timed = time_steps(step, device, args.warmup, args.steps)
     result = score("megatron_qwen2", timed["step_times_s"], timed["losses"], args.gbs * args.seq,
                    flops_per_token, ceiling, device)
     result.update(ops_in_use(device, mcfg, args.seq), recompute=args.recompute, compile=args.compile)
+    if args.compile:
+        result.update(compile_counts())
+        print(f"torch.compile: {result['compiled_graphs']} graphs, {result['graph_breaks']} graph breaks", flush=True)
     prof = profile_steps(step, device) if args.profile else None
     del step
     reset_memory(device)

@@ -144,11 +144,36 @@ class ParallelConfig:
     overlap_grad_reduce: bool = True  # reduce gradient buckets during backward
     bucket_size: int = 40_000_000  # elements per gradient bucket
 
+    @property
+    def sequence_parallel_on(self) -> bool:
+        """Whether sequence parallelism runs: asked for (or left unset) and tp > 1. The one place that decides."""
+        return self.tp > 1 and self.sequence_parallel is not False
+
+    def layer_counts(self, num_layers: int) -> list[int]:
+        """Decoder layers of each virtual pipeline stage (pp * vpp of them, in pipeline order)."""
+        stages = self.pp * self.vpp
+        if self.pp_layout is not None:
+            counts = list(self.pp_layout)
+            _require(len(counts) == stages and all(c >= 0 for c in counts) and sum(counts) == num_layers,
+                     f"parallel.pp_layout={counts} must give {stages} non-negative layer counts "
+                     f"(pp={self.pp} x vpp={self.vpp}) summing to model.num_layers={num_layers}")
+            return counts
+        _require(num_layers % stages == 0,
+                 f"model.num_layers={num_layers} is not divisible by pp*vpp={self.pp}*{self.vpp}; "
+                 "set parallel.pp_layout to choose the layers of each stage")
+        return [num_layers // stages] * stages
+
     def validate(self) -> "ParallelConfig":
         _positive(self, "tp", "pp", "vpp", "cp", "ep", "bucket_size", prefix="parallel")
-        if self.sequence_parallel is None:
-            self.sequence_parallel = self.tp > 1
+        self.sequence_parallel = self.sequence_parallel_on
         return self
+
+
+def check_microbatches(pp: int, vpp: int, num_microbatches: int) -> None:
+    """The interleaved schedule runs micro-batches through the chunks in groups of pp."""
+    _require(vpp == 1 or num_microbatches % pp == 0,
+             f"interleaved pipeline (parallel.vpp={vpp}) needs the number of micro-batches per "
+             f"data-parallel rank ({num_microbatches}) to be a multiple of parallel.pp={pp}")
 
 
 @dataclass
@@ -323,8 +348,11 @@ class Config:
                  f"world size {world_size} is not divisible by tp*pp*cp = {p.tp}*{p.pp}*{p.cp} = {model_parallel}")
         dp = world_size // model_parallel
         m = self.model
-        for name, value in (("num_attention_heads", m.num_attention_heads),
-                            ("ffn_hidden_size", m.ffn_hidden_size), ("vocab_size", m.vocab_size)):
+        tp_split = [("num_attention_heads", m.num_attention_heads), ("ffn_hidden_size", m.ffn_hidden_size),
+                    ("vocab_size", m.vocab_size)]
+        if m.is_moe and m.shared_expert_ffn_hidden_size > 0:
+            tp_split.append(("shared_expert_ffn_hidden_size", m.shared_expert_ffn_hidden_size))
+        for name, value in tp_split:
             _require(value % p.tp == 0, f"model.{name}={value} is not divisible by parallel.tp={p.tp}")
         # More tp ranks than kv heads: each kv head is replicated on tp / num_kv_heads ranks.
         _require(m.num_kv_heads % p.tp == 0 or p.tp % m.num_kv_heads == 0,
@@ -333,15 +361,14 @@ class Config:
             _require(t.seq_length % (2 * p.cp) == 0,
                      f"train.seq_length={t.seq_length} is not divisible by 2*parallel.cp = {2 * p.cp} "
                      "(context parallelism cuts each sequence into 2*cp chunks, two per cp rank)")
-        if p.sequence_parallel and p.tp > 1:
+        if p.sequence_parallel_on:
             _require((t.seq_length // p.cp) % p.tp == 0,
                      f"train.seq_length={t.seq_length} / parallel.cp={p.cp} = {t.seq_length // p.cp} tokens per cp "
                      f"rank is not divisible by parallel.tp={p.tp} (sequence parallelism cuts them across tp ranks)"
                      if p.cp > 1 else
                      f"train.seq_length={t.seq_length} is not divisible by parallel.tp={p.tp} "
                      "(sequence parallelism cuts the sequence across tp ranks)")
-        _require(m.num_layers % p.pp == 0 or p.pp_layout is not None,
-                 f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}; set parallel.pp_layout")
+        p.layer_counts(m.num_layers)
         _require(dp % p.ep == 0, f"parallel.ep={p.ep} does not divide the data-parallel size {dp}")
         if m.is_moe:
             _require(m.num_experts % p.ep == 0,
@@ -351,6 +378,7 @@ class Config:
                  f"train.global_batch_size={t.global_batch_size} is not divisible by "
                  f"train.micro_batch_size={t.micro_batch_size} x dp={dp} (global = micro x accumulation x dp; "
                  f"dp = world size {world_size} / (tp*pp*cp) = {dp})")
+        check_microbatches(p.pp, p.vpp, t.global_batch_size // (t.micro_batch_size * dp))
         return self
 
 

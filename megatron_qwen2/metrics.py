@@ -35,6 +35,7 @@ WANDB_GROUPS = {
     "loss": "train/loss", "val_loss": "train/val_loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
     "aux_loss": "moe/aux_loss", "skipped": "train/skipped_steps",
     "tokens_per_s": "perf/tokens_per_s", "step_time_s": "perf/step_time_s", "mfu": "perf/mfu",
+    "data_time_s": "perf/data_time_s",
     "tflops_per_device": "perf/tflops_per_device",
     "mem_allocated_gib": "mem/allocated_gib", "mem_peak_gib": "mem/peak_gib", "mem_rss_gib": "mem/host_rss_gib",
     "consumed_samples": "data/consumed_samples", "consumed_tokens": "data/consumed_tokens",
@@ -95,6 +96,7 @@ class MetricsLogger:
 
     CONSOLE = (("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("lr", "lr {:.3e}"),
                ("grad_norm", "gnorm {:.3f}"), ("aux_loss", "aux {:.4f}"), ("tokens_per_s", "{:,.0f} tok/s"),
+               ("data_time_s", "data {:.3f}s"),
                ("mfu", "mfu {:.1%}"), ("mem_peak_gib", "mem {:.1f} GiB"), ("mem_rss_gib", "rss {:.2f} GiB"),
                ("moe_max_over_mean", "expert load max/mean {:.2f}"))
 

@@ -1,7 +1,8 @@
 """Memory and throughput planner: what one GPU holds and how long a step takes, for a layout.
 
-Everything is computed from the same sources the training code uses: parameter shapes from
-`checkpoint.expected_native_shapes` cut by this code's split rules, stages from
+Everything is computed from the same sources the training code uses: the parameters of one GPU
+from its model chunks built on the meta device (`pipeline.build_model_chunks`; expert or dense by
+their `Shard`, parallel/shard.py), stages from
 `pipeline.stage_layers`, micro-batches in flight from `schedule.build_schedule`, FLOPs from
 `model/flops.py`, the bubble from `schedule.simulate`.
 
@@ -16,15 +17,17 @@ it is exact for tensors, not for allocator fragmentation.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron_qwen2.checkpoint.hf import expected_native_shapes
-from megatron_qwen2.config import Config, ModelConfig
-from megatron_qwen2.engine.pipeline import stage_layers
+import torch
+
+from megatron_qwen2.config import Config
+from megatron_qwen2.engine.pipeline import build_model_chunks, stage_layers
 from megatron_qwen2.engine.schedule import build_schedule, simulate, textbook_bubble_fraction
 from megatron_qwen2.model.flops import training_flops_per_token
+from megatron_qwen2.parallel.shard import shard_of
+from megatron_qwen2.parallel.topology import Topology
 
 GiB = 1024 ** 3
 
@@ -44,52 +47,28 @@ DEFAULT_EFFICIENCY = 0.457
 
 # ----------------------------------------------------------------------------- parameters
 
-def local_numel(name: str, shape: tuple[int, ...], cfg: Config) -> int:
-    """Elements of the global parameter `name` held by one GPU of the layout (split rules of parallel/)."""
-    m, p = cfg.model, cfg.parallel
-    tp, ep = p.tp, p.ep
-    n = math.prod(shape)
-    if name.endswith("norm.weight") or name.endswith("router.weight") or name.endswith("shared_expert_gate.weight"):
-        return n  # replicated over tp
-    if ".experts." in name:
-        return n // ep  # split over ep, replicated over tp
-    if name.endswith("attention.qkv.weight") or name.endswith("attention.qkv.bias"):
-        rows = shape[0]
-        if tp > m.num_kv_heads:  # one kv head replicated on tp / kv ranks, next to nq / tp query heads
-            rows = (m.num_attention_heads // tp + 2) * m.kv_channels
-        else:
-            rows //= tp
-        return n // shape[0] * rows
-    return n // tp  # embedding / head by vocab rows, column and row-parallel linears
+def stage_parameters(cfg: Config) -> list[list[torch.nn.Parameter]]:
+    """Per pipeline rank: the parameters one GPU of that rank holds, as `build_model_chunks` makes
+    them for the layout, on the meta device (their shapes and shards, no memory)."""
+    p = cfg.parallel
+    world = p.tp * p.cp * p.ep * p.pp  # dp = ep: the parameters depend on dp only through the ep split
+    out = []
+    for r in range(p.pp):
+        topo = Topology.plan(p, world, rank=r * p.tp * p.cp * p.ep)  # tp, cp, dp rank 0 of stage r
+        with torch.device("meta"):
+            chunks = build_model_chunks(cfg.model, p, topo)
+        out.append([q for chunk in chunks for q in chunk.parameters()])
+    return out
+
+
+def _param_counts(params: list[torch.nn.Parameter]) -> dict[str, int]:
+    expert = sum(q.numel() for q in params if shard_of(q).is_expert)
+    return {"dense": sum(q.numel() for q in params) - expert, "expert": expert}
 
 
 def stage_params(cfg: Config) -> list[dict[str, int]]:
     """Per pipeline rank: {'dense': n, 'expert': n} parameters on one GPU of that rank."""
-    m, p = cfg.model, cfg.parallel
-    shapes = expected_native_shapes(m)
-    stages = stage_layers(m, p)
-    last = p.pp * p.vpp - 1
-    out = []
-    for r in range(p.pp):
-        dense = expert = 0
-        for c in range(p.vpp):
-            v = c * p.pp + r
-            names = [f"layers.{i}." for i in stages[v]]
-            for name, shape in shapes.items():
-                if name.startswith("layers."):
-                    keep = any(name.startswith(pre) for pre in names)
-                elif name == "embedding.weight":
-                    keep = v == 0 or (v == last and m.tie_word_embeddings)
-                else:  # final_norm, output
-                    keep = v == last
-                if keep:
-                    n = local_numel(name, shape, cfg)
-                    if ".experts." in name:
-                        expert += n
-                    else:
-                        dense += n
-        out.append({"dense": dense, "expert": expert})
-    return out
+    return [_param_counts(params) for params in stage_parameters(cfg)]
 
 
 # ----------------------------------------------------------------------------- activations
@@ -109,7 +88,7 @@ def layer_activation_tensors(cfg: Config, moe: bool, path: str = "kernels") -> l
     # K/V exchange buffers are not counted).
     T = t.seq_length // p.cp * t.micro_batch_size
     tp = p.tp
-    sp = tp if (p.sequence_parallel and tp > 1) else 1
+    sp = tp if p.sequence_parallel_on else 1
     h, d = m.hidden_size, m.kv_channels
     nq = m.num_attention_heads // tp
     nkv = max(m.num_kv_heads // tp, 1)
@@ -187,38 +166,34 @@ def chunk_activation_bytes(cfg: Config, layer_ids: list[int], path: str = "kerne
 def send_bytes(cfg: Config) -> float:
     """One pipeline message: hidden states (or their gradient) [s/sp, b, h]."""
     p, t = cfg.parallel, cfg.train
-    sp = p.tp if (p.sequence_parallel and p.tp > 1) else 1
+    sp = p.tp if p.sequence_parallel_on else 1
     return (2 if t.dtype == "bf16" else 4) * t.seq_length // (sp * p.cp) * t.micro_batch_size * cfg.model.hidden_size
 
 
-def in_flight(cfg: Config, pp_rank: int, num_microbatches: int, chunk_bytes: list[float],
-              sends_held_to_step_end: bool = False) -> tuple[list[int], int]:
+def in_flight(cfg: Config, pp_rank: int, num_microbatches: int, chunk_bytes: list[float]) -> tuple[list[int], int]:
     """Walk this rank's schedule (`build_schedule`) and find the moment of most saved memory.
 
     Saved: per chunk, the micro-batches whose forward has run and backward has not (times the
     chunk's bytes per micro-batch), plus the sent messages still held: `PipelineRunner` keeps a
     sent activation until the backward of its micro-batch (the stage output, otherwise only the
-    next stage's) and a sent gradient until its send completes (one in flight). With
-    `sends_held_to_step_end` (the runner before that change) every message sent so far is held.
+    next stage's) and a sent gradient until its send completes (one in flight).
     Returns (micro-batches alive per chunk, messages held) at that moment.
     """
     p = cfg.parallel
     last = p.pp * p.vpp - 1
-    live, sends, outputs = [0] * p.vpp, 0, 0
+    live, outputs = [0] * p.vpp, 0
     best, best_at = -1.0, ([0] * p.vpp, 0)
     for a in build_schedule(p.pp, p.vpp, pp_rank, num_microbatches):
         stage = a.chunk * p.pp + pp_rank
         if a.kind == "F":
             live[a.chunk] += 1
-            sends += stage != last
             outputs += stage != last
             grad_in_flight = 0
         else:
             live[a.chunk] -= 1
-            sends += stage != 0
             outputs -= stage != last
             grad_in_flight = int(stage != 0)
-        held_msgs = sends if sends_held_to_step_end else outputs + grad_in_flight
+        held_msgs = outputs + grad_in_flight
         held = sum(n * b for n, b in zip(live, chunk_bytes)) + held_msgs * send_bytes(cfg)
         if held > best:
             best, best_at = held, (list(live), held_msgs)
@@ -322,9 +297,11 @@ class Plan:
         return self.worst.total <= self.capacity_bytes
 
 
-def _rank_memory(cfg: Config, dp: int, params: dict[str, int], layer_ids: list[list[int]], live: list[int],
-                 sends: int, is_last: bool, path: str, unfused: bool = False) -> dict[str, float]:
-    """Bytes on one GPU of pipeline rank: model state, then the backward and step transients."""
+def _rank_memory(cfg: Config, dp: int, params: dict[str, int], largest: int, layer_ids: list[list[int]],
+                 live: list[int], sends: int, is_last: bool, path: str) -> dict[str, float]:
+    """Bytes on one GPU of pipeline rank: model state, then the backward and step transients.
+
+    largest: elements of the largest weight of the model on one GPU."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     bf16 = t.dtype == "bf16"
     n_dense, n_expert = params["dense"], params["expert"]
@@ -351,7 +328,7 @@ def _rank_memory(cfg: Config, dp: int, params: dict[str, int], layer_ids: list[l
     T = t.seq_length // p.cp * t.micro_batch_size
     if is_last:
         v_local = m.vocab_size // p.tp
-        if path == "kernels" and not unfused:
+        if path == "kernels":
             # The fused cross-entropy (ops.cross_entropy) keeps the logits for backward and writes
             # their gradient in the same dtype: no fp32 copy, no softmax tensor.
             per_logit = 2 * a
@@ -360,14 +337,11 @@ def _rank_memory(cfg: Config, dp: int, params: dict[str, int], layer_ids: list[l
             # product in backward: 16 B per local logit at the peak (14 B without tp: F.cross_entropy).
             per_logit = 16 if p.tp > 1 else 14
         mem["logits / loss buffers"] = per_logit * T * v_local + a * T * m.hidden_size
-    largest = max(local_numel(k, s, cfg) for k, s in expected_native_shapes(m).items())
     # The optimizer step (engine/distributed_optimizer.py), after the activations are freed:
     # clipping scales the main grads in place and the grad norm is per-tensor norms (small). On
     # CUDA AdamW is the fused kernel (no temporaries); the foreach AdamW of the reference path
     # (CPU) makes sqrt(v), an fp32 tensor per master (4 B x local masters).
     step_transient = 0.0 if path == "kernels" else 4 * opt_elems
-    if unfused:  # then: clipping wrote `main_grad * scale` as new fp32 tensors, and AdamW was foreach
-        step_transient = (4 * opt_elems if cfg.optim.clip_grad > 0 else 0.0) + 4 * opt_elems
     # Backward: the .grad of a weight (compute dtype) exists until the hook adds it into main_grad
     # (the largest weight of the model: conservative on stages without the embedding or head).
     grad_transient = (2 if bf16 else 4) * largest
@@ -377,13 +351,11 @@ def _rank_memory(cfg: Config, dp: int, params: dict[str, int], layer_ids: list[l
 
 
 def make_plan(cfg: Config, world_size: int, gpu: str = "h100-80gb", efficiency: float = DEFAULT_EFFICIENCY,
-              path: str = "kernels", context_gib: float = CONTEXT_ALLOWANCE_GIB,
-              earlier_implementation: bool = False) -> Plan:
+              path: str = "kernels", context_gib: float = CONTEXT_ALLOWANCE_GIB) -> Plan:
     """The plan of a validated config on `world_size` GPUs of kind `gpu`.
 
-    `earlier_implementation` plans the code of commit 9100d68 and before (unfused cross-entropy,
-    clipping into new fp32 tensors, foreach AdamW, pipeline messages held to the step's end), to
-    check the estimate against the peaks recorded with it.
+    path: 'kernels' (CUDA with the compiled kernels) or 'reference' (the plain-PyTorch ops), as in
+    `layer_activation_tensors`.
     """
     if gpu not in GPUS:
         raise ValueError(f"--gpu must be one of {sorted(GPUS)}, got {gpu!r}")
@@ -393,17 +365,19 @@ def make_plan(cfg: Config, world_size: int, gpu: str = "h100-80gb", efficiency: 
     dp = world_size // (p.tp * p.pp * p.cp)
     nmb = t.global_batch_size // (t.micro_batch_size * dp)
     stages = stage_layers(m, p)
-    params = stage_params(cfg)
+    stage_tensors = stage_parameters(cfg)
+    params = [_param_counts(ps) for ps in stage_tensors]
+    # The largest weight of the model on one GPU (its .grad is the backward's gradient transient).
+    largest = max(q.numel() for ps in stage_tensors for q in ps)
     ranks = []
     for r in range(p.pp):
         layer_ids = [stages[c * p.pp + r] for c in range(p.vpp)]
         if p.pp > 1:
-            live, sends = in_flight(cfg, r, nmb, [chunk_activation_bytes(cfg, ids, path) for ids in layer_ids],
-                                    sends_held_to_step_end=earlier_implementation)
+            live, sends = in_flight(cfg, r, nmb, [chunk_activation_bytes(cfg, ids, path) for ids in layer_ids])
         else:
             live, sends = [1] * p.vpp, 0
         is_last = r == p.pp - 1
-        mem = _rank_memory(cfg, dp, params[r], layer_ids, live, sends, is_last, path, earlier_implementation)
+        mem = _rank_memory(cfg, dp, params[r], largest, layer_ids, live, sends, is_last, path)
         ranks.append(RankPlan(r, params[r]["dense"], params[r]["expert"], [i for ids in layer_ids for i in ids],
                               live, mem, context_gib * GiB))
     flops = training_flops_per_token(m, t.seq_length) * t.global_batch_size * t.seq_length

@@ -34,6 +34,7 @@ from megatron_qwen2.checkpoint.distributed import (RUN_CONFIG_FILE, CheckpointEr
 from megatron_qwen2.config import (Config, check_overrides, format_differences, resolve_config,
                                    resume_differences)
 from megatron_qwen2.data import build_datasets
+from megatron_qwen2.data.loader import BatchPrefetcher, read_on_every_rank
 from megatron_qwen2.engine.launch import init_distributed
 from megatron_qwen2.engine.step import TrainingStep
 from megatron_qwen2.errors import (EXIT_CONFIG, EXIT_HANG, EXIT_INTERNAL, EXIT_IO, EXIT_NONFINITE, EXIT_OK,
@@ -41,7 +42,7 @@ from megatron_qwen2.errors import (EXIT_CONFIG, EXIT_HANG, EXIT_INTERNAL, EXIT_I
 from megatron_qwen2.lr_schedule import learning_rate
 from megatron_qwen2.metrics import MetricsLogger, memory_metrics, peak_flops_per_device
 from megatron_qwen2.model.flops import training_flops_per_token
-from megatron_qwen2.model.moe import moe_load_stats
+from megatron_qwen2.model.moe import moe_load_metrics
 from megatron_qwen2.outcome import write_outcome
 from megatron_qwen2.parallel import Topology
 from megatron_qwen2.watchdog import HangWatchdog, collective_timeout_floor_min
@@ -248,8 +249,6 @@ def _train(cfg: Config, run_dir: Path, world_size: int, rank: int, device: torch
     # The run dir changes only once the resume (or fresh start) is decided.
     if is_logger:
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
-    logger = MetricsLogger(run_dir, cfg.wandb, OmegaConf.to_container(OmegaConf.structured(cfg)),
-                           log_interval=t.log_interval, total_steps=t.steps) if is_logger else None
     flops_per_token = training_flops_per_token(cfg.model, t.seq_length)
     peak = peak_flops_per_device(device, t.peak_tflops)
     saver = CheckpointSaver(t.async_save)
@@ -258,103 +257,103 @@ def _train(cfg: Config, run_dir: Path, world_size: int, rank: int, device: torch
         """Save step_done; NonFiniteError (nothing written) or RunDirError (the disk is full or read-only,
         the previous checkpoints stay), raised alike on every rank, end the run."""
         began = time.perf_counter()
-        try:
-            saver.save(ckpt_root, step_done, chunks, optimizer, topo, cfg.model,
-                       train_state={"consumed_samples": step_done * t.global_batch_size,
-                                    "consumed_tokens": step_done * t.global_batch_size * t.seq_length,
-                                    "scheduler_step": step_done},
-                       run_config=dataclasses.asdict(cfg), keep_last=t.keep_last, blocking=blocking,
-                       on_done=lambda path, secs: say(f"checkpoint {path.name} complete after {secs:.1f}s"))
-        except TrainingError:
-            if logger is not None:
-                logger.close()
-            raise
+        saver.save(ckpt_root, step_done, chunks, optimizer, topo, cfg.model,
+                   train_state={"consumed_samples": step_done * t.global_batch_size,
+                                "consumed_tokens": step_done * t.global_batch_size * t.seq_length,
+                                "scheduler_step": step_done},
+                   run_config=dataclasses.asdict(cfg), keep_last=t.keep_last, blocking=blocking,
+                   on_done=lambda path, secs: say(f"checkpoint {path.name} complete after {secs:.1f}s"))
         say(f"checkpoint step_{step_done:06d}; the loop waited {time.perf_counter() - began:.1f}s")
 
-    metrics: dict = {}
-    skipped_in_a_row = 0
-    save_due = False
-    spikes = LossSpikes(t.loss_spike_factor, LOSS_SPIKE_WINDOW)
-    watchdog = HangWatchdog(run_dir, rank, timeout_s=t.hang_timeout_min * 60)  # disarms when the loop ends
-    for step in watchdog.watch(range(start_step, t.steps)):
-        if on_step_start is not None:
-            on_step_start(step)
-        start = time.perf_counter()
-        lr = learning_rate(step, cfg.optim, t.steps)
-        batch = dataset.global_batch(step, t.global_batch_size)  # Batch of [gbs, s+1] rows, the same in every layout
-        outcome = trainer(batch, lr)
-        skipped = outcome.skipped
-        spike_median = None
-        if skipped:
-            skipped_in_a_row += 1
-            text = f"step {step + 1}: non-finite loss {outcome.loss} or grad norm {outcome.grad_norm}"
-            if t.on_nonfinite == "stop" or skipped_in_a_row > t.max_skipped_steps:
-                saver.wait()  # a periodic save still writing holds finite state: let it finish
-                if logger is not None:
-                    logger.close()
-                why = ("train.on_nonfinite=stop" if t.on_nonfinite == "stop" else
-                       f"{skipped_in_a_row} consecutive skipped updates, more than "
-                       f"train.max_skipped_steps={t.max_skipped_steps}")
-                error = NonFiniteError(f"{text}: {why}; training stops without saving a checkpoint ({ckpt_root} "
-                                       f"is unchanged): lower optim.lr or check the data, then run again to resume "
-                                       f"from the last checkpoint")
-                error.step = step + 1  # outcome.json's step
-                raise error
-            say(f"warning: {text}; the update was skipped ({skipped_in_a_row} in a row; more than "
-                f"train.max_skipped_steps={t.max_skipped_steps} stop the run)")
-        else:
-            skipped_in_a_row = 0
-            spike_median = spikes.check(outcome.loss)
+    logger = MetricsLogger(run_dir, cfg.wandb, OmegaConf.to_container(OmegaConf.structured(cfg)),
+                           enabled=is_logger, log_interval=t.log_interval, total_steps=t.steps)
+    summary = None  # the metrics of the last step, once the loop has finished or stopped at a boundary
+    try:
+        metrics: dict = {}
+        skipped_in_a_row = 0
+        save_due = False
+        spikes = LossSpikes(t.loss_spike_factor, LOSS_SPIKE_WINDOW)
+        watchdog = HangWatchdog(run_dir, rank, timeout_s=t.hang_timeout_min * 60)  # disarms when the loop ends
+        # This dp rank's rows of each global batch, read on a thread while the step before runs.
+        batches = BatchPrefetcher(dataset, t.global_batch_size, topo.dp_rank, topo.dp, range(start_step, t.steps))
+        for step in watchdog.watch(batches.steps_then_close()):
+            if on_step_start is not None:
+                on_step_start(step)
+            start = time.perf_counter()
+            lr = learning_rate(step, cfg.optim, t.steps)
+            batch = read_on_every_rank(lambda: batches.get(step), topo.groups.dp.pg, device)  # [gbs/dp, s+1] rows
+            data_time = time.perf_counter() - start
+            outcome = trainer(batch, lr)
+            skipped = outcome.skipped
+            spike_median = None
+            if skipped:
+                skipped_in_a_row += 1
+                text = f"step {step + 1}: non-finite loss {outcome.loss} or grad norm {outcome.grad_norm}"
+                if t.on_nonfinite == "stop" or skipped_in_a_row > t.max_skipped_steps:
+                    saver.wait()  # a periodic save still writing holds finite state: let it finish
+                    why = ("train.on_nonfinite=stop" if t.on_nonfinite == "stop" else
+                           f"{skipped_in_a_row} consecutive skipped updates, more than "
+                           f"train.max_skipped_steps={t.max_skipped_steps}")
+                    error = NonFiniteError(f"{text}: {why}; training stops without saving a checkpoint ({ckpt_root} "
+                                           f"is unchanged): lower optim.lr or check the data, then run again to resume "
+                                           f"from the last checkpoint")
+                    error.step = step + 1  # outcome.json's step
+                    raise error
+                say(f"warning: {text}; the update was skipped ({skipped_in_a_row} in a row; more than "
+                    f"train.max_skipped_steps={t.max_skipped_steps} stop the run)")
+            else:
+                skipped_in_a_row = 0
+                spike_median = spikes.check(outcome.loss)
+                if spike_median is not None:
+                    say(f"warning: step {step + 1}: loss spike: {outcome.loss:.4f} is "
+                        f"{outcome.loss / spike_median:.1f}x the median {spike_median:.4f} of the last "
+                        f"{spikes.recent.maxlen} losses (train.loss_spike_factor={t.loss_spike_factor})")
+            elapsed = time.perf_counter() - start
+            metrics = {
+                "step": step + 1,
+                "loss": outcome.loss,
+                "lr": lr,
+                "grad_norm": outcome.grad_norm,
+                "tokens_per_s": t.global_batch_size * t.seq_length / elapsed,
+                "step_time_s": elapsed,
+                "data_time_s": data_time,
+                "consumed_samples": (step + 1) * t.global_batch_size,
+                "consumed_tokens": (step + 1) * t.global_batch_size * t.seq_length,
+            }
+            if skipped:
+                metrics["skipped"] = True
             if spike_median is not None:
-                say(f"warning: step {step + 1}: loss spike: {outcome.loss:.4f} is "
-                    f"{outcome.loss / spike_median:.1f}x the median {spike_median:.4f} of the last "
-                    f"{spikes.recent.maxlen} losses (train.loss_spike_factor={t.loss_spike_factor})")
-        elapsed = time.perf_counter() - start
-        metrics = {
-            "step": step + 1,
-            "loss": outcome.loss,
-            "lr": lr,
-            "grad_norm": outcome.grad_norm,
-            "tokens_per_s": t.global_batch_size * t.seq_length / elapsed,
-            "step_time_s": elapsed,
-            "consumed_samples": (step + 1) * t.global_batch_size,
-            "consumed_tokens": (step + 1) * t.global_batch_size * t.seq_length,
-        }
-        if skipped:
-            metrics["skipped"] = True
-        if spike_median is not None:
-            metrics["loss_spike"] = True
-        if peak is not None:
-            achieved = flops_per_token * metrics["tokens_per_s"] / topo.world_size
-            metrics["tflops_per_device"] = achieved / 1e12
-            metrics["mfu"] = achieved / peak
-        metrics.update(memory_metrics(device))
-        if cfg.model.is_moe:
-            metrics["aux_loss"] = outcome.aux_loss
-            metrics.update(moe_load_stats(chunks, topo.group("dp_cp")))  # this stage's layers, whole batch
-        if t.eval_interval and ((step + 1) % t.eval_interval == 0 or step + 1 == t.steps):
-            val = evaluate(trainer, valid_dataset, cfg)
-            if val is not None:
-                metrics["val_loss"] = val
-        if logger is not None:
+                metrics["loss_spike"] = True
+            if peak is not None:
+                achieved = flops_per_token * metrics["tokens_per_s"] / topo.world_size
+                metrics["tflops_per_device"] = achieved / 1e12
+                metrics["mfu"] = achieved / peak
+            metrics.update(memory_metrics(device))
+            if cfg.model.is_moe:
+                metrics["aux_loss"] = outcome.aux_loss
+                metrics.update(moe_load_metrics(outcome.moe_load, topo.groups.dp_cp.pg))  # this stage's layers, whole batch
+            if t.eval_interval and ((step + 1) % t.eval_interval == 0 or step + 1 == t.steps):
+                val = evaluate(trainer, valid_dataset, cfg)
+                if val is not None:
+                    metrics["val_loss"] = val
             logger.log(metrics)
-        if stop.agreed():  # every rank saw the same flag: all save, all leave
-            save(step + 1, blocking=True)
-            say(f"{stop.name} received: saved checkpoint step_{step + 1:06d} at the step boundary; "
-                f"exiting with code {EXIT_PREEMPTED}")
-            if logger is not None:
-                logger.close(summary=metrics)
-            return dict(metrics, status="preempted")
-        # A periodic save due on a skipped step waits for the next applied update, so that a run
-        # stopped by non-finite steps leaves the checkpoint from before them as `latest`.
-        save_due = save_due or bool(t.save_interval and (step + 1) % t.save_interval == 0)
-        if (save_due and not skipped) or step + 1 == t.steps:
-            save(step + 1, blocking=step + 1 == t.steps)
-            save_due = False
-    saver.wait()
-    if logger is not None:
-        logger.close(summary=metrics)
-    return dict(metrics, status="completed")
+            if stop.agreed():  # every rank saw the same flag: all save, all leave
+                save(step + 1, blocking=True)
+                say(f"{stop.name} received: saved checkpoint step_{step + 1:06d} at the step boundary; "
+                    f"exiting with code {EXIT_PREEMPTED}")
+                summary = metrics
+                return dict(metrics, status="preempted")
+            # A periodic save due on a skipped step waits for the next applied update, so that a run
+            # stopped by non-finite steps leaves the checkpoint from before them as `latest`.
+            save_due = save_due or bool(t.save_interval and (step + 1) % t.save_interval == 0)
+            if (save_due and not skipped) or step + 1 == t.steps:
+                save(step + 1, blocking=step + 1 == t.steps)
+                save_due = False
+        saver.wait()
+        summary = metrics
+        return dict(metrics, status="completed")
+    finally:
+        logger.close(summary=summary)
 
 
 def count_parameters(cfg) -> int:
@@ -425,13 +424,17 @@ def restore(cfg: Config, ckpt_root: Path, chunks, optimizer, topo: Topology, say
 
 
 def evaluate(trainer: TrainingStep, dataset, cfg: Config) -> float | None:
-    """Mean validation loss over train.eval_iters global batches (the same batches every time)."""
+    """Mean validation loss over train.eval_iters global batches (the same batches every time); each
+    rank reads its dp rank's rows of them."""
     if dataset is None:
         return None
-    t = cfg.train
-    losses = [trainer.validation_loss(dataset.global_batch(i % max(len(dataset) // t.global_batch_size, 1),
-                                                           t.global_batch_size))
-              for i in range(t.eval_iters)]
+    t, topo = cfg.train, trainer.topo
+    losses = []
+    for i in range(t.eval_iters):
+        index = i % max(len(dataset) // t.global_batch_size, 1)
+        rows = read_on_every_rank(lambda: dataset.local_batch(index, t.global_batch_size, topo.dp_rank, topo.dp),
+                                  topo.groups.dp.pg, trainer.device)
+        losses.append(trainer.validation_loss(rows))
     return sum(losses) / len(losses)
 
 

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_qwen2.checkpoint.hf import expected_native_shapes
-from megatron_qwen2.config import resolve_config
+from megatron_qwen2.config import Config, ModelConfig, ParallelConfig, TrainConfig, resolve_config
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -173,3 +173,25 @@ def test_unknown_override_keys_and_group_options_name_the_closest():
         check_overrides(["+model.hiden_size=3"], Path(CONF))
     with pytest.raises(ValueError, match=r"^unknown model=tinyy: conf/model/ holds .*tiny, tiny_moe"):
         check_overrides(["model=tinyy"], Path(CONF))
+
+
+@pytest.mark.parametrize("world,degrees,needle", [
+    (6, dict(tp=4), "world size 6 is not divisible by tp*pp*cp"),
+    (8, dict(tp=2, ep=3), "parallel.ep=3"),
+    (8, dict(tp=0), "parallel.tp"),
+])
+def test_bad_layouts_are_rejected_with_the_numbers(world, degrees, needle):
+    cfg = Config(model=ModelConfig(num_attention_heads=8, num_kv_heads=4, hidden_size=64, ffn_hidden_size=128,
+                                   vocab_size=256), parallel=ParallelConfig(**degrees),
+                 train=TrainConfig(micro_batch_size=1, global_batch_size=8))
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        cfg.validate(world)
+
+
+def test_interleaved_pipeline_micro_batches_are_checked_before_anything_is_built():
+    cfg = Config(model=ModelConfig(num_layers=8), parallel=ParallelConfig(pp=4, vpp=2),
+                 train=TrainConfig(micro_batch_size=1, global_batch_size=6))
+    with pytest.raises(ValueError, match=r"multiple of parallel.pp=4"):
+        cfg.validate(4)
+    with pytest.raises(ValueError, match=r"parallel.pp_layout=\[4, 1\] must give 2 non-negative layer counts"):
+        Config(model=ModelConfig(num_layers=6), parallel=ParallelConfig(pp=2, pp_layout=[4, 1])).validate(2)

@@ -95,7 +95,7 @@ def test_recompute_keeps_losses_and_gradients():
         assert torch.equal(loss, ref_loss), key
         assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads)), key
     with pytest.raises(ValueError, match="train.recompute must be"):
-        model.set_recompute("some")
+        TrainConfig(recompute="some").validate()
 
 
 def test_learning_rate_schedules():
@@ -123,7 +123,7 @@ def test_weight_decay_skips_norms_and_biases():
 
     model = Qwen2Model(ModelConfig(hidden_size=32, num_layers=1, num_attention_heads=4, num_kv_heads=2,
                                    ffn_hidden_size=64, vocab_size=256))
-    opt = MixedPrecisionOptimizer(GradBuffer(list(model.parameters()), None), OptimConfig(), None, [])
+    opt = MixedPrecisionOptimizer(GradBuffer(list(model.parameters())), OptimConfig())
     decay_of = {id(m): g["weight_decay"] for g in opt.optimizer.param_groups for m in g["params"]}
     for name, p in model.named_parameters():
         f = next(f for f in opt.fragments if f.param is p)

@@ -78,7 +78,7 @@ _PARTIAL_SAVE = re.compile(r"^\.(step_\d+)\.(tmp|old)$")
 
 PathLike = Union[str, Path]
 
-__all__ = ["CheckpointError", "MANIFEST_FILE", "CheckpointSaver", "save_training_checkpoint", "load_training_checkpoint",
+__all__ = ["CheckpointError", "MANIFEST_FILE", "CheckpointSaver", "load_training_checkpoint",
            "verify_checkpoint", "find_resume_checkpoint", "rotate_checkpoints", "remove_partial_saves",
            "set_aside", "point_latest", "read_latest"]
 
@@ -275,19 +275,6 @@ def _fragment_pieces(optimizer, names: dict[int, str], topo):
 # Save
 
 
-def save_training_checkpoint(ckpt_root: PathLike, step: int, chunks, optimizer, topo, model_cfg,
-                             train_state: dict, run_config: dict, keep_last: int = 0) -> Path:
-    """Write ckpt_root/step_NNNNNN (every rank takes part), move `latest` to it, drop old ones.
-
-    train_state: JSON-able loop state (consumed samples, ...); step and layout are added here.
-    keep_last > 0 keeps only that many newest verified checkpoints (rotate_checkpoints).
-    Raises NonFiniteError (nothing written) or RunDirError (nothing changed) on every rank.
-    """
-    job = _prepare_save(ckpt_root, step, chunks, optimizer, topo, model_cfg, train_state, run_config, keep_last,
-                        snapshot=False)
-    return job.run()
-
-
 class CheckpointSaver:
     """Saves training checkpoints, blocking or (async_save) in a background thread.
 
@@ -308,7 +295,13 @@ class CheckpointSaver:
 
     def save(self, ckpt_root: PathLike, step: int, chunks, optimizer, topo, model_cfg, train_state: dict,
              run_config: dict, keep_last: int = 0, blocking: bool = False, on_done=None) -> None:
-        """Save step `step`; on_done(path, seconds) is called once it is complete (from the thread if async)."""
+        """Write ckpt_root/step_NNNNNN (every rank takes part) and move `latest` to it.
+
+        train_state: JSON-able loop state (consumed samples, ...); step and layout are added here.
+        keep_last > 0 keeps only that many newest verified checkpoints (rotate_checkpoints).
+        on_done(path, seconds) is called once the save is complete (from the thread if async).
+        Raises NonFiniteError (nothing written) or RunDirError (nothing changed) on every rank.
+        """
         self.wait()
         began = time.perf_counter()
         background = self.async_save and not blocking

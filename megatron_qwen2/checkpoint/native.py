@@ -2,7 +2,7 @@
 
 A checkpoint directory holds `model_config.json` (the ModelConfig), `model/`, a
 torch.distributed.checkpoint (DCP) directory, so that any parallel layout can load it and
-sharded saves write the same format (DESIGN principle 4), and `manifest.json`. A directory is
+sharded saves write the same format (docs/architecture.md, "Invariants"), and `manifest.json`. A directory is
 written under a temporary name and renamed into place, so it is either complete or absent.
 
 The manifest is the rule for every checkpoint here, native or training (checkpoint/distributed.py):

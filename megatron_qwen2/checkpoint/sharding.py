@@ -2,14 +2,11 @@
 
 A parameter's local tensor is described by `param_shard_spec`: the global shape and a list of
 rectangular regions, each mapping a box of the local tensor to a box of the global tensor, and
-saying whether this rank is the one that writes it (replicated data is written once). This is
-the only place that reads the sharding attributes of parameters:
-
-- `tp_split_dim` (parallel/layers.py): the dimension cut into tp contiguous chunks;
-- `tp_row_index` / `tp_global_size`: explicit global rows (kv heads replicated when tp > kv heads);
-- `tp_kv_replica`: the local rows shared with other tp ranks (only the first holder writes them);
-- `ep_split_dim`: the dimension cut over the expert-parallel group (expert weights, dim 0);
-- `pipeline_copy`: the last stage's copy of a tied embedding (never written; read like the original).
+saying whether this rank is the one that writes it (replicated data is written once). It reads the
+parameter's `Shard` (parallel/shard.py): the global shape, this rank's offsets, explicit tp rows
+(kv heads replicated when tp > kv heads; the rows another tp rank owns are not written here), and
+whether this rank owns the values at all (not for a replicated parameter on tp ranks but the first,
+nor for the last stage's copy of a tied embedding, which is read like the original).
 
 Replication over data and context parallelism (dp, cp) is not a property of the parameter: the
 ranks of its gradient bucket's group hold the same values, and the checkpoint writer picks one of
@@ -24,10 +21,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
-import torch.distributed as dist
+
+from megatron_qwen2.parallel.shard import shard_of
 
 
 @dataclass(frozen=True)
@@ -72,13 +69,9 @@ class Piece:
         return t
 
 
-def _group_rank_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
-    return (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
-
-
-def _runs(index: torch.Tensor) -> list[tuple[int, int, int]]:
-    """Cut an index vector into runs of consecutive values: (local start, global start, length)."""
-    idx = index.tolist()
+def _runs(index) -> list[tuple[int, int, int]]:
+    """Cut a sequence of indices into runs of consecutive values: (local start, global start, length)."""
+    idx = list(index)
     runs, start = [], 0
     for i in range(1, len(idx) + 1):
         if i == len(idx) or idx[i] != idx[i - 1] + 1:
@@ -89,40 +82,25 @@ def _runs(index: torch.Tensor) -> list[tuple[int, int, int]]:
 
 def param_shard_spec(p: torch.Tensor, topo) -> ShardSpec:
     """The global shape of parameter `p` and the regions of it that this rank holds."""
+    shard = shard_of(p)
     shape = tuple(p.shape)
-    gshape, goff = list(shape), [0] * len(shape)
-    tp_rank, tp = _group_rank_size(topo.group("tp"))
-    writer = not getattr(p, "pipeline_copy", False)
-    dim = getattr(p, "tp_split_dim", None)
-    rows = getattr(p, "tp_row_index", None)
-    if dim is None:
-        writer = writer and tp_rank == 0  # replicated over tp
-    elif rows is None:
-        gshape[dim] = shape[dim] * tp
-        goff[dim] = tp_rank * shape[dim]
-    ep_dim = getattr(p, "ep_split_dim", None)
-    if ep_dim is not None:
-        ep_rank, ep = _group_rank_size(topo.group("ep"))
-        gshape[ep_dim] = shape[ep_dim] * ep
-        goff[ep_dim] += ep_rank * shape[ep_dim]
-    if rows is None:
-        return ShardSpec(tuple(gshape), (Region((0,) * len(shape), shape, tuple(goff), writer),))
+    tp_rank, tp = topo.groups.tp.rank, topo.groups.tp.size
+    gshape = shard.global_shape(shape, tp, topo.groups.ep.size)
+    goff = shard.offsets(shape, tp_rank, topo.groups.ep.rank)
+    writer = shard.owns(tp_rank)
+    if shard.tp_rows is None:
+        return ShardSpec(gshape, (Region((0,) * len(shape), shape, goff, writer),))
 
-    # Explicit rows along `dim`: one region per run of consecutive global rows.
-    gshape[dim] = p.tp_global_size
-    shared = set()
-    replica = getattr(p, "tp_kv_replica", None)
-    if replica is not None:
-        _, nkv, kv_local = replica
-        if tp_rank % (tp // nkv) != 0:  # another rank holding this kv head writes its rows
-            shared = set(kv_local.tolist())
+    # Explicit rows along tp_dim: one region per run of consecutive global rows.
+    dim = shard.tp_dim
+    shared = set(shard.rows_owned_elsewhere(tp_rank, tp))
     regions = []
-    for lstart, gstart, n in _runs(rows):
+    for lstart, gstart, n in _runs(shard.tp_rows):
         for sub_start, sub_n, sub_writer in _split_by(lstart, n, shared):
             loff, off, size = [0] * len(shape), list(goff), list(shape)
             loff[dim], off[dim], size[dim] = sub_start, gstart + (sub_start - lstart), sub_n
             regions.append(Region(tuple(loff), tuple(size), tuple(off), writer and sub_writer))
-    return ShardSpec(tuple(gshape), tuple(regions))
+    return ShardSpec(gshape, tuple(regions))
 
 
 def _split_by(start: int, n: int, shared: set) -> list[tuple[int, int, bool]]:

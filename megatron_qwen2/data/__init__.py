@@ -1,9 +1,11 @@
-"""Training data: corpus files, tokenizers, indexed token files, packed / blended / SFT datasets, batches."""
+"""Training data: corpus files, tokenizers, indexed token files, packed / blended / SFT datasets, batches,
+and each data-parallel rank's rows read ahead of the step (loader.py)."""
 
 from megatron_qwen2.data.batch import Batch
 from megatron_qwen2.data.builder import build_datasets, parse_data_paths
 from megatron_qwen2.data.corpus import corpus_files, read_document, stdlib_files
 from megatron_qwen2.data.indexed import IndexedDataset, IndexedDatasetWriter, write_indexed_dataset
+from megatron_qwen2.data.loader import BatchPrefetcher, read_on_every_rank
 from megatron_qwen2.data.packed import DocumentPackedDataset
 from megatron_qwen2.data.sampler import BlendedDataset, SampleDataset
 from megatron_qwen2.data.sft import SFTDataset, ensure_chat_tokens, render_chat
@@ -20,6 +22,7 @@ from megatron_qwen2.data.tokenizer import (
 
 __all__ = [
     "Batch",
+    "BatchPrefetcher",
     "BlendedDataset",
     "DocumentPackedDataset",
     "IndexedDataset",
@@ -29,6 +32,7 @@ __all__ = [
     "build_datasets",
     "ensure_chat_tokens",
     "parse_data_paths",
+    "read_on_every_rank",
     "render_chat",
     "write_indexed_dataset",
     "EOD_TOKEN",

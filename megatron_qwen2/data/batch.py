@@ -2,8 +2,7 @@
 
 A row holds s + 1 tokens: the model reads tokens[:, :-1] and predicts tokens[:, 1:]. The
 optional fields are per input position ([b, s]); None means the plain case (every label counts,
-positions 0..s-1, one causal sequence per row), so a batch of bare token rows behaves exactly as
-before these fields existed.
+positions 0..s-1, one causal sequence per row): a batch of bare token rows is that plain case.
 """
 
 from __future__ import annotations

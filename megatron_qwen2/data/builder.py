@@ -1,7 +1,7 @@
 """The train and valid datasets of a `DataConfig`.
 
 - `data.paths` unset: the text corpus `data.corpus` (the standard library by default), tokenised
-  and cached as one stream (text_dataset.py), cut into windows exactly as before; `data.split`
+  and cached as one stream (text_dataset.py), cut into fixed-length seeded windows; `data.split`
   then splits its windows, not documents.
 - `data.format=pretrain`: `data.paths` names PREFIXes of .bin/.idx pairs (tools/preprocess_data.py),
   each split by document and packed (packed.py), blended by weight when there are several.
@@ -75,7 +75,7 @@ class CorpusDataset(SampleDataset):
     def samples(self, indices: np.ndarray) -> Batch:
         tokens = self.packed.samples(indices)
         if not (self.reset_position_ids or self.reset_attention_mask or self.eod_mask_loss):
-            return Batch(tokens=tokens)  # the plain windows, as the loop has always trained on
+            return Batch(tokens=tokens)  # the plain windows, no document ids
         rows = tokens.numpy()
         docs = documents_from_eod(rows[:, :-1], self.eod) if self.reset_position_ids or self.reset_attention_mask \
             else None

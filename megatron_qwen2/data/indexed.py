@@ -42,6 +42,7 @@ import contextlib
 import os
 import struct
 import tempfile
+import threading
 import zlib
 from pathlib import Path
 from typing import Union
@@ -280,6 +281,7 @@ class IndexedDataset:
         self._bin_bytes = memoryview(self._tokens).cast("B")  # what the chunk checksums cover
         self.chunk_verified = np.zeros(num_chunks, dtype=bool)  # this process has checked chunk k
         self._unverified = num_chunks
+        self._verifying = threading.Lock()  # the train and valid splits may be read on two threads
 
     def __len__(self) -> int:
         """Number of documents."""
@@ -317,14 +319,18 @@ class IndexedDataset:
         last = (np.asarray(hi, dtype=np.int64) * itemsize - 1) // c
         span = np.arange(int((last - first).max()) + 1)
         ids = first[:, None] + span
-        ids = np.unique(ids[ids <= last[:, None]])
-        self._check_chunks(ids[~self.chunk_verified[ids]])
+        self._check_chunks(np.unique(ids[ids <= last[:, None]]))
 
     def verify(self) -> None:
         """Check every chunk of the .bin (one read of the file); DataError naming the file at the first mismatch."""
         self._check_chunks(np.flatnonzero(~self.chunk_verified))
 
     def _check_chunks(self, chunk_ids: np.ndarray) -> None:
+        """Check those of `chunk_ids` not yet verified, marking each good one (one thread at a time)."""
+        with self._verifying:
+            self._check_unverified(chunk_ids[~self.chunk_verified[chunk_ids]])
+
+    def _check_unverified(self, chunk_ids: np.ndarray) -> None:
         if len(chunk_ids) == 0:
             return
         c, data = self.chunk_bytes, self._bin_bytes

@@ -2,7 +2,9 @@
 
 Every dataset here maps a sample index to a sample without any state carried from one batch to
 the next, so global batch k (samples k*gbs ... (k+1)*gbs - 1) is the same in every parallel
-layout, and a run resumed after c consumed samples continues with sample c exactly.
+layout, and a run resumed after c consumed samples continues with sample c exactly. A sample is
+also made without looking at the other samples of its batch, so a data-parallel rank reads only
+its own rows of a global batch (`local_batch`) and gets exactly those rows of `global_batch`.
 """
 
 from __future__ import annotations
@@ -74,6 +76,16 @@ class SampleDataset:
             raise ValueError(f"need step >= 0 and global_batch_size >= 1, got step={step}, "
                              f"global_batch_size={global_batch_size}")
         return self.batch_at(step * global_batch_size, global_batch_size)
+
+    def local_batch(self, step: int, global_batch_size: int, dp_rank: int, dp: int) -> Batch:
+        """Data-parallel rank dp_rank's rows of global batch `step`: rows [dp_rank * n, (dp_rank + 1) * n)
+        with n = global_batch_size // dp, equal to those rows of global_batch(step, global_batch_size).
+        Only these n samples are read; the other ranks' rows are never touched."""
+        if step < 0 or global_batch_size < 1 or dp < 1 or not 0 <= dp_rank < dp or global_batch_size % dp:
+            raise ValueError(f"need step >= 0, 0 <= dp_rank < dp and global_batch_size a multiple of dp, got "
+                             f"step={step}, global_batch_size={global_batch_size}, dp_rank={dp_rank}, dp={dp}")
+        n = global_batch_size // dp
+        return self.batch_at(step * global_batch_size + dp_rank * n, n)
 
 
 def concat_batches(parts: Sequence[Batch]) -> Batch:

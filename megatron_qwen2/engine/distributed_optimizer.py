@@ -12,20 +12,21 @@ shard is 1/(dp*cp) of a bucket.
 
 Gradient norm: partial sums of squares are added over the groups that hold different pieces
 (the buffer's group when sharded, ep for experts), then over the model-parallel group tp x cp x pp.
-The cp ranks of that group hold the same gradients, so only cp rank 0 brings its sum to it.
+The cp ranks of that group hold the same gradients, so only cp rank 0 brings its sum to it
+(engine/reductions.py names the groups).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_qwen2.config import OptimConfig
-from megatron_qwen2.engine.grad_buffer import GradBuffer
+from megatron_qwen2.engine.grad_buffer import GradBuffer, grad_of
+from megatron_qwen2.parallel.shard import shard_of
 
 
 @dataclass
@@ -42,21 +43,21 @@ class Fragment:
 class MixedPrecisionOptimizer:
     """Clip by the global grad norm, AdamW on fp32 masters, write back to the model."""
 
-    def __init__(self, buffer: GradBuffer, cfg: OptimConfig, tp_group: Optional[dist.ProcessGroup],
-                 norm_groups: list[Optional[dist.ProcessGroup]], ep_group: Optional[dist.ProcessGroup] = None,
-                 cp_group: Optional[dist.ProcessGroup] = None):
+    def __init__(self, buffer: GradBuffer, cfg: OptimConfig):
         self.buffer, self.cfg = buffer, cfg
-        self.tp_group = tp_group
-        self.tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
+        reductions = buffer.reductions
+        # The tp place decides which elements this rank counts in the grad norm (parallel/shard.py).
+        self.tp_rank, self.tp_size = reductions.tp.rank, reductions.tp.size
         # cp ranks hold the same (reduced) gradients; only the first counts them in the norm.
-        self.cp_rank = 0 if cp_group is None else dist.get_rank(cp_group)
-        # Groups over which squared-norm partial sums are added: model-parallel ones, plus dp when sharded.
-        self.norm_groups = [g for g in norm_groups if g is not None]
-        # Non-expert parameters: those, plus dp when sharded. Expert parameters: those, plus ep (each
-        # ep rank holds other experts), plus expert-dp when sharded.
-        self.dense_norm_groups = [buffer.dp_group] if buffer.shard and buffer.dp_group is not None else []
-        self.expert_norm_groups = [g for g in (ep_group, buffer.expert_dp_group if buffer.shard else None)
-                                   if g is not None]
+        self.cp_rank = reductions.cp.rank
+        # Groups over which squared-norm partial sums are added (engine/reductions.py): the
+        # model-parallel group last; before it, for dense parameters the buffer's group when sharded,
+        # for expert parameters ep (each ep rank holds other experts) and the expert group when sharded.
+        dense = [reductions.dense] if buffer.shard else []
+        expert = [reductions.ep] + ([reductions.expert] if buffer.shard else [])
+        self.norm_groups = [g.pg for g in [reductions.norm] if g.pg is not None]
+        self.dense_norm_groups = [g.pg for g in dense if g.pg is not None]
+        self.expert_norm_groups = [g.pg for g in expert if g.pg is not None]
         self.has_experts = any(b.expert for b in buffer.buckets)
         self.fragments = self._make_fragments()
         decay = [f for f in self.fragments if f.param.ndim >= 2]
@@ -84,26 +85,12 @@ class MixedPrecisionOptimizer:
                     continue
                 flat = p.detach().view(-1)[s:e]
                 master = flat if p.dtype == torch.float32 else flat.float()
-                mask = self._norm_mask(p)[s:e]
+                mask = shard_of(p).norm_mask(p.shape, self.tp_rank, self.tp_size, p.device)[s:e]
                 frags.append(Fragment(p, s, e, master, mask, expert=bucket.expert, counts_all=bool(mask.all())))
         return frags
 
-    def _norm_mask(self, p: torch.nn.Parameter) -> torch.Tensor:
-        """Elements of p this rank counts in the grad norm: replicated ones count on one rank only."""
-        mask = torch.ones(p.numel(), dtype=torch.bool, device=p.device)
-        if getattr(p, "pipeline_copy", False):  # the last stage's copy of the tied embedding
-            mask.fill_(False)
-        elif getattr(p, "tp_split_dim", None) is None:
-            mask.fill_(self.tp_rank == 0)
-        elif getattr(p, "tp_kv_replica", None) is not None:
-            kv_head, nkv, rows = p.tp_kv_replica
-            replicas = dist.get_world_size(self.tp_group) // nkv
-            if self.tp_rank % replicas != 0:  # not the first holder of this kv head
-                mask.view(p.shape[0], -1)[rows] = False
-        return mask
-
     def _grad(self, f: Fragment) -> torch.Tensor:
-        return f.param.main_grad.view(-1)[f.start:f.end]
+        return grad_of(f.param).view(-1)[f.start:f.end]
 
     def grad_norm(self) -> float:
         """The L2 norm of the full model's gradient, identical on every rank."""

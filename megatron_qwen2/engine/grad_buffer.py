@@ -12,15 +12,10 @@ pipeline schedule runs them in. Parameters listed in `deferred` (the tied embedd
 of a pipeline) sit in buckets of their own that `finish` reduces only after `before_deferred`
 has run, so that their cross-stage sum happens on the unreduced gradients.
 
-Expert parameters (marked `ep_split_dim`, sharded over the ep group) are replicated only over
-the expert-data-parallel group: they sit in buckets of their own, which reduce (and, under the
-distributed optimizer, shard) over `expert_dp_group` instead of dp. Every bucket carries its
-group, so the optimizer, the all-gather of updated shards and the checkpoint writers follow it.
-
-Context parallelism: the cp ranks of a replica hold the same parameters and each back-propagates
-its share of the sequence, so the training loop passes the dp x cp group as `dp_group` and
-expert_dp x cp as `expert_dp_group` (topology kinds dp_cp and expert_dp_cp): the bucket sums
-then add every token's contribution, and shards are 1/(dp*cp) of a bucket.
+Dense parameters are reduced over `reductions.dense` and expert parameters, which sit in buckets of
+their own, over `reductions.expert` (engine/reductions.py says which groups those are: dp x cp and
+expert_dp x cp). Every bucket carries its group, so the optimizer, the all-gather of updated shards
+and the checkpoint writers follow it.
 """
 
 from __future__ import annotations
@@ -31,7 +26,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_qwen2.engine.reductions import GradientReductions
 from megatron_qwen2.parallel.mappings import _all_gather_single, _reduce_scatter_single
+from megatron_qwen2.parallel.shard import shard_of
+from megatron_qwen2.parallel.topology import Group
 
 
 @dataclass
@@ -56,46 +54,35 @@ class Bucket:
         return self.start + self.rank * n, self.start + (self.rank + 1) * n
 
 
-def is_expert_param(p: torch.nn.Parameter) -> bool:
-    """Sharded over ep (so replicated over expert-dp, not dp)."""
-    return getattr(p, "ep_split_dim", None) is not None
-
-
-def _group_info(group: Optional[dist.ProcessGroup]) -> tuple[Optional[dist.ProcessGroup], int, int]:
-    return (None, 1, 0) if group is None else (group, dist.get_world_size(group), dist.get_rank(group))
-
-
-_SAME_AS_DP = object()
+def grad_of(p: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    """The gradient the optimizer will use: the fp32 main grad when there is one, else `.grad`."""
+    g = getattr(p, "main_grad", None)
+    return p.grad if g is None else g
 
 
 class GradBuffer:
-    """fp32 main grads for `params`, summed over dp (expert parameters: expert-dp) bucket by bucket.
+    """fp32 main grads for `params`, summed bucket by bucket over the groups of `reductions`."""
 
-    `expert_dp_group` defaults to the dp group, which is right when ep = 1.
-    """
-
-    def __init__(self, params: list[torch.nn.Parameter], dp_group: Optional[dist.ProcessGroup],
+    def __init__(self, params: list[torch.nn.Parameter], reductions: GradientReductions = GradientReductions(),
                  bucket_size: int = 40_000_000, shard: bool = False, overlap: bool = True,
-                 deferred: Optional[list[torch.nn.Parameter]] = None, expert_dp_group=_SAME_AS_DP):
+                 deferred: Optional[list[torch.nn.Parameter]] = None):
         params = [p for p in params if p.requires_grad]
         dtypes = {p.dtype for p in params}
         if len(dtypes) != 1:
             raise ValueError(f"all parameters must share one dtype for the flat buffers, found {sorted(map(str, dtypes))}")
         self.params = params
-        self.dp_group = dp_group
-        self.dp = 1 if dp_group is None else dist.get_world_size(dp_group)
-        self.dp_rank = 0 if dp_group is None else dist.get_rank(dp_group)
-        self.expert_dp_group = dp_group if expert_dp_group is _SAME_AS_DP else expert_dp_group
+        self.reductions = reductions
         self.shard, self.overlap = shard, overlap
         deferred_ids = {id(p) for p in deferred or []}
-        regular = [p for p in params[::-1] if id(p) not in deferred_ids and not is_expert_param(p)]
-        experts = [p for p in params[::-1] if id(p) not in deferred_ids and is_expert_param(p)]
+        # Expert parameters (sharded over ep) are replicated over expert-dp, not dp.
+        regular = [p for p in params[::-1] if id(p) not in deferred_ids and not shard_of(p).is_expert]
+        experts = [p for p in params[::-1] if id(p) not in deferred_ids and shard_of(p).is_expert]
         late = [p for p in params[::-1] if id(p) in deferred_ids]
         self.buckets = []
-        for group_params, group, kind in ((regular, dp_group, "regular"), (experts, self.expert_dp_group, "expert"),
-                                          (late, dp_group, "deferred")):
+        for group_params, group, kind in ((regular, reductions.dense, "regular"),
+                                          (experts, reductions.expert, "expert"), (late, reductions.dense, "deferred")):
             start = self.buckets[-1].end if self.buckets else 0
-            for bucket in self._plan(group_params, bucket_size, _group_info(group), start=start):
+            for bucket in self._plan(group_params, bucket_size, group, start=start):
                 bucket.expert, bucket.deferred = kind == "expert", kind == "deferred"
                 self.buckets.append(bucket)
         total = self.buckets[-1].end if self.buckets else 0
@@ -120,12 +107,10 @@ class GradBuffer:
         self.start_step(1)
 
     @staticmethod
-    def _plan(params: list[torch.nn.Parameter], bucket_size: int, group_info, start: int = 0) -> list[Bucket]:
-        group, size, rank = group_info
-
+    def _plan(params: list[torch.nn.Parameter], bucket_size: int, group: Group, start: int = 0) -> list[Bucket]:
         def close(ps, s, e):
-            e = s + -(-(e - s) // size) * size  # pad so every rank of the group gets an equal shard
-            return Bucket(s, e, list(ps), group=group, size=size, rank=rank)
+            e = s + -(-(e - s) // group.size) * group.size  # pad so every rank of the group gets an equal shard
+            return Bucket(s, e, list(ps), group=group.pg, size=group.size, rank=group.rank)
 
         buckets, current, pos = [], [], start
         for p in params:

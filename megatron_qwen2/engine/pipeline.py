@@ -13,7 +13,9 @@ the schedule can only deadlock if its dependencies do (`schedule.simulate` check
 not), and messages between two ranks are consumed in the order they are sent (tested).
 
 Between stages travel the hidden states [s(/tp), b, h] and, for MoE models, the running
-router sums [2, E] of the load-balancing loss; their shapes are known before the step.
+router sums [2, E] of the load-balancing loss; their shapes are known before the step. Each
+stage keeps the MoE statistics its chunks return (`StepResult.moe_load`) and back-propagates its
+own layers' z-loss.
 
 Context parallelism: each cp rank runs every micro-batch on its share of the sequence (chunks r
 and 2cp-1-r of each row, parallel/cp.py). The runner cuts inputs, labels, loss mask, positions
@@ -23,7 +25,7 @@ hidden states between stages are [s/cp(/tp), b, h].
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
@@ -33,6 +35,7 @@ from megatron_qwen2.config import ModelConfig, ParallelConfig
 from megatron_qwen2.data.batch import Batch, as_batch
 from megatron_qwen2.engine.schedule import Action, build_schedule
 from megatron_qwen2.model import Qwen2Model
+from megatron_qwen2.model.moe import MoELoad, add_moe_stats, z_loss_term
 from megatron_qwen2.parallel.cp import split_sequence
 from megatron_qwen2.parallel.topology import Topology
 
@@ -40,16 +43,7 @@ from megatron_qwen2.parallel.topology import Topology
 def stage_layers(cfg: ModelConfig, par: ParallelConfig) -> list[list[int]]:
     """Global layer indices of each virtual stage (pp * vpp of them, in pipeline order)."""
     stages = par.pp * par.vpp
-    if par.pp_layout is not None:
-        counts = list(par.pp_layout)
-        if len(counts) != stages or any(c < 0 for c in counts) or sum(counts) != cfg.num_layers:
-            raise ValueError(f"parallel.pp_layout={counts} must give {stages} non-negative layer counts "
-                             f"(pp={par.pp} x vpp={par.vpp}) summing to model.num_layers={cfg.num_layers}")
-    else:
-        if cfg.num_layers % stages != 0:
-            raise ValueError(f"model.num_layers={cfg.num_layers} is not divisible by pp*vpp={par.pp}*{par.vpp}; "
-                             "set parallel.pp_layout to choose the layers of each stage")
-        counts = [cfg.num_layers // stages] * stages
+    counts = par.layer_counts(cfg.num_layers)
     bounds = [sum(counts[:i]) for i in range(stages + 1)]
     return [list(range(bounds[i], bounds[i + 1])) for i in range(stages)]
 
@@ -71,6 +65,9 @@ class StepResult:
     # summed over all ranks and multiplied by loss_scale, the global batch's loss.
     loss_sum: torch.Tensor
     aux_sum: torch.Tensor  # sum over this rank's micro-batches of the MoE aux loss (on cp rank 0 only)
+    # This rank's MoE layers (every stage's), by global layer index: load, drops and z-loss summed
+    # over this rank's micro-batches, each counted once.
+    moe_load: dict[int, MoELoad] = field(default_factory=dict)
 
 
 @dataclass
@@ -173,7 +170,8 @@ class PipelineRunner:
             num_tokens: Optional[int] = None, forward_only: bool = False) -> StepResult:
         """Forward and backward of every micro-batch (a Batch, or bare [mbs, s+1] token rows) on this rank.
 
-        A micro-batch's objective is its token-loss term + loss_scale * aux_coef * aux loss. The
+        A micro-batch's objective is its token-loss term + loss_scale * aux_coef * aux loss, and on
+        every stage + (model.moe_z_loss_coef * its MoE layers' z-losses) * loss_scale / cp. The
         token-loss term is the sum of its masked token losses / num_tokens when num_tokens (the
         unmasked labels of the whole global batch) is given, so every counted token of the global
         batch weighs the same however the micro-batches and ranks cut it (Megatron's
@@ -187,6 +185,7 @@ class PipelineRunner:
         saved: dict[tuple[int, int], tuple] = {}  # (microbatch, chunk) -> (inputs, outputs)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        moe_load: dict[int, MoELoad] = {}
         self._pending = []
         self.max_pending_activations = 0  # the most activation sends outstanding at once in this step
         for a in schedule:
@@ -205,6 +204,9 @@ class PipelineRunner:
                 labels = mb.labels if stage == self.last_stage else None
                 out = self.chunks[a.chunk].forward_stage(x, mb.positions, labels, sums,
                                                          document_ids=mb.document_ids)
+                moe_load = add_moe_stats(moe_load, out.moe_stats)
+                # Each cp rank's z-losses are means over its share of the tokens: each adds 1/cp of them.
+                z_loss = z_loss_term(out.moe_stats, self.cfg.moe_z_loss_coef, loss_scale / cp)
                 if stage == self.last_stage:
                     loss = self._token_loss_term(out.token_loss, mb.loss_mask, loss_scale, num_tokens, mb.counted)
                     loss_sum += loss.detach() / loss_scale
@@ -214,23 +216,29 @@ class PipelineRunner:
                         if cp_rank == 0:
                             aux_sum += out.aux_loss.detach()
                         loss = loss + loss_scale * aux_coef * out.aux_loss
+                    if z_loss is not None:
+                        loss = loss + z_loss
                     outputs = [loss]
                 else:
-                    outputs = [out[0]] + ([out[1]] if self.cfg.is_moe else [])
+                    outputs = [out.hidden] + ([out.router_sums] if self.cfg.is_moe else [])
                     self._send([t.detach() for t in outputs], self.next_rank, key=(a.microbatch, a.chunk))
+                    if z_loss is not None:  # this stage's part of the objective, not sent on
+                        outputs.append(z_loss)
                 if not forward_only:
                     saved[(a.microbatch, a.chunk)] = (inputs, outputs)
             else:
                 inputs, outputs = saved.pop((a.microbatch, a.chunk))
-                grads = None if stage == self.last_stage else incoming
-                pairs = [(o, g) for o, g in zip(outputs, grads or [None] * len(outputs)) if o.requires_grad]
-                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs] if grads else None)
+                grads = [] if stage == self.last_stage else incoming
+                # Outputs past the received gradients are scalar objective terms (gradient None: 1).
+                grads = grads + [None] * (len(outputs) - len(grads))
+                pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
                 if stage > 0:
                     self._send([t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs], self.prev_rank)
         for work, _, _ in self._pending:
             work.wait()
         self._pending = []
-        return StepResult(loss_sum=loss_sum, aux_sum=aux_sum)
+        return StepResult(loss_sum=loss_sum, aux_sum=aux_sum, moe_load=moe_load)
 
     @torch.no_grad()
     def forward_only(self, microbatches: Sequence[Union[Batch, torch.Tensor]], loss_scale: float, aux_coef: float,

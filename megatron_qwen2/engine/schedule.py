@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_qwen2.config import check_microbatches
+
 
 @dataclass(frozen=True)
 class Action:
@@ -64,12 +66,6 @@ def build_schedule(pp: int, vpp: int, rank: int, num_microbatches: int) -> list[
     if vpp == 1:
         return one_f_one_b(pp, rank, num_microbatches)
     return interleaved_one_f_one_b(pp, vpp, rank, num_microbatches)
-
-
-def check_microbatches(pp: int, vpp: int, num_microbatches: int) -> None:
-    if vpp > 1 and num_microbatches % pp != 0:
-        raise ValueError(f"interleaved pipeline (parallel.vpp={vpp}) needs the number of micro-batches per "
-                         f"data-parallel rank ({num_microbatches}) to be a multiple of parallel.pp={pp}")
 
 
 def simulate(pp: int, vpp: int, num_microbatches: int, forward_time: float = 1.0,

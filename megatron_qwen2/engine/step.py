@@ -10,7 +10,7 @@ clipped AdamW update unless the loss or the gradient norm is not finite. `train.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -18,12 +18,13 @@ import torch.distributed as dist
 from megatron_qwen2.config import Config
 from megatron_qwen2.data.batch import Batch
 from megatron_qwen2.engine.distributed_optimizer import MixedPrecisionOptimizer
-from megatron_qwen2.engine.grad_buffer import GradBuffer
+from megatron_qwen2.engine.grad_buffer import GradBuffer, grad_of
 from megatron_qwen2.engine.pipeline import PipelineRunner, build_model_chunks
-from megatron_qwen2.engine.schedule import check_microbatches
+from megatron_qwen2.engine.reductions import GradientReductions
 from megatron_qwen2.engine.tp_grads import sync_tp_grads
-from megatron_qwen2.model.moe import set_moe_loss_scale
+from megatron_qwen2.model.moe import MoELoad
 from megatron_qwen2.parallel import Topology
+from megatron_qwen2.parallel.topology import Group
 
 
 @dataclass
@@ -32,14 +33,16 @@ class StepOutcome:
     aux_loss: float  # MoE load-balancing loss, mean over micro-batches (0 for dense models)
     grad_norm: float  # before clipping
     skipped: bool  # a non-finite loss or grad norm: weights and Adam state were left as they were
+    # This rank's MoE layers, by global layer index: load, drops and z-loss of this rank's micro-batches
+    # (metrics: model.moe.moe_load_metrics sums them over dp x cp).
+    moe_load: dict[int, MoELoad] = field(default_factory=dict)
 
 
-def sum_tied_embedding_grads(params: list[torch.nn.Parameter], topo: Topology) -> None:
+def sum_tied_embedding_grads(params: list[torch.nn.Parameter], group: Group) -> None:
     """First and last stage each hold the tied embedding: give both the sum of their gradients."""
-    group = topo.group("embedding")
-    if group is not None:
+    if group.pg is not None:
         for p in params:
-            dist.all_reduce(p.main_grad, group=group)
+            dist.all_reduce(grad_of(p), group=group.pg)
 
 
 class TrainingStep:
@@ -63,57 +66,64 @@ class TrainingStep:
         self.params = [p for chunk in self.chunks for p in chunk.parameters()]
         tied = [p for chunk in self.chunks for n, p in chunk.named_parameters() if n == "embedding.weight"
                 and cfg.model.tie_word_embeddings and topo.pp > 1]
-        # Parameters are replicated over dp and cp: their gradients are summed (and, with the
-        # distributed optimizer, sharded) over dp x cp; expert parameters over expert_dp x cp.
-        self.grads = GradBuffer(self.params, topo.group("dp_cp"), bucket_size=cfg.parallel.bucket_size,
+        self.reductions = GradientReductions.of(topo)
+        self.grads = GradBuffer(self.params, self.reductions, bucket_size=cfg.parallel.bucket_size,
                                 shard=cfg.parallel.distributed_optimizer, overlap=cfg.parallel.overlap_grad_reduce,
-                                deferred=tied, expert_dp_group=topo.group("expert_dp_cp"))
-        self.optimizer = MixedPrecisionOptimizer(self.grads, cfg.optim, topo.group("tp"),
-                                                 norm_groups=[topo.group("mp")], ep_group=topo.group("ep"),
-                                                 cp_group=topo.group("cp"))
+                                deferred=tied)
+        self.optimizer = MixedPrecisionOptimizer(self.grads, cfg.optim)
         self.runner = PipelineRunner(self.chunks, cfg.model, topo, t.micro_batch_size, t.seq_length, self.dtype,
                                      device)
         for chunk in self.chunks:
             chunk.set_recompute(t.recompute, t.recompute_num_layers)
         self.total_micro = t.global_batch_size // t.micro_batch_size  # over all dp ranks
         self.local_samples = t.global_batch_size // topo.dp
-        check_microbatches(topo.pp, topo.vpp, self.total_micro // topo.dp)
 
     def _microbatches(self, batch: Batch) -> list[Batch]:
-        """This dp rank's rows of the global batch, on the device, cut into micro-batches."""
-        rank = self.topo.dp_rank
-        mine = batch[rank * self.local_samples:(rank + 1) * self.local_samples].to(self.device)
-        return mine.split(self.cfg.train.micro_batch_size)
+        """This dp rank's rows, on the device, cut into micro-batches."""
+        if len(batch) != self.local_samples:
+            raise ValueError(f"a step takes this data-parallel rank's {self.local_samples} rows of the global "
+                             f"batch (SampleDataset.local_batch), got {len(batch)}")
+        return batch.to(self.device).split(self.cfg.train.micro_batch_size)
+
+    def _global_loss_tokens(self, batch: Batch) -> int:
+        """Counted labels of the whole global batch: this rank's rows' count summed over the dp ranks
+        (the tp, cp and pp ranks of one dp rank hold the same rows)."""
+        dp = self.topo.groups.dp
+        if dp.pg is None:
+            return batch.num_loss_tokens()
+        count = torch.tensor([batch.num_loss_tokens()], dtype=torch.int64, device=self.device)
+        dist.all_reduce(count, group=dp.pg)
+        return int(count.item())
 
     def _sum_over_ranks(self, sums: torch.Tensor) -> torch.Tensor:
         """Only the last pipeline stage saw the losses: sum them over stages, data-parallel ranks and
         the cp ranks' shares of the sequence (on the device: NCCL reduces device tensors)."""
-        for group in (self.topo.group("pp"), self.topo.group("dp_cp")):
-            if group is not None:
-                dist.all_reduce(sums, group=group)
+        for group in self.reductions.loss:
+            if group.pg is not None:
+                dist.all_reduce(sums, group=group.pg)
         return sums
 
     def validation_loss(self, batch: Batch) -> float:
-        """Mean token loss of the global batch `batch`, forwards only (no gradients, no update)."""
+        """Mean token loss of a global batch, forwards only (no gradients, no update); `batch` holds
+        this dp rank's rows of it, as in __call__."""
         result = self.runner.forward_only(self._microbatches(batch), loss_scale=1.0 / self.total_micro, aux_coef=0.0,
-                                          num_tokens=batch.num_loss_tokens())
+                                          num_tokens=self._global_loss_tokens(batch))
         return self._sum_over_ranks(result.loss_sum.reshape(1)).item() / self.total_micro
 
     def __call__(self, batch: Batch, lr: float) -> StepOutcome:
-        """One optimizer step on the global batch `batch` ([gbs, s+1] rows, the same on every rank)."""
-        topo, total_micro = self.topo, self.total_micro
-        num_tokens = batch.num_loss_tokens()  # the loss is a mean over the global batch's counted labels
+        """One optimizer step on a global batch; `batch` holds this dp rank's rows of it ([gbs/dp, s+1]:
+        SampleDataset.local_batch), the same on its tp, cp and pp ranks."""
+        total_micro = self.total_micro
+        num_tokens = self._global_loss_tokens(batch)  # the loss is a mean over the global batch's counted labels
         micro = self._microbatches(batch)
         self.grads.start_step(len(micro))
         # Every micro-batch of the global batch weighs 1/total_micro, whichever rank runs it.
-        for chunk in self.chunks:
-            set_moe_loss_scale(chunk, 1.0 / total_micro)
         with torch.profiler.record_function("forward_backward"):
             result = self.runner.run(micro, loss_scale=1.0 / total_micro, aux_coef=self.cfg.model.aux_loss_coef,
                                      num_tokens=num_tokens)
         with torch.profiler.record_function("grad_finish"):
-            self.grads.finish(before_deferred=lambda ps: sum_tied_embedding_grads(ps, topo))
-            sync_tp_grads(self.params, topo.group("tp"))
+            self.grads.finish(before_deferred=lambda ps: sum_tied_embedding_grads(ps, self.reductions.tied_embedding))
+            sync_tp_grads(self.params, self.reductions.tp.pg)
             # Summed over the ranks before the update, so that a NaN can stop it.
             sums = self._sum_over_ranks(torch.stack([result.loss_sum, result.aux_sum])).cpu()
         loss_finite = bool(torch.isfinite(sums).all())  # the same on every rank
@@ -121,4 +131,5 @@ class TrainingStep:
             # A non-finite loss or grad norm leaves weights and Adam state as they were.
             grad_norm = self.optimizer.step(lr, skip_nonfinite=True) if loss_finite else self.optimizer.grad_norm()
         return StepOutcome(loss=sums[0].item() / total_micro, aux_loss=sums[1].item() / total_micro,
-                           grad_norm=grad_norm, skipped=not (loss_finite and math.isfinite(grad_norm)))
+                           grad_norm=grad_norm, skipped=not (loss_finite and math.isfinite(grad_norm)),
+                           moe_load=result.moe_load)

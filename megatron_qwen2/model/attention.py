@@ -11,10 +11,11 @@ from megatron_qwen2 import ops
 from megatron_qwen2.config import ModelConfig
 from megatron_qwen2.parallel.cp import ContextParallelRing, ring_attention
 from megatron_qwen2.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron_qwen2.parallel.shard import KvReplica
 from megatron_qwen2.parallel.topology import Topology
 
 
-def replicated_kv_rows(cfg: ModelConfig, tp: int, tp_rank: int) -> tuple[torch.Tensor, int]:
+def replicated_kv_rows(cfg: ModelConfig, tp: int, tp_rank: int) -> tuple[tuple[int, ...], int]:
     """Global QKV rows held by `tp_rank` when tp > kv heads, and the kv head it shares.
 
     Each kv head is replicated on tp / num_kv_heads consecutive ranks; each of those ranks
@@ -26,9 +27,9 @@ def replicated_kv_rows(cfg: ModelConfig, tp: int, tp_rank: int) -> tuple[torch.T
     kv_head, part = divmod(tp_rank, replicas)
     q_local = g // replicas
     group_start = kv_head * (g + 2) * d
-    q_rows = torch.arange(group_start + part * q_local * d, group_start + (part + 1) * q_local * d)
-    kv_rows = torch.arange(group_start + g * d, group_start + (g + 2) * d)
-    return torch.cat([q_rows, kv_rows]), kv_head
+    q_rows = range(group_start + part * q_local * d, group_start + (part + 1) * q_local * d)
+    kv_rows = range(group_start + g * d, group_start + (g + 2) * d)
+    return tuple(q_rows) + tuple(kv_rows), kv_head
 
 
 class SelfAttention(nn.Module):
@@ -47,26 +48,20 @@ class SelfAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, topo: Topology):
         super().__init__()
-        tp, tp_group, sp = topo.tp, topo.group("tp"), topo.sequence_parallel
+        tp, tp_group, sp = topo.tp, topo.groups.tp, topo.sequence_parallel
         nq, nkv = cfg.num_attention_heads, cfg.num_kv_heads
-        if nq % tp != 0 or (nkv % tp != 0 and tp % nkv != 0):
-            raise ValueError(f"model.num_attention_heads={nq} / model.num_kv_heads={nkv} cannot be split "
-                             f"over parallel.tp={tp}")
         self.head_dim = d = cfg.kv_channels
         self.kv_heads_local = max(nkv // tp, 1)
         self.q_per_kv = (nq // tp) // self.kv_heads_local  # query heads per local kv head
         self.softmax_scale = d ** -0.5
         qkv_out = (nq + 2 * nkv) * d
-        rows: Optional[torch.Tensor] = None
-        if tp > nkv:
+        rows: Optional[tuple[int, ...]] = None
+        replica: Optional[KvReplica] = None
+        if tp > nkv:  # the last 2 * d local rows are the k and v of the shared kv head
             rows, kv_head = replicated_kv_rows(cfg, tp, topo.tp_rank)
+            replica = KvReplica(kv_head, nkv, range(len(rows) - 2 * d, len(rows)))
         self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, bias=cfg.qkv_bias, group=tp_group,
-                                        sequence_parallel=sp, local_rows=rows)
-        if rows is not None:
-            kv_local = torch.arange(len(rows) - 2 * d, len(rows))
-            for p in (self.qkv.weight, self.qkv.bias):
-                if p is not None:
-                    p.tp_kv_replica = (kv_head, nkv, kv_local)
+                                        sequence_parallel=sp, local_rows=rows, kv_replica=replica)
         self.out = RowParallelLinear(nq * d, cfg.hidden_size, bias=False, group=tp_group, sequence_parallel=sp)
         self.cp_ring = ContextParallelRing.from_topology(topo)  # None when cp == 1
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from dataclasses import dataclass
+from typing import Mapping, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -16,6 +17,7 @@ from megatron_qwen2.model.mlp import MLP
 from megatron_qwen2.parallel.cp import sum_over_cp
 from megatron_qwen2.parallel.expert_dispatch import TokenDispatcher
 from megatron_qwen2.parallel.mappings import gather_from_sp, scatter_to_sp
+from megatron_qwen2.parallel.shard import Shard, set_shard
 from megatron_qwen2.parallel.topology import Topology
 
 
@@ -88,7 +90,7 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 class Experts(nn.Module):
-    """This ep rank's routed experts as 3D weights [E/ep, ...], marked `ep_split_dim = 0`.
+    """This ep rank's routed experts as 3D weights [E/ep, ...], cut over ep along dimension 0.
 
     Expert e of the model lives on ep rank e // (E/ep) as local expert e % (E/ep); the
     weights are replicated over tp. Input rows arrive grouped by local expert.
@@ -96,13 +98,11 @@ class Experts(nn.Module):
 
     def __init__(self, cfg: ModelConfig, topo: Topology):
         super().__init__()
-        if cfg.num_experts % topo.ep != 0:
-            raise ValueError(f"model.num_experts={cfg.num_experts} is not divisible by parallel.ep={topo.ep}")
         e, h, f = cfg.num_experts // topo.ep, cfg.hidden_size, cfg.moe_ffn_hidden_size
         self.gate_up_weight = nn.Parameter(torch.empty(e, 2 * f, h))  # per expert [gate | up] rows
         self.down_weight = nn.Parameter(torch.empty(e, h, f))
         for p in (self.gate_up_weight, self.down_weight):
-            p.ep_split_dim = 0
+            set_shard(p, Shard(ep_dim=0))
 
     def forward(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """rows [M, h] grouped by local expert (counts[i] rows each) -> expert outputs [M, h]."""
@@ -110,20 +110,22 @@ class Experts(nn.Module):
         return grouped_linear(hidden, self.down_weight, counts)
 
 
-class _AttachLoss(torch.autograd.Function):
-    """Forward: x unchanged. Backward: also d(scale * loss)/d(loss) = scale into `loss`'s graph.
+class MoEStats(NamedTuple):
+    """What one MoE block's forward measured of one micro-batch on this rank."""
 
-    Lets a block add a loss term (the router z-loss) without returning it through the pipeline.
-    """
+    router_sums: torch.Tensor  # [2, E] the aux-loss statistic (top-k counts, router probabilities), differentiable
+    tokens_per_expert: torch.Tensor  # [E] fp32: top-k assignments of this rank's tokens per expert (no grad)
+    dropped: int  # token copies the capacity limit dropped
+    z_loss: Optional[torch.Tensor]  # mean over this rank's tokens of logsumexp(router logits)^2; None when off
 
-    @staticmethod
-    def forward(ctx, x, loss, scale):
-        ctx.scale = scale
-        return x.view_as(x)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, torch.full((), ctx.scale, dtype=torch.float32, device=grad.device), None
+def z_loss_term(stats: Mapping[int, MoEStats], coef: float, scale: float) -> Optional[torch.Tensor]:
+    """(coef * the layers' summed z-losses) * scale: the z-loss's part of a micro-batch's objective
+    (None when the z-loss is off or there is no MoE layer)."""
+    losses = [s.z_loss for s in stats.values() if s.z_loss is not None]
+    if not losses:
+        return None
+    return (coef * sum(losses)) * scale
 
 
 class MoEBlock(nn.Module):
@@ -143,34 +145,31 @@ class MoEBlock(nn.Module):
     micro-batch scaled to this rank's token count (the loss divides by the local count), and each
     cp rank back-propagates the aux loss into its own tokens only (`sum_over_cp`).
 
-    z-loss (model.moe_z_loss_coef > 0): coef * mean over tokens of logsumexp(router logits)^2,
-    added to the loss through the backward (`_AttachLoss`) scaled by `loss_scale`, which the
-    training loop sets to the weight of one micro-batch (`set_moe_loss_scale`). With cp > 1 each cp
-    rank's mean covers its share of the tokens, so each adds 1/cp of it.
+    z-loss (model.moe_z_loss_coef > 0): the mean over this rank's tokens of logsumexp(router
+    logits)^2, returned in `MoEStats.z_loss`; the caller adds coef * it, weighted like the
+    micro-batch, to the objective (`z_loss_term`). With cp > 1 each cp rank's mean covers its share
+    of the tokens, so each adds 1/cp of it.
+
+    The forward returns its statistics as values (`MoEStats`) and keeps none: a forward that is
+    run again (recomputation in backward) or without gradients (validation) counts only where its
+    caller keeps what it returns.
     """
 
     def __init__(self, cfg: ModelConfig, topo: Topology):
         super().__init__()
-        self.sp_group = topo.group("tp") if topo.sequence_parallel else None
-        self.cp_group, self.cp = topo.group("cp"), topo.cp
+        self.sp_group = topo.groups.tp.pg if topo.sequence_parallel else None
+        self.cp_group, self.cp = topo.groups.cp.pg, topo.cp
         self.router = Router(cfg)
         self.experts = Experts(cfg, topo)
-        self.dispatcher = TokenDispatcher(cfg.num_experts, topo.group("ep"), cfg.moe_capacity_factor)
+        self.dispatcher = TokenDispatcher(cfg.num_experts, topo.groups.ep.pg, cfg.moe_capacity_factor)
         self.z_loss_coef = cfg.moe_z_loss_coef
         self.overlap_shared_expert = True
         self._stream = None
-        self.loss_scale = 1.0
         if cfg.shared_expert_ffn_hidden_size > 0:
-            self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_ffn_hidden_size, topo.group("tp"))
+            self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_ffn_hidden_size, topo.groups.tp)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
         else:
             self.shared_expert = None
-        # Load since the last `moe_load_stats` (not part of the state dict).
-        self.load = torch.zeros(cfg.num_experts)
-        self.dropped = 0
-        self.z_loss_sum, self.z_loss_count = 0.0, 0  # the sum is a device tensor once counted (no host sync)
-        # False while a recomputation repeats a forward whose statistics were already counted.
-        self.record_stats = True
 
     def _side_stream(self, tokens: torch.Tensor):
         if not (tokens.is_cuda and self.shared_expert is not None and self.overlap_shared_expert):
@@ -181,8 +180,8 @@ class MoEBlock(nn.Module):
         tokens.record_stream(self._stream)
         return self._stream
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [s, b, h] ([s/tp, b, h] with sequence parallelism) -> same shape, router sums [2, E]."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        """x [s, b, h] ([s/tp, b, h] with sequence parallelism) -> same shape, this forward's statistics."""
         x = gather_from_sp(x, self.sp_group, grad_is_partial=False)
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
@@ -201,58 +200,67 @@ class MoEBlock(nn.Module):
                 torch.cuda.current_stream().wait_stream(side)
                 shared.record_stream(torch.cuda.current_stream())
             out = out + shared
-        # Statistics of training forwards only: not validation, not a recomputation's second pass.
-        record = self.record_stats and torch.is_grad_enabled()
-        if self.z_loss_coef > 0 and torch.is_grad_enabled():
-            z = torch.logsumexp(logits.float(), dim=-1).square().mean()
-            if record:
-                self.z_loss_sum = self.z_loss_sum + z.detach()
-                self.z_loss_count += 1
-            out = _AttachLoss.apply(out, self.z_loss_coef * z, self.loss_scale / self.cp)
-        if record:
-            self.load = self.load.to(sums.device) + sums[0].detach()  # this rank's tokens (stats sum over dp x cp)
-            self.dropped += self.dispatcher.dropped
+        z_loss = torch.logsumexp(logits.float(), dim=-1).square().mean() if self.z_loss_coef > 0 else None
+        tokens_per_expert = sums[0].detach()  # this rank's tokens (the logged load sums over dp x cp)
         if self.cp_group is not None:
             sums = sum_over_cp(sums, self.cp_group) / self.cp
-        return scatter_to_sp(out.view(shape), self.sp_group), sums
+        stats = MoEStats(router_sums=sums, tokens_per_expert=tokens_per_expert, dropped=state.dropped, z_loss=z_loss)
+        return scatter_to_sp(out.view(shape), self.sp_group), stats
 
 
-def set_moe_loss_scale(model: nn.Module, scale: float) -> None:
-    """The weight of one micro-batch in the step's loss, for losses added in backward (z-loss)."""
-    for m in model.modules():
-        if isinstance(m, MoEBlock):
-            m.loss_scale = scale
+@dataclass(frozen=True)
+class MoELoad:
+    """One MoE layer's statistics summed over the forwards of a step on this rank."""
+
+    tokens_per_expert: torch.Tensor  # [E] fp32
+    dropped: int
+    z_loss_sum: Optional[torch.Tensor]  # None when the z-loss is off
+    forwards: int  # the micro-batches counted
 
 
-def moe_load_stats(models: list[nn.Module], group: Optional[dist.ProcessGroup]) -> dict:
-    """Per-layer expert load since the last call, summed over `group` (dp), then reset.
+def add_moe_stats(load: Mapping[int, MoELoad], stats: Mapping[int, MoEStats]) -> dict[int, MoELoad]:
+    """`load` (per MoE layer, by global layer index) with one forward's statistics added."""
+    out = dict(load)
+    for layer, s in stats.items():
+        z = None if s.z_loss is None else s.z_loss.detach()
+        seen = out.get(layer)
+        if seen is None:
+            out[layer] = MoELoad(s.tokens_per_expert, s.dropped, z, 1)
+        else:
+            out[layer] = MoELoad(seen.tokens_per_expert + s.tokens_per_expert, seen.dropped + s.dropped,
+                                 None if z is None else seen.z_loss_sum + z, seen.forwards + 1)
+    return out
+
+
+def moe_load_metrics(load: Mapping[int, MoELoad], group: Optional[dist.ProcessGroup]) -> dict:
+    """The logged form of a step's per-layer statistics (`load`, this rank's), summed over `group` (dp).
 
     Collective over `group`. Returns {"moe_max_over_mean": the worst layer's max/mean tokens per
     expert, "moe_load": {layer: {"tokens_per_expert": [...], "max_over_mean": r, "dropped": n}}},
     plus "moe_z_loss" (summed over layers, averaged over micro-batches) when the z-loss is on.
     """
-    blocks = [(name, m) for model in models for name, m in model.named_modules() if isinstance(m, MoEBlock)]
-    if not blocks:
+    if not load:
         return {}
-    rows = [torch.cat([m.load.float().cpu(), torch.tensor([float(m.dropped), float(m.z_loss_sum), float(m.z_loss_count)],
-                                                          dtype=torch.float32)]) for _, m in blocks]
+    layers = sorted(load)
+    z_on = any(load[layer].z_loss_sum is not None for layer in layers)
+    rows = []  # per layer: tokens per expert..., dropped, forwards, z-loss sum
+    for layer in layers:
+        m = load[layer]
+        tokens = m.tokens_per_expert.float()
+        z = tokens.new_zeros(1) if m.z_loss_sum is None else m.z_loss_sum.float().reshape(1)
+        rows.append(torch.cat([tokens, tokens.new_tensor([float(m.dropped), float(m.forwards)]), z]))
     loads = torch.stack(rows)
     if group is not None:
-        loads = loads.to(blocks[0][1].router.weight.device)
         dist.all_reduce(loads, group=group)
-        loads = loads.cpu()
+    loads = loads.cpu()
     stats, z_loss = {}, 0.0
-    for (name, m), row in zip(blocks, loads):
+    for layer, row in zip(layers, loads):
         tokens = row[:-3]
         ratio = (tokens.max() / tokens.mean()).item() if tokens.sum() > 0 else 0.0
-        layer = name.split(".")[1] if name.startswith("layers.") else name
-        stats[layer] = {"tokens_per_expert": [int(v) for v in tokens.tolist()], "max_over_mean": ratio,
-                        "dropped": int(row[-3])}
-        if row[-1] > 0:
-            z_loss += (row[-2] / row[-1]).item()
-        m.load.zero_()
-        m.dropped, m.z_loss_sum, m.z_loss_count = 0, 0.0, 0
+        stats[str(layer)] = {"tokens_per_expert": [int(v) for v in tokens.tolist()], "max_over_mean": ratio,
+                             "dropped": int(row[-3])}
+        z_loss += (row[-1] / row[-2]).item()
     out = {"moe_max_over_mean": max(s["max_over_mean"] for s in stats.values()), "moe_load": stats}
-    if any(m.z_loss_coef > 0 for _, m in blocks):
+    if z_on:
         out["moe_z_loss"] = z_loss
     return out

@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from megatron_qwen2 import ops
+from megatron_qwen2.parallel.shard import Shard, set_shard
 
 
 class RMSNorm(nn.Module):
@@ -14,7 +15,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.weight.tp_partial_grad = sequence_parallel
+        set_shard(self.weight, Shard(grad_needs_tp_sum=sequence_parallel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)

@@ -8,8 +8,8 @@ Layers are keyed by their global index, so a parameter's name is the same in eve
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -20,12 +20,12 @@ from megatron_qwen2 import ops
 from megatron_qwen2.config import ModelConfig
 from megatron_qwen2.model.attention import SelfAttention
 from megatron_qwen2.model.mlp import MLP
-from megatron_qwen2.model.moe import MoEBlock, load_balancing_loss
+from megatron_qwen2.model.moe import MoEBlock, MoEStats, load_balancing_loss
 from megatron_qwen2.model.norm import RMSNorm
 from megatron_qwen2.model.rope import RotaryEmbedding
-from megatron_qwen2.parallel.expert_dispatch import ep_global_shape, ep_local_shard
-from megatron_qwen2.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, global_shape, local_shard
+from megatron_qwen2.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megatron_qwen2.parallel.mappings import copy_to_tp, gather_from_sp, gather_from_tp
+from megatron_qwen2.parallel.shard import shard_of
 from megatron_qwen2.parallel.topology import Topology
 
 
@@ -33,6 +33,15 @@ from megatron_qwen2.parallel.topology import Topology
 class LossOutput:
     token_loss: torch.Tensor  # [b, s] fp32 cross-entropy per token
     aux_loss: Optional[torch.Tensor]  # MoE load-balancing loss (unscaled), None for dense models
+    moe_stats: dict[int, MoEStats] = field(default_factory=dict)  # this chunk's MoE layers, by global index
+
+
+class StageOutput(NamedTuple):
+    """What a stage that is not the last passes on, and the statistics of its MoE layers."""
+
+    hidden: torch.Tensor  # [s(/tp), b, h]
+    router_sums: Optional[torch.Tensor]  # [2, E] running MoE router sums (None for a dense model)
+    moe_stats: dict[int, MoEStats]  # this chunk's MoE layers, by global index
 
 
 class DecoderLayer(nn.Module):
@@ -48,27 +57,17 @@ class DecoderLayer(nn.Module):
         if self.is_moe:
             self.mlp = MoEBlock(cfg, topo)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.ffn_hidden_size, topo.group("tp"), sequence_parallel=sp)
+            self.mlp = MLP(cfg.hidden_size, cfg.ffn_hidden_size, topo.groups.tp, sequence_parallel=sp)
 
     # Activation recomputation, set by Qwen2Model.set_recompute: None, "selective" (the attention
-    # block's activations are recomputed in backward) or "full" (the whole layer's are).
+    # block's activations are recomputed in backward) or "full" (the whole layer's are). What the
+    # recomputed forward returns is discarded by `checkpoint`: the statistics of the first count.
     recompute: Optional[str] = None
 
-    def forward(self, *args, **kwargs) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """-> new hidden states, and this layer's router sums [2, E] (None for a dense layer)."""
+    def forward(self, *args, **kwargs) -> tuple[torch.Tensor, Optional[MoEStats]]:
+        """-> new hidden states, and this layer's MoE statistics (None for a dense layer)."""
         if self.recompute == "full" and torch.is_grad_enabled():
-            calls = []
-
-            def run(*a, **k):
-                # Backward runs this forward again: the MoE statistics count the first pass only.
-                if self.is_moe:
-                    self.mlp.record_stats = not calls
-                calls.append(True)
-                return self._forward(*a, **k)
-
-            return checkpoint(run, *args, use_reentrant=False, **kwargs)
-        if self.is_moe:
-            self.mlp.record_stats = True
+            return checkpoint(self._forward, *args, use_reentrant=False, **kwargs)
         return self._forward(*args, **kwargs)
 
     def _attention_block(self, x, *args) -> torch.Tensor:
@@ -76,11 +75,11 @@ class DecoderLayer(nn.Module):
             return checkpoint(lambda x, *a: self.attention(self.input_norm(x), *a), x, *args, use_reentrant=False)
         return self.attention(self.input_norm(x), *args)
 
-    def _forward(self, x, cos, sin, document_ids=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _forward(self, x, cos, sin, document_ids=None) -> tuple[torch.Tensor, Optional[MoEStats]]:
         normed, x = self.post_attention_norm.add_forward(self._attention_block(x, cos, sin, document_ids), x)
         if self.is_moe:
-            y, sums = self.mlp(normed)
-            return x + y, sums
+            y, stats = self.mlp(normed)
+            return x + y, stats
         return x + self.mlp(normed), None
 
 
@@ -97,18 +96,16 @@ class Qwen2Model(nn.Module):
     def __init__(self, cfg: ModelConfig, topo: Optional[Topology] = None, layer_ids: Optional[Sequence[int]] = None,
                  pre_process: bool = True, post_process: bool = True):
         super().__init__()
-        cfg.validate()
         topo = topo or Topology.single()
         self.cfg, self.topo = cfg, topo
         self.pre_process, self.post_process = pre_process, post_process
-        self.tp_group = topo.group("tp")
-        sp = self.sequence_parallel = topo.sequence_parallel and self.tp_group is not None
+        self.tp_group = topo.groups.tp.pg
+        sp = self.sequence_parallel = topo.sequence_parallel
         if pre_process or (post_process and cfg.tie_word_embeddings):
-            self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, self.tp_group,
-                                                    sequence_parallel=sp)
-            # The head's copy on a last stage: its gradient joins the first stage's, and it is
-            # counted once in the gradient norm.
-            self.embedding.weight.pipeline_copy = not pre_process
+            # On a last stage that is not first, the head's copy: its gradient joins the first
+            # stage's, and the first stage's counts in the gradient norm and checkpoints.
+            self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, topo.groups.tp,
+                                                    sequence_parallel=sp, tied_copy=not pre_process)
         self.rotary = RotaryEmbedding(cfg)
         layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, topo, i) for i in layer_ids})
@@ -117,14 +114,12 @@ class Qwen2Model(nn.Module):
         if post_process:
             self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sequence_parallel=sp)
             self.output = None if cfg.tie_word_embeddings else ColumnParallelLinear(
-                cfg.hidden_size, cfg.vocab_size, bias=False, group=self.tp_group, sequence_parallel=sp)
+                cfg.hidden_size, cfg.vocab_size, bias=False, group=topo.groups.tp, sequence_parallel=sp)
         self.init_weights(seed=0)
 
     def set_recompute(self, mode: str, num_layers: Optional[int] = None) -> None:
         """Recompute activations in backward (none | selective | full) for the first `num_layers`
         layers of this chunk (None: all); saves activation memory for one more forward."""
-        if mode not in ("none", "selective", "full"):
-            raise ValueError(f"train.recompute must be 'none', 'selective' or 'full', got {mode!r}")
         for i, layer in enumerate(self.layers.values()):
             on = mode != "none" and (num_layers is None or i < num_layers)
             layer.recompute = mode if on else None
@@ -134,9 +129,13 @@ class Qwen2Model(nn.Module):
         """Initialise every parameter as a function of (seed, its global name) only.
 
         The full tensor is drawn and this rank keeps its shard, so every parallel layout
-        starts from the same model. Matrices ~ N(0, init_std), biases 0, norm scales 1.
+        starts from the same model. Matrices ~ N(0, init_std), biases 0, norm scales 1. Parameters
+        on the meta device (a model built for its shapes only, as the planner does) hold no values.
         """
+        topo = self.topo
         for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif name.endswith("bias"):
@@ -145,10 +144,10 @@ class Qwen2Model(nn.Module):
                 # Drawn on the parameter's device: the same seed gives the same model on every
                 # rank of that device type, whatever the layout.
                 gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-                shape = ep_global_shape(p, global_shape(p, self.topo.tp), self.topo.ep)
+                shard = shard_of(p)
+                shape = shard.global_shape(p.shape, topo.tp, topo.ep)
                 full = torch.empty(shape, device=p.device).normal_(0.0, self.cfg.init_std, generator=gen)
-                full = ep_local_shard(p, full, self.topo.ep, self.topo.ep_rank)
-                p.copy_(local_shard(p, full, self.topo.tp, self.topo.tp_rank))
+                p.copy_(shard.local_part(full, topo.tp, topo.tp_rank, topo.ep, topo.ep_rank))
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, *, document_ids: Optional[torch.Tensor] = None):
@@ -164,18 +163,22 @@ class Qwen2Model(nn.Module):
 
         router_sums [2, E]: the MoE router sums of the stages before (None on the first).
         document_ids [b, s]: row-local document of each position; attention stays inside a document.
-        Returns (hidden, router_sums) on a stage that is not last; logits or LossOutput on the last.
+        Returns a StageOutput on a stage that is not last; logits or LossOutput on the last. The
+        MoE statistics of this forward come back in them, nothing is kept in the modules.
         """
         h = self.embedding(x.t()) if self.pre_process else x  # [s, b, h] ([s/tp, b, h] with sp)
         cos, sin = self.rotary(position_ids.t(), h.dtype)
-        for layer in self.layers.values():
-            h, sums = layer(h, cos, sin, document_ids)
-            if sums is not None:
+        moe_stats: dict[int, MoEStats] = {}
+        for i, layer in self.layers.items():
+            h, stats = layer(h, cos, sin, document_ids)
+            if stats is not None:
+                moe_stats[int(i)] = stats
+                sums = stats.router_sums
                 router_sums = sums if router_sums is None else router_sums + sums
         if not self.post_process:
             if router_sums is None and self.num_moe_layers:  # no MoE layer yet: start the sums at zero
                 router_sums = torch.zeros(2, self.cfg.num_experts, device=h.device)
-            return h, router_sums
+            return StageOutput(h, router_sums, moe_stats)
         h = self.final_norm(h)
         if self.output is None:  # tied: the (vocab-parallel) embedding table is the head
             h = gather_from_sp(h, self.tp_group) if self.sequence_parallel else copy_to_tp(h, self.tp_group)
@@ -188,4 +191,4 @@ class Qwen2Model(nn.Module):
         aux = None
         if self.num_moe_layers:
             aux = load_balancing_loss(router_sums, labels.numel() * self.num_moe_layers, self.cfg.num_experts)
-        return LossOutput(token_loss=token_loss, aux_loss=aux)
+        return LossOutput(token_loss=token_loss, aux_loss=aux, moe_stats=moe_stats)

@@ -23,7 +23,6 @@ Context parallelism uses the functional pair `flash_attention_forward` -> (out, 
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -100,26 +99,26 @@ def document_ranges(q_documents: torch.Tensor, k_documents: Optional[torch.Tenso
                           torch.searchsorted(qd, kd, right=True).to(torch.int32))
 
 
-_RANGES_CACHE: list = []  # [(weakref to document_ids, its version counter, DocumentRanges)]
+class PackedDocuments:
+    """The document ids [b, s] of packed rows, with the kernel's `DocumentRanges` derived on first
+    use and kept. Made once per micro-batch and handed to every layer (and its recomputation), it
+    derives the ranges, a dozen small kernels that cost the host ~0.4 ms (measured on H200,
+    eager), once per micro-batch instead of once per layer; given plain ids, `attention` derives
+    them per call."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+
+    @functools.cached_property
+    def ranges(self) -> DocumentRanges:
+        return document_ranges(self.ids)
 
 
-def _self_ranges(document_ids: torch.Tensor) -> DocumentRanges:
-    """document_ranges(document_ids), computed once per document_ids tensor: every layer of a step
-    (and its recomputation) passes the same one, and the dozen small kernels that derive the ranges
-    cost the host ~0.4 ms per call (measured on H200, eager)."""
-    if torch.compiler.is_compiling():
-        return document_ranges(document_ids)
-    try:
-        version = document_ids._version
-    except RuntimeError:  # an inference tensor has no version counter: no caching
-        return document_ranges(document_ids)
-    if _RANGES_CACHE:
-        ref, cached_version, ranges = _RANGES_CACHE[0]
-        if ref() is document_ids and cached_version == version:
-            return ranges
-    ranges = document_ranges(document_ids)
-    _RANGES_CACHE[:] = [(weakref.ref(document_ids), version, ranges)]
-    return ranges
+def packed_documents(document_ids: "torch.Tensor | PackedDocuments | None") -> Optional[PackedDocuments]:
+    """document_ids [b, s] as PackedDocuments; a PackedDocuments (or None) is returned as it is."""
+    if document_ids is None or isinstance(document_ids, PackedDocuments):
+        return document_ids
+    return PackedDocuments(document_ids)
 
 
 def _kernel_built() -> bool:
@@ -132,7 +131,7 @@ def _kernel_supports(q, k, v) -> bool:
             and k.shape[-1] == q.shape[-1])
 
 
-def _choose(q, k, v, causal: bool, document_ids) -> tuple[str, str]:
+def _choose(q, k, v, causal: bool, document_ids: Optional[torch.Tensor]) -> tuple[str, str]:
     """(backend, reason) for these inputs."""
     mode = extension._mode_now()
     if mode == "reference":
@@ -161,7 +160,7 @@ def _choose(q, k, v, causal: bool, document_ids) -> tuple[str, str]:
 
 
 def backend(q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
-            causal: bool = True, document_ids: Optional[torch.Tensor] = None) -> str:
+            causal: bool = True, document_ids: "torch.Tensor | PackedDocuments | None" = None) -> str:
     """The backend `attention(q, k, v, causal, document_ids=...)` takes; without tensors, the one of a
     CUDA bf16 causal call at Qwen2-7B shape (28 / 4 heads, head_dim 128) without documents."""
     if q is None:
@@ -169,12 +168,14 @@ def backend(q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None, 
             return "reference"
         q = torch.empty(1, 1, 28, 128, device="cuda", dtype=torch.bfloat16)
         k = v = torch.empty(1, 1, 4, 128, device="cuda", dtype=torch.bfloat16)
-    return _choose(q, k, v, causal, document_ids)[0]
+    docs = packed_documents(document_ids)
+    return _choose(q, k, v, causal, None if docs is None else docs.ids)[0]
 
 
-def backend_reason(q, k, v, causal: bool = True, document_ids: Optional[torch.Tensor] = None) -> str:
+def backend_reason(q, k, v, causal: bool = True, document_ids: "torch.Tensor | PackedDocuments | None" = None) -> str:
     """Why `attention` takes `backend(...)` on these inputs, in words."""
-    name, why = _choose(q, k, v, causal, document_ids)
+    docs = packed_documents(document_ids)
+    name, why = _choose(q, k, v, causal, None if docs is None else docs.ids)
     return f"{name}: {why}"
 
 
@@ -195,19 +196,22 @@ def _check_shapes(q, k, v) -> None:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-              softmax_scale: float | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+              softmax_scale: float | None = None,
+              document_ids: torch.Tensor | PackedDocuments | None = None) -> torch.Tensor:
     """q [b, s, hq, d], k/v [b, s, hkv, d] with hq % hkv == 0 -> [b, s, hq, d].
 
-    document_ids [b, s]: several documents packed in a row; a token attends only to tokens of its
-    own document (block-diagonal causal mask). None: one sequence per row.
+    document_ids [b, s] (or PackedDocuments of them): several documents packed in a row; a token
+    attends only to tokens of its own document (block-diagonal causal mask). None: one sequence per row.
     """
     _check_shapes(q, k, v)
+    docs = packed_documents(document_ids)
+    document_ids = None if docs is None else docs.ids
     name, _ = _choose(q, k, v, causal, document_ids)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     if name == "kernel":
         from megatron_qwen2.ops import library
 
-        ranges = _self_ranges(document_ids) if document_ids is not None else (None,) * 4
+        ranges = docs.ranges if docs is not None else (None,) * 4
         return library.flash_attention(q, k, v, causal, scale, *ranges)[0]
     if name == "flash_attn":
         return _flash_attn_func()(q, k, v, causal=causal, softmax_scale=softmax_scale)

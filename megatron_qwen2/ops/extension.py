@@ -5,8 +5,6 @@ Which implementation a door uses is chosen per call by `use_kernel`; MEGATRON_QW
 - ``auto`` (default): the compiled kernel when it is built and the inputs suit it, else the reference.
 - ``reference``: always the plain-PyTorch reference (for debugging a suspected kernel bug).
 - ``kernel``: the compiled kernel whenever the inputs live on CUDA; raises if it is not built.
-
-MEGATRON_QWEN2_DISABLE_EXT=1 (older switch) behaves like ``reference``.
 """
 
 from __future__ import annotations
@@ -25,11 +23,8 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @functools.lru_cache(maxsize=None)
 def load() -> Optional[ModuleType]:
-    """The extension module, or None (warning once) when it is missing or disabled.
-
-    MEGATRON_QWEN2_DISABLE_EXT=1 or MEGATRON_QWEN2_OPS=reference forces the PyTorch fallbacks.
-    """
-    if os.environ.get("MEGATRON_QWEN2_DISABLE_EXT") == "1" or mode() == "reference":
+    """The extension module, or None when MEGATRON_QWEN2_OPS=reference or it is not built (warning once)."""
+    if mode() == "reference":
         return None
     try:
         from megatron_qwen2 import _C

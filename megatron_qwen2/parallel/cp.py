@@ -49,6 +49,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_qwen2.ops.attention import PackedDocuments
 from megatron_qwen2.parallel.mappings import reduce_from_tp
 
 
@@ -76,13 +77,6 @@ def split_sequence(t: torch.Tensor, cp: int, cp_rank: int, dim: int = 1) -> torc
         return t
     c = _chunk(t.shape[dim], cp)
     return torch.cat([t.narrow(dim, cp_rank * c, c), t.narrow(dim, (2 * cp - 1 - cp_rank) * c, c)], dim=dim)
-
-
-def merge_sequence(shares: Sequence[torch.Tensor], dim: int = 1) -> torch.Tensor:
-    """The full sequence from every cp rank's share (the inverse of `split_sequence`)."""
-    cp = len(shares)
-    halves = [s.chunk(2, dim=dim) for s in shares]
-    return torch.cat([halves[r][0] for r in range(cp)] + [halves[r][1] for r in reversed(range(cp))], dim=dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,12 +182,6 @@ class KernelBlockAttention(BlockAttention):
     """
 
     @staticmethod
-    def available() -> bool:
-        from megatron_qwen2 import ops
-
-        return all(hasattr(ops, f) for f in ("flash_attention_forward", "flash_attention_backward", "document_ranges"))
-
-    @staticmethod
     def _ranges(mask: BlockMask):
         from megatron_qwen2 import ops
 
@@ -217,9 +205,9 @@ KERNEL_BLOCK_ATTENTION = KernelBlockAttention()
 
 
 def default_block_attention(q: torch.Tensor) -> BlockAttention:
-    """The block implementation for queries q: the door's fused pair on CUDA (when the door has it),
-    else the PyTorch definition (the math block materialises [b, hq, sq, sk] scores)."""
-    if q.is_cuda and KernelBlockAttention.available():
+    """The block implementation for queries q: the door's fused pair on CUDA, else the PyTorch
+    definition (the math block materialises [b, hq, sq, sk] scores)."""
+    if q.is_cuda:
         return KERNEL_BLOCK_ATTENTION
     return MATH_BLOCK_ATTENTION
 
@@ -243,7 +231,7 @@ class ContextParallelRing:
         if topo.cp == 1:
             return None
         ranks = next(r for r in topo.rank_lists("cp") if topo.rank in r)
-        return cls(topo.group("cp"), ranks, topo.cp_rank)
+        return cls(topo.groups.cp.pg, ranks, topo.cp_rank)
 
     def exchange(self, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], tag: int = 0) -> list:
         """Start sending `send` to the next rank and receiving `recv` from the previous one; returns the works.
@@ -367,14 +355,17 @@ class _RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: ContextParallelRing,
-                   softmax_scale: Optional[float] = None, document_ids: Optional[torch.Tensor] = None,
+                   softmax_scale: Optional[float] = None,
+                   document_ids: "torch.Tensor | PackedDocuments | None" = None,
                    block: Optional[BlockAttention] = None) -> torch.Tensor:
     """Causal GQA attention over a sequence split across `ring` in the load-balanced layout.
 
     q [b, s, hq, d], k/v [b, s, hkv, d]: this rank's share (s = seq_length / cp, chunks r and
-    2cp-1-r); document_ids [b, s]: the row-local document ids of the same tokens (None: one
-    document per row). Returns this rank's share of the output [b, s, hq, d].
+    2cp-1-r); document_ids [b, s] (or PackedDocuments of them): the row-local document ids of the
+    same tokens (None: one document per row). Returns this rank's share of the output [b, s, hq, d].
     """
+    if isinstance(document_ids, PackedDocuments):  # each block pair derives its own ranges
+        document_ids = document_ids.ids
     s = q.shape[1]
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"query heads {q.shape[2]} are not a multiple of kv heads {k.shape[2]}")

@@ -8,11 +8,11 @@ Counts may be uneven and zero anywhere: an expert with no tokens is a zero-lengt
 that sends nothing to a peer sends zero rows. The exchange of counts is a small all-to-all of
 integers before the tokens go out; the tokens' split sizes need them on the host (one sync).
 
-Expert parameters are sharded over the ep group along their expert dimension: a parameter with
-attribute `ep_split_dim = d` holds, on ep rank r (its rank in `topo.group("ep")`), the r-th of ep equal
-contiguous chunks of the global tensor along d (local experts r*E/ep ... (r+1)*E/ep - 1).
-`ep_global_shape`, `ep_local_shard` and `gather_ep_full` translate between the two layouts for
-initialisation and checkpoints. Experts are replicated over tp (no expert-tensor parallelism).
+Expert parameters are sharded over the ep group along their expert dimension (their `Shard`'s
+`ep_dim`, parallel/shard.py): on ep rank r (its rank in the ep group, `topo.groups.ep`) they hold
+the r-th of ep equal contiguous chunks of the global tensor along it (local experts r*E/ep ...
+(r+1)*E/ep - 1); `gather_ep_full` reassembles the global tensor. Experts are replicated over tp
+(no expert-tensor parallelism).
 
 Permutation goes through the door: `ops.permute(x, expert_ids, E)` -> (rows sorted by expert, stable
 in token order; row_map [T, k], the sorted row of token t's j-th copy; counts [E]) and
@@ -32,29 +32,14 @@ import torch.distributed as dist
 
 from megatron_qwen2 import ops
 from megatron_qwen2.parallel.mappings import all_to_all
+from megatron_qwen2.parallel.shard import shard_of
 
 
 # --- the ep layout of expert parameters ---
 
-def ep_global_shape(p: torch.Tensor, shape: tuple[int, ...], ep: int) -> tuple[int, ...]:
-    """The global shape of which `p` (local shape `shape`) is one ep shard."""
-    dim = getattr(p, "ep_split_dim", None)
-    if dim is None:
-        return tuple(shape)
-    shape = list(shape)
-    shape[dim] *= ep
-    return tuple(shape)
-
-
-def ep_local_shard(p: torch.Tensor, full: torch.Tensor, ep: int, ep_rank: int) -> torch.Tensor:
-    """This ep rank's chunk of the global tensor `full` (identity for non-expert parameters)."""
-    dim = getattr(p, "ep_split_dim", None)
-    return full if dim is None else full.chunk(ep, dim=dim)[ep_rank]
-
-
 def gather_ep_full(p: torch.Tensor, local: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     """Reassemble the global tensor from every ep rank's shard `local` of parameter `p`."""
-    dim = getattr(p, "ep_split_dim", None)
+    dim = shard_of(p).ep_dim
     if dim is None or group is None:
         return local
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
@@ -116,7 +101,7 @@ class DispatchState:
     row_map: torch.Tensor
     probs: torch.Tensor
     num_tokens: int
-    dropped_rows: int = 0  # rows past the experts' (capacity overflow), at the end of the sorted buffer
+    dropped: int = 0  # token copies the capacity limit dropped: rows past the experts' at the end of the sorted buffer
     input_splits: Optional[list[int]] = None
     output_splits: Optional[list[int]] = None
     regroup: Optional[torch.Tensor] = None  # rows in [source rank][expert] order -> [expert][source rank]
@@ -127,7 +112,8 @@ class TokenDispatcher:
     """Moves token copies to the ranks of their experts and the expert outputs back.
 
     `dispatch` returns the rows for this rank's local experts, grouped by local expert, with the
-    row count of each; `combine` takes the expert outputs in that same order.
+    row count of each and the state of the way back (`state.dropped`: the copies the capacity limit
+    dropped); `combine` takes the expert outputs in that same order.
     """
 
     def __init__(self, num_experts: int, ep_group: Optional[dist.ProcessGroup],
@@ -135,11 +121,8 @@ class TokenDispatcher:
         self.num_experts = num_experts
         self.group = ep_group
         self.ep = 1 if ep_group is None else dist.get_world_size(ep_group)
-        if num_experts % self.ep != 0:
-            raise ValueError(f"model.num_experts={num_experts} is not divisible by parallel.ep={self.ep}")
         self.num_local = num_experts // self.ep
         self.capacity_factor = capacity_factor
-        self.dropped = 0  # assignments dropped by the capacity limit in the last dispatch
 
     def dispatch(self, x: torch.Tensor, probs: torch.Tensor, expert_ids: torch.Tensor):
         """x [T, h], probs/expert_ids [T, k] -> (rows [M, h], counts per local expert, state)."""
@@ -149,13 +132,12 @@ class TokenDispatcher:
             cap = expert_capacity(x.shape[0], k, e, self.capacity_factor)
             keep = capacity_mask(expert_ids, probs, e, cap)
             ids = expert_ids.masked_fill(~keep, e)  # the dropped sort into a bin past the last expert
-            self.dropped = int((~keep).sum())
         rows, row_map, counts = ops.permute(x, ids, e + drop)  # row_map [T, k]: sorted row of copy (t, j)
         state = DispatchState(row_map=row_map, probs=probs, num_tokens=x.shape[0])
         if drop:
-            state.dropped_rows = int(counts[e])
+            state.dropped = int(counts[e])
             counts = counts[:e]
-            rows = rows[:rows.shape[0] - state.dropped_rows]
+            rows = rows[:rows.shape[0] - state.dropped]
         if self.group is None:
             return rows, counts.tolist(), state
         # Counts per (destination rank, its local expert) out; per (source rank, my expert) in.
@@ -174,8 +156,8 @@ class TokenDispatcher:
         if self.group is not None:
             out = gather_rows(out, state.regroup_inverse, state.regroup)
             out = all_to_all(out, self.group, state.input_splits, state.output_splits)
-        if state.dropped_rows:  # dropped copies contribute nothing
-            out = torch.cat([out, out.new_zeros((state.dropped_rows, out.shape[-1]))])
+        if state.dropped:  # dropped copies contribute nothing
+            out = torch.cat([out, out.new_zeros((state.dropped, out.shape[-1]))])
         return ops.unpermute(out, state.row_map, state.probs)
 
 

@@ -1,27 +1,32 @@
 """Tensor-parallel layers. Each says in its type how it splits and what it communicates.
 
-Every sharded parameter carries `tp_split_dim` (the dimension cut across tp ranks), so
-checkpointing can name the global tensor and this rank's offset in it (DESIGN principle 4).
+Every parameter gets its `Shard` (parallel/shard.py) here, where it is made: the dimension cut
+across tp ranks, or the explicit rows of a rank, so checkpointing can name the global tensor and
+this rank's offset in it (docs/architecture.md, "Parameters and their shards"). The layers take
+the tp `Group` (its size, this rank's place, the communicator).
 
 With sequence parallelism the activations between tp regions are cut along the sequence
 ([s/tp, b, h]): a column-parallel layer all-gathers its input instead of copying it, and a
 row-parallel layer (or the embedding) reduce-scatters its output instead of all-reducing it.
-Parameters that then see only this rank's tokens carry `tp_partial_grad = True`: their
-gradients are summed over tp before the optimizer step.
+Parameters that then see only this rank's tokens (the row-parallel bias) have a Shard with
+`grad_needs_tp_sum`: their gradients are summed over tp before the optimizer step.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron_qwen2.ops.library import wgrad_into_main_grad
 from megatron_qwen2.parallel.mappings import (copy_to_tp, gather_from_sp, reduce_from_tp,
                                               reduce_scatter_to_sp)
+from megatron_qwen2.parallel.shard import KvReplica, Shard, set_shard, shard_of
+from megatron_qwen2.parallel.topology import Group
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -30,53 +35,26 @@ def _divide(n: int, d: int, what: str) -> int:
     return n // d
 
 
-def _group_size(group: Optional[dist.ProcessGroup]) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _sharded_param(shape: tuple[int, ...], split_dim: Optional[int]) -> nn.Parameter:
-    p = nn.Parameter(torch.empty(shape))
-    p.tp_split_dim = split_dim
-    return p
-
-
-def global_shape(p: torch.Tensor, tp: int) -> tuple[int, ...]:
-    """Shape of the full (unsharded) tensor of which `p` is this rank's shard."""
-    dim = getattr(p, "tp_split_dim", None)
-    shape = list(p.shape)
-    if dim is not None:
-        rows = getattr(p, "tp_row_index", None)
-        shape[dim] = p.tp_global_size if rows is not None else shape[dim] * tp
-    return tuple(shape)
-
-
-def local_shard(p: torch.Tensor, full: torch.Tensor, tp: int, tp_rank: int) -> torch.Tensor:
-    """This rank's shard of the full tensor `full` (contiguous chunk, or explicit rows)."""
-    dim = getattr(p, "tp_split_dim", None)
-    if dim is None:
-        return full
-    rows = getattr(p, "tp_row_index", None)
-    if rows is not None:
-        return full.index_select(dim, rows)
-    return full.chunk(tp, dim=dim)[tp_rank]
+def _param(shape: tuple[int, ...], shard: Shard) -> nn.Parameter:
+    return set_shard(nn.Parameter(torch.empty(shape)), shard)
 
 
 def gather_full(p: torch.Tensor, local: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     """Reassemble the full tensor from every tp rank's shard `local` of parameter `p`."""
-    dim = getattr(p, "tp_split_dim", None)
-    if dim is None or group is None:
+    shard = shard_of(p)
+    if shard.tp_dim is None or group is None:
         return local
     n = dist.get_world_size(group)
     parts = [torch.empty_like(local) for _ in range(n)]
     dist.all_gather(parts, local.contiguous(), group=group)
-    rows = getattr(p, "tp_row_index", None)
-    if rows is None:
-        return torch.cat(parts, dim=dim)
+    if shard.tp_rows is None:
+        return torch.cat(parts, dim=shard.tp_dim)
+    rows = torch.tensor(shard.tp_rows, device=local.device)
     all_rows = [torch.empty_like(rows) for _ in range(n)]
     dist.all_gather(all_rows, rows, group=group)
-    full = local.new_empty(global_shape(p, n))
+    full = local.new_empty(shard.global_shape(local.shape, n, 1))
     for r, part in zip(all_rows, parts):  # replicated rows are equal on every rank that holds them
-        full.index_copy_(dim, r, part)
+        full.index_copy_(shard.tp_dim, r, part)
     return full
 
 
@@ -109,8 +87,7 @@ class _LinearMainGrad(torch.autograd.Function):
         dx = dy.matmul(w) if ctx.needs_input_grad[0] else None
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
         main = weight.main_grad.view(w.shape)
-        torch.addmm(main, dy2.t(), x2, out_dtype=torch.float32, out=main)
-        weight.wgrad_in_main_grad = True
+        wgrad_into_main_grad(weight, main, dy2, x2)  # opaque to torch.compile; marks wgrad_in_main_grad
         db = dy2.sum(0) if ctx.has_bias else None
         return dx, torch.empty_like(weight), db
 
@@ -123,6 +100,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return F.linear(x, weight.reshape(-1, weight.shape[-1]), b)
 
 
+def _tp(group: Optional[Group]) -> Group:
+    """The tp group of a layer (None: this rank alone)."""
+    return Group("tp") if group is None else group
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W split along its output rows; the input is shared by all tp ranks.
 
@@ -131,33 +113,31 @@ class ColumnParallelLinear(nn.Module):
     one of them, and the output is laid out [..., stack * out/tp].
 
     `local_rows` (global output-row indices, stack 1 only) overrides the even split, for
-    layouts where ranks hold uneven or overlapping rows (replicated kv heads).
+    layouts where ranks hold uneven or overlapping rows (replicated kv heads); `kv_replica` names
+    the local rows this rank shares with other tp ranks.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, group=None, stack: int = 1,
-                 sequence_parallel: bool = False, local_rows: Optional[torch.Tensor] = None):
+    def __init__(self, in_features: int, out_features: int, bias: bool, group: Optional[Group] = None,
+                 stack: int = 1, sequence_parallel: bool = False, local_rows: Optional[Sequence[int]] = None,
+                 kv_replica: Optional[KvReplica] = None):
         super().__init__()
-        tp = _group_size(group)
-        self.group = group
-        self.sequence_parallel = sequence_parallel and group is not None
+        tp = _tp(group)
+        self.group = tp.pg
+        self.sequence_parallel = sequence_parallel
         self.stack = stack
         if local_rows is not None:
             assert stack == 1, "explicit local rows are for unstacked weights"
             out_local = len(local_rows)
+            shard = Shard(tp_dim=0, tp_rows=tuple(local_rows), tp_dim_size=out_features, kv_replica=kv_replica)
         else:
-            out_local = _divide(out_features, tp, "output features")
+            out_local = _divide(out_features, tp.size, "output features")
+            shard = Shard(tp_dim=0 if stack == 1 else 1)
         shape = (out_local, in_features) if stack == 1 else (stack, out_local, in_features)
-        self.weight = _sharded_param(shape, split_dim=0 if stack == 1 else 1)
-        params = [self.weight]
+        self.weight = _param(shape, shard)
         if bias:
-            bshape = (out_local,) if stack == 1 else (stack, out_local)
-            self.bias = _sharded_param(bshape, split_dim=0 if stack == 1 else 1)
-            params.append(self.bias)
+            self.bias = _param((out_local,) if stack == 1 else (stack, out_local), shard)
         else:
             self.register_parameter("bias", None)
-        if local_rows is not None:
-            for p in params:
-                p.tp_row_index, p.tp_global_size = local_rows, out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [s, b, in] ([s/tp, b, in] with sequence parallelism) -> [s, b, stack * out/tp]."""
@@ -168,16 +148,15 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = x W^T + b with W split along its input columns; partial sums reduced over tp."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, group=None,
+    def __init__(self, in_features: int, out_features: int, bias: bool, group: Optional[Group] = None,
                  sequence_parallel: bool = False):
         super().__init__()
-        tp = _group_size(group)
-        self.group = group
-        self.sequence_parallel = sequence_parallel and group is not None
-        self.weight = _sharded_param((out_features, _divide(in_features, tp, "input features")), split_dim=1)
+        tp = _tp(group)
+        self.group = tp.pg
+        self.sequence_parallel = sequence_parallel
+        self.weight = _param((out_features, _divide(in_features, tp.size, "input features")), Shard(tp_dim=1))
         if bias:
-            self.bias = _sharded_param((out_features,), split_dim=None)
-            self.bias.tp_partial_grad = self.sequence_parallel
+            self.bias = _param((out_features,), Shard(grad_needs_tp_sum=self.sequence_parallel))
         else:
             self.register_parameter("bias", None)
 
@@ -189,16 +168,21 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Embedding table split by vocabulary rows; each rank looks up its rows, then reduce."""
+    """Embedding table split by vocabulary rows; each rank looks up its rows, then reduce.
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, group=None, sequence_parallel: bool = False):
+    `tied_copy`: this table is a pipeline stage's copy of one that the first stage owns (the head
+    of a last stage with tied embeddings).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group: Optional[Group] = None,
+                 sequence_parallel: bool = False, tied_copy: bool = False):
         super().__init__()
-        tp = _group_size(group)
-        self.group = group
-        self.sequence_parallel = sequence_parallel and group is not None
-        self.rows_per_rank = _divide(num_embeddings, tp, "vocab size")
-        self.vocab_start = (0 if group is None else dist.get_rank(group)) * self.rows_per_rank
-        self.weight = _sharded_param((self.rows_per_rank, embedding_dim), split_dim=0)
+        tp = _tp(group)
+        self.group = tp.pg
+        self.sequence_parallel = sequence_parallel
+        self.rows_per_rank = _divide(num_embeddings, tp.size, "vocab size")
+        self.vocab_start = tp.rank * self.rows_per_rank
+        self.weight = _param((self.rows_per_rank, embedding_dim), Shard(tp_dim=0, tied_copy=tied_copy))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [s, b] -> [s, b, h] ([s/tp, b, h] with sequence parallelism)."""

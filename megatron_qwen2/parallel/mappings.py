@@ -1,4 +1,4 @@
-"""Tensor- and expert-parallel communication as small autograd functions (DESIGN principle 2).
+"""Tensor- and expert-parallel communication as small autograd functions (docs/architecture.md, "Rooms").
 
 Each function names the collective it does in forward; its backward is the conjugate one.
 With a group of None (degree 1) every function is the identity.
@@ -71,7 +71,8 @@ def gather_from_tp(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch
 
 # --- Sequence parallelism: activations outside the tp regions are cut along dim 0 (s/tp). ---
 
-# Older torch names of the single-tensor collectives (same signatures).
+# The single-tensor collectives: all_gather_single / reduce_scatter_single where torch has them, else
+# all_gather_into_tensor / reduce_scatter_tensor (the same signatures).
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 

@@ -1,4 +1,4 @@
-"""The one source of truth for the parallel layout (DESIGN principle 1).
+"""The one source of truth for the parallel layout (docs/architecture.md, "How the parallel config flows").
 
 Rank grid order, innermost first: tp, cp, dp, pp (rank = tp_rank + tp * (cp_rank + cp *
 (dp_rank + dp * pp_rank))). Tensor parallelism is innermost because its collectives run
@@ -13,9 +13,10 @@ node as far as the grid allows: the all-to-all runs every MoE layer), and expert
 ranks, ep*tp*cp apart) reduces expert gradients once per step. Experts are replicated over tp
 (no expert-tensor parallelism): every tp rank of an ep group holds and runs the same experts.
 
-Groups: tp, cp, dp, pp (one per grid axis), ep and expert_dp (inside dp), mp (model
-parallel: every rank of one model replica, tp x cp x pp) and embedding (first and last
-pipeline stage, which share the tied embedding). Context parallelism splits the sequence, not
+Groups (`topo.groups`, one `Group` per kind: its ranks, this rank's place, the communicator):
+tp, cp, dp, pp (one per grid axis), ep and expert_dp (inside dp), mp (model parallel: every rank
+of one model replica, tp x cp x pp) and embedding (first and last pipeline stage, which share the
+tied embedding). Context parallelism splits the sequence, not
 the parameters: every cp rank holds the same parameters and sees other tokens, so gradients are
 summed (and the distributed optimizer shards) over dp_cp (dp x cp, Megatron's data-parallel group
 with context parallelism), expert gradients over expert_dp_cp (expert_dp x cp). With cp = 1 these
@@ -35,6 +36,41 @@ from megatron_qwen2.config import ParallelConfig
 GROUP_KINDS = ("tp", "cp", "dp", "pp", "ep", "expert_dp", "dp_cp", "expert_dp_cp", "mp", "embedding")
 
 
+@dataclass(frozen=True)
+class Group:
+    """The process group of one kind that holds this rank.
+
+    `ranks` are its global ranks (sorted), `rank` is this rank's place among them, `pg` the
+    communicator: None when the group is this rank alone, and in a planned layout (Topology.plan),
+    which creates no communicators.
+    """
+
+    kind: str
+    ranks: tuple[int, ...] = (0,)
+    rank: int = 0
+    pg: Optional[dist.ProcessGroup] = None
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+@dataclass(frozen=True)
+class Groups:
+    """One `Group` per kind (GROUP_KINDS), as attributes: a misspelt kind is an AttributeError."""
+
+    tp: Group = Group("tp")
+    cp: Group = Group("cp")
+    dp: Group = Group("dp")
+    pp: Group = Group("pp")
+    ep: Group = Group("ep")
+    expert_dp: Group = Group("expert_dp")
+    dp_cp: Group = Group("dp_cp")
+    expert_dp_cp: Group = Group("expert_dp_cp")
+    mp: Group = Group("mp")
+    embedding: Group = Group("embedding")
+
+
 @dataclass
 class Topology:
     """Degrees, this rank's coordinates, and the process groups that connect it."""
@@ -51,9 +87,8 @@ class Topology:
     cp_rank: int = 0
     dp_rank: int = 0
     pp_rank: int = 0
-    # Process groups; None where the degree is 1 (no communication needed).
-    groups: dict[str, Optional[dist.ProcessGroup]] = field(default_factory=dict)
-    # One group per directed edge (src, dst) between neighbouring pipeline ranks of this rank.
+    groups: Groups = field(default_factory=Groups)
+    # One communicator per directed edge (src, dst) between neighbouring pipeline ranks of this rank.
     p2p: dict[tuple[int, int], dist.ProcessGroup] = field(default_factory=dict)
 
     @property
@@ -65,10 +100,6 @@ class Topology:
     def world_size(self) -> int:
         return self.tp * self.cp * self.dp * self.pp
 
-    def group(self, name: str) -> Optional[dist.ProcessGroup]:
-        """The process group of kind `name` (GROUP_KINDS) holding this rank; None when it is alone."""
-        return self.groups.get(name)
-
     @classmethod
     def single(cls) -> "Topology":
         """Trivial layout of one process."""
@@ -76,22 +107,17 @@ class Topology:
 
     @classmethod
     def plan(cls, cfg: ParallelConfig, world_size: int, rank: int) -> "Topology":
-        """Validate the degrees against the world size and place `rank` in the grid (no groups)."""
-        cfg.validate()
-        mp = cfg.tp * cfg.cp * cfg.pp
-        if world_size % mp != 0:
-            raise ValueError(
-                f"world size {world_size} is not divisible by tp*cp*pp = {cfg.tp}*{cfg.cp}*{cfg.pp} = {mp}")
-        dp = world_size // mp
-        if dp % cfg.ep != 0:
-            raise ValueError(f"parallel.ep={cfg.ep} must divide the data-parallel size {dp}")
-        sp = cfg.tp > 1 if cfg.sequence_parallel is None else (cfg.sequence_parallel and cfg.tp > 1)
+        """Place `rank` in the grid of degrees `cfg` (validated by Config.validate) over `world_size`
+        ranks; the groups carry no communicators."""
+        dp = world_size // (cfg.tp * cfg.cp * cfg.pp)
+        sp = cfg.sequence_parallel_on
         tp_rank = rank % cfg.tp
         cp_rank = (rank // cfg.tp) % cfg.cp
         dp_rank = (rank // (cfg.tp * cfg.cp)) % dp
         pp_rank = rank // (cfg.tp * cfg.cp * dp)
         topo = cls(tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, dp=dp, ep=cfg.ep, vpp=cfg.vpp, rank=rank,
                    sequence_parallel=sp, tp_rank=tp_rank, cp_rank=cp_rank, dp_rank=dp_rank, pp_rank=pp_rank)
+        topo.groups = Groups(**{kind: topo._group(kind, None) for kind in GROUP_KINDS})
         return topo
 
     @classmethod
@@ -99,7 +125,7 @@ class Topology:
         """The planned layout with every process group created (collective over all ranks)."""
         topo = cls.plan(cfg, world_size, rank)
         if world_size > 1:
-            topo.groups = topo._make_groups()
+            topo.groups = topo._make_communicators()
             topo.p2p = topo._make_p2p_groups()
         return topo
 
@@ -165,17 +191,23 @@ class Topology:
                 mine[edge] = g
         return mine
 
-    def _make_groups(self) -> dict[str, Optional[dist.ProcessGroup]]:
+    def _group(self, kind: str, pg: Optional[dist.ProcessGroup]) -> Group:
+        """This rank's group of `kind`, with the communicator `pg`. A stage between the first and the
+        last holds no embedding: its embedding group is the rank alone."""
+        ranks = next((r for r in self.rank_lists(kind) if self.rank in r), [self.rank])
+        return Group(kind, tuple(ranks), ranks.index(self.rank), pg if len(ranks) > 1 else None)
+
+    def _make_communicators(self) -> Groups:
         # new_group must be called by every rank for every group, in the same order. With cp = 1,
         # dp_cp and expert_dp_cp are the dp and expert_dp groups: the same communicators.
-        groups: dict[str, Optional[dist.ProcessGroup]] = {}
+        made: dict[str, Optional[dist.ProcessGroup]] = {}
         same_without_cp = {"dp_cp": "dp", "expert_dp_cp": "expert_dp"}
-        for name in GROUP_KINDS:
-            if self.cp == 1 and name in same_without_cp:
-                groups[name] = groups.get(same_without_cp[name])
+        for kind in GROUP_KINDS:
+            if self.cp == 1 and kind in same_without_cp:
+                made[kind] = made[same_without_cp[kind]]
                 continue
-            for ranks in self.rank_lists(name):
-                g = dist.new_group(ranks) if len(ranks) > 1 else None
+            for ranks in self.rank_lists(kind):
+                pg = dist.new_group(ranks) if len(ranks) > 1 else None
                 if self.rank in ranks:
-                    groups[name] = g
-        return groups
+                    made[kind] = pg
+        return Groups(**{kind: self._group(kind, made.get(kind)) for kind in GROUP_KINDS})

@@ -77,8 +77,9 @@ def test_held_rank_makes_every_rank_dump_its_stacks_and_exit_76(tmp_path, device
     assert f"last completed step: {HOLD_AT}" in held and f"last completed step: {HOLD_AT}" in waiting
     assert "in held_before_the_all_reduce" in held and "in train" in held
     assert "in train" in waiting, waiting
-    if device == "cpu":  # gloo waits in the gradient all-reduce; NCCL's wait is wherever the host syncs
-        assert "grad_buffer.py" in waiting and "in finish" in waiting, waiting
+    if device == "cpu":  # gloo waits in the step's first collective (every dp rank's read succeeded); NCCL's
+        # wait is wherever the host syncs
+        assert "loader.py" in waiting and "in read_on_every_rank" in waiting, waiting
     # The flight recorder (with TORCH_FR_BUFFER_SIZE set) holds rank 0's pending collective.
     trace = pickle.loads((run_dir / ("hang/fr_trace_rank_0" if device == "cpu" else "hang/nccl_trace_rank_0"))
                          .read_bytes())

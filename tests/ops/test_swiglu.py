@@ -42,8 +42,8 @@ def test_missing_extension_warns_once(monkeypatch):
     assert len([w for w in caught if "megatron_qwen2._C" in str(w.message)]) == 1
 
 
-def test_disable_env_forces_fallback(monkeypatch):
-    monkeypatch.setenv("MEGATRON_QWEN2_DISABLE_EXT", "1")
+def test_reference_mode_forces_fallback(monkeypatch):
+    monkeypatch.setenv("MEGATRON_QWEN2_OPS", "reference")
     extension.load.cache_clear()
     try:
         with warnings.catch_warnings():

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron_qwen2.config import Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from megatron_qwen2.ops import reference
 from megatron_qwen2.parallel.cp import (BlockMask, ContextParallelRing, KernelBlockAttention, MathBlockAttention,
-                                        chunk_positions, merge_sequence, ring_attention, split_sequence)
+                                        chunk_positions, ring_attention, split_sequence)
 from megatron_qwen2.train import train
 from tests.distributed import run_distributed
 from tests.parallel.runs import assert_same_training, read_run
@@ -19,6 +19,13 @@ from tests.parallel.runs import assert_same_training, read_run
 
 # ---------------------------------------------------------------------------------------------
 # Layout
+
+
+def merge_sequence(shares, dim: int = 1) -> torch.Tensor:
+    """The full sequence from every cp rank's share (the inverse of `split_sequence`)."""
+    cp = len(shares)
+    halves = [s.chunk(2, dim=dim) for s in shares]
+    return torch.cat([halves[r][0] for r in range(cp)] + [halves[r][1] for r in reversed(range(cp))], dim=dim)
 
 
 def test_gradient_groups_span_dp_and_cp():
@@ -113,14 +120,14 @@ def _ring_worker(rank, world_size):
     mine = next(i for i, p in enumerate(pairs) if rank in p)
     results["cp2"] = _ring_case(2, pairs[mine], groups[mine], torch.float64)
     results["cp2-fp32"] = _ring_case(2, pairs[mine], groups[mine], torch.float32)
-    if KernelBlockAttention.available():  # the door's functional pair (its reference path on the CPU)
-        results["cp4-door-fp32"] = _ring_case(4, [0, 1, 2, 3], None, torch.float32, KernelBlockAttention())
+    # the door's functional pair (its reference path on the CPU)
+    results["cp4-door-fp32"] = _ring_case(4, [0, 1, 2, 3], None, torch.float32, KernelBlockAttention())
     return results
 
 
 def test_ring_attention_matches_full_attention_with_documents_and_gqa():
     results = run_distributed(_ring_worker, 4)
-    assert ("cp4-door-fp32" in results[0]) == KernelBlockAttention.available()
+    assert "cp4-door-fp32" in results[0]
     for rank, errors in enumerate(results):
         for case, errs in errors.items():
             tol = 1e-5 if "fp32" in case else 1e-10

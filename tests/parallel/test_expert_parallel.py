@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_qwen2.config import ModelConfig
-from megatron_qwen2.model.moe import Experts, MoEBlock
+from megatron_qwen2.model.moe import Experts, MoEBlock, z_loss_term
 from megatron_qwen2 import ops
 from megatron_qwen2.parallel.expert_dispatch import TokenDispatcher, capacity_mask, gather_ep_full
 from megatron_qwen2.parallel.topology import Topology
@@ -39,7 +39,7 @@ def _inputs(rank: int):
 
 def _moe_forward(x, probs, ids, dispatcher, experts):
     rows, counts, state = dispatcher.dispatch(x, probs, ids)
-    return dispatcher.combine(experts(rows, counts), state)
+    return dispatcher.combine(experts(rows, counts), state), state.dropped
 
 
 def _make_experts(cfg, topo):
@@ -67,9 +67,9 @@ def _dispatch_worker(rank, world):
         x, probs, ids = _inputs(rank)
         x.requires_grad_()
         probs.requires_grad_()
-        out = _moe_forward(x, probs, ids, TokenDispatcher(E, topo.group("ep"), capacity), experts)
+        out, _ = _moe_forward(x, probs, ids, TokenDispatcher(E, topo.groups.ep.pg, capacity), experts)
         (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
-        grads = [gather_ep_full(p, p.grad, topo.group("ep")) for p in experts.parameters()]
+        grads = [gather_ep_full(p, p.grad, topo.groups.ep.pg) for p in experts.parameters()]
         results.append((out.detach(), x.grad, probs.grad, grads))
     return results
 
@@ -86,13 +86,13 @@ def test_dispatcher_matches_one_process():
             x, probs, ids = _inputs(rank)
             x.requires_grad_()
             probs.requires_grad_()
-            ref = _moe_forward(x, probs, ids, dispatcher, experts)
+            ref, dropped = _moe_forward(x, probs, ids, dispatcher, experts)
             (ref * torch.arange(ref.numel(), dtype=ref.dtype).view_as(ref)).sum().backward()
             torch.testing.assert_close(out, ref.detach(), rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(dx, x.grad, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(dprobs, probs.grad, rtol=1e-12, atol=1e-12)
             if capacity is not None:
-                assert dispatcher.dropped > 0 or rank == 1  # the limit bites on most ranks
+                assert dropped > 0 or rank == 1  # the limit bites on most ranks
         for got, want in zip(results[0][3], [p.grad for p in experts.parameters()]):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
             assert torch.equal(got[6:], torch.zeros_like(got[6:]))  # experts 6, 7 saw no token
@@ -122,17 +122,16 @@ def test_capacity_keeps_highest_probabilities():
 
 
 def test_z_loss_gradient_matches_explicit_loss():
-    """The z-loss added through backward has the gradient of coef * scale * mean(lse^2)."""
+    """The z-loss term of the objective has the gradient of coef * scale * mean(lse^2)."""
     cfg = ModelConfig(hidden_size=8, num_experts=4, moe_top_k=2, moe_ffn_hidden_size=4,
                       shared_expert_ffn_hidden_size=0, moe_z_loss_coef=0.1)
     torch.manual_seed(0)
     block = MoEBlock(cfg, Topology.single()).double()
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.5)
-    block.loss_scale = 0.25
     x = torch.randn(5, 1, 8, dtype=torch.float64)
-    out, _ = block(x)
-    out.sum().backward()
+    out, stats = block(x)
+    (out.sum() + z_loss_term({0: stats}, cfg.moe_z_loss_coef, 0.25)).backward()
     got = block.router.weight.grad.clone()
     block.zero_grad()
     block.z_loss_coef = 0.0

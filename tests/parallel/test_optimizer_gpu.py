@@ -17,8 +17,8 @@ MODEL = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_
 
 def _make(device):
     model = Qwen2Model(MODEL).to(device=device, dtype=torch.bfloat16)
-    buf = GradBuffer(list(model.parameters()), None, overlap=False)
-    opt = MixedPrecisionOptimizer(buf, OptimConfig(warmup_steps=0, clip_grad=1.0), None, [])
+    buf = GradBuffer(list(model.parameters()), overlap=False)
+    opt = MixedPrecisionOptimizer(buf, OptimConfig(warmup_steps=0, clip_grad=1.0))
     return model, buf, opt
 
 

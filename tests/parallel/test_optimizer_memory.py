@@ -3,11 +3,11 @@ with the distributed optimizer (up to the padding of each bucket to a multiple o
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_qwen2.config import ModelConfig, OptimConfig, ParallelConfig
 from megatron_qwen2.engine.distributed_optimizer import MixedPrecisionOptimizer
 from megatron_qwen2.engine.grad_buffer import GradBuffer
+from megatron_qwen2.engine.reductions import GradientReductions
 from megatron_qwen2.model import Qwen2Model
 from megatron_qwen2.parallel import Topology
 from tests.distributed import run_distributed
@@ -30,8 +30,8 @@ def _measure(rank, world_size, distributed):
     model.init_weights(0)
     model.to(torch.bfloat16)
     params = list(model.parameters())
-    grads = GradBuffer(params, topo.group("dp"), bucket_size=20_000, shard=distributed)
-    opt = MixedPrecisionOptimizer(grads, OptimConfig(warmup_steps=0), None, [topo.group("mp")])
+    grads = GradBuffer(params, GradientReductions.of(topo), bucket_size=20_000, shard=distributed)
+    opt = MixedPrecisionOptimizer(grads, OptimConfig(warmup_steps=0))
     grads.start_step(1)
     ids = torch.randint(0, MODEL.vocab_size, (1, 9))
     model(ids[:, :-1]).float().square().mean().backward()

@@ -1,5 +1,5 @@
 """The pipeline runner frees sent activations at the backward of their micro-batch: over a step of
-many micro-batches only a few are outstanding at once (they used to be held to the step's end),
+many micro-batches only a few are outstanding at once (not all of them until the step's end),
 and the step still computes the single-process loss."""
 
 import pytest

@@ -2,9 +2,9 @@
 
 import pytest
 
-from megatron_qwen2.config import ModelConfig, ParallelConfig
+from megatron_qwen2.config import ModelConfig, ParallelConfig, check_microbatches
 from megatron_qwen2.engine.pipeline import stage_layers
-from megatron_qwen2.engine.schedule import (build_schedule, check_microbatches, interleaved_one_f_one_b,
+from megatron_qwen2.engine.schedule import (build_schedule, interleaved_one_f_one_b,
                                               one_f_one_b, simulate, textbook_bubble_fraction)
 
 

@@ -24,10 +24,10 @@ def _run(model_kwargs, topo, ids):
     out = model(ids, labels=ids.roll(-1, 1))
     loss = out.token_loss.mean() + (0 if out.aux_loss is None else 0.01 * out.aux_loss)
     loss.backward()
-    sync_tp_grads(model.parameters(), topo.group("tp"))
+    sync_tp_grads(model.parameters(), topo.groups.tp.pg)
     grads = {}
     for name, p in model.named_parameters():
-        grads[name] = gather_full(p, p.grad, topo.group("tp"))
+        grads[name] = gather_full(p, p.grad, topo.groups.tp.pg)
     return logits.detach(), loss.detach(), grads
 
 

@@ -5,6 +5,7 @@ import pytest
 from megatron_qwen2.config import ParallelConfig
 from megatron_qwen2.parallel import Topology
 from megatron_qwen2.parallel.topology import GROUP_KINDS
+from tests.distributed import run_distributed
 
 
 def grid(world=16, **degrees):
@@ -45,11 +46,35 @@ def test_every_group_kind_partitions_the_world(degrees):
             assert ranks == list(range(16)), kind
 
 
-@pytest.mark.parametrize("world,degrees,needle", [
-    (6, dict(tp=4), "world size 6 is not divisible by tp*cp*pp"),
-    (8, dict(tp=2, ep=3), "parallel.ep=3"),
-    (8, dict(tp=0), "parallel.tp"),
-])
-def test_bad_layouts_are_rejected_with_the_numbers(world, degrees, needle):
-    with pytest.raises(ValueError, match=needle.replace("*", r"\*").replace("(", r"\(")):
-        grid(world, **degrees)
+def test_groups_are_typed_and_a_misspelt_kind_is_an_error():
+    topo = Topology.plan(ParallelConfig(tp=2, cp=2, ep=2), 16, rank=5)  # dp 4
+    for kind in GROUP_KINDS:
+        group = getattr(topo.groups, kind)
+        ranks = next(r for r in topo.rank_lists(kind) if 5 in r)
+        assert (group.kind, group.ranks, group.rank, group.size) == (kind, tuple(ranks), ranks.index(5), len(ranks))
+        assert group.pg is None  # a planned layout has no communicators
+    assert (topo.groups.tp.rank, topo.groups.cp.rank, topo.groups.dp.rank) == (topo.tp_rank, topo.cp_rank, topo.dp_rank)
+    with pytest.raises(AttributeError):
+        topo.groups.dpcp
+
+
+def test_a_middle_pipeline_stage_has_no_embedding_partner():
+    for rank, stage_ranks in ((0, (0, 3)), (1, (1,)), (2, (2,)), (3, (0, 3))):
+        groups = Topology.plan(ParallelConfig(pp=4), 4, rank=rank).groups
+        assert (groups.embedding.ranks, groups.embedding.size, groups.pp.size) == (stage_ranks, len(stage_ranks), 4)
+
+
+def _built_groups(rank, world_size):
+    import torch.distributed as dist
+    topo = Topology.build(ParallelConfig(tp=2, ep=2), world_size, rank)  # dp 2, ep 2
+    out = {}
+    for kind in GROUP_KINDS:
+        g = getattr(topo.groups, kind)
+        out[kind] = (g.size, g.rank, None if g.pg is None else (dist.get_world_size(g.pg), dist.get_rank(g.pg)))
+    return out
+
+
+def test_built_groups_carry_communicators_that_agree_with_their_sizes():
+    for rank, groups in enumerate(run_distributed(_built_groups, 4)):
+        for kind, (size, place, comm) in groups.items():
+            assert comm == (None if size == 1 else (size, place)), (rank, kind)

@@ -21,7 +21,7 @@ def _main_grads(monkeypatch, fused: bool, tied: bool) -> tuple[dict, int]:
     cfg = ModelConfig(name="t", hidden_size=256, num_layers=2, num_attention_heads=8, num_kv_heads=2,
                       ffn_hidden_size=704, vocab_size=3001, max_position_embeddings=512, tie_word_embeddings=tied)
     model = Qwen2Model(cfg).to(device="cuda", dtype=torch.bfloat16)
-    buf = GradBuffer(list(model.parameters()), None, overlap=False)
+    buf = GradBuffer(list(model.parameters()), overlap=False)
     gen = torch.Generator(device="cuda").manual_seed(1)
     buf.start_step(3)
     for _ in range(3):
