@@ -2,7 +2,7 @@
 
     python bench/train_throughput.py --model qwen2_1.5b [--layers N] [--seq 4096] [--mbs 1] [--gbs 8]
         [--steps 10] [--warmup 3] [--recompute none|selective|full] [--ops auto|kernel|reference]
-        [--compile] [--profile] [--hf] [--mcore] [--out FILE]
+        [--profile] [--hf] [--mcore] [--out FILE]
 
 Our step is megatron_qwen2.engine.step.TrainingStep, the step megatron_qwen2/train.py loops over (model
 chunks, GradBuffer, MixedPrecisionOptimizer, PipelineRunner, recomputation), fed random tokens: bf16
@@ -19,9 +19,6 @@ seq per layer and token (half of the full 12 n d s); no recomputation counted. T
 (Hugging Face Qwen2ForCausalLM / Qwen2MoeForCausalLM in the Trainer's bf16=True form, and
 Megatron-Core's GPTModel) run the same shapes, batches and steps and are scored with the same
 FLOP count.
-
---compile runs each decoder layer of ours through torch.compile (warm-up steps include the
-compilation) and records the graphs made and the graph breaks hit.
 
 --profile adds torch.profiler over 2 more steps of ours: time per op class and the top kernels
 (bench/profile_summary.py), also written into the JSON.
@@ -164,10 +161,6 @@ class OurStep:
         # Weights drawn on the device: a large model initialises in seconds instead of minutes.
         self.step = TrainingStep(self.cfg, Topology.build(self.cfg.parallel, 1, 0), device, init_on_device=True)
         self.chunks = self.step.chunks
-        if args.compile:
-            for chunk in self.chunks:
-                for layer in chunk.layers.values():
-                    layer.compile()
         rows = random_batches(mcfg.vocab_size, args.gbs, args.seq, device, args.seed)
         self.batches = (Batch(tokens=r) for r in rows)
 
@@ -212,27 +205,13 @@ def profile_steps(step, device: torch.device, steps: int = 2) -> dict:
         return summarise_trace(trace, wall_ms, steps)
 
 
-def compile_counts() -> dict:
-    """Graphs torch.compile made and graph breaks it hit since the counters were cleared."""
-    from torch._dynamo.utils import counters
-
-    return {"compiled_graphs": counters["stats"]["unique_graphs"],
-            "graph_breaks": sum(counters["graph_break"].values())}
-
-
 def measure_ours(mcfg, args, device, flops_per_token: float, ceiling: float | None) -> tuple[dict, dict | None]:
     reset_memory(device)
-    if args.compile:
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
     step = OurStep(mcfg, args, device)
     timed = time_steps(step, device, args.warmup, args.steps)
     result = score("megatron_qwen2", timed["step_times_s"], timed["losses"], args.gbs * args.seq,
                    flops_per_token, ceiling, device)
-    result.update(ops_in_use(device, mcfg, args.seq), recompute=args.recompute, compile=args.compile)
-    if args.compile:
-        result.update(compile_counts())
-        print(f"torch.compile: {result['compiled_graphs']} graphs, {result['graph_breaks']} graph breaks", flush=True)
+    result.update(ops_in_use(device, mcfg, args.seq), recompute=args.recompute)
     prof = profile_steps(step, device) if args.profile else None
     del step
     reset_memory(device)
@@ -266,7 +245,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--recompute", default="none", choices=("none", "selective", "full"))
     ap.add_argument("--ops", default="auto", choices=("auto", "kernel", "reference"),
                     help="fused-op implementation (MEGATRON_QWEN2_OPS)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer of ours")
     ap.add_argument("--profile", action="store_true", help="profile 2 more steps of ours: time per op class")
     ap.add_argument("--hf", action="store_true", help="also measure Hugging Face transformers")
     ap.add_argument("--mcore", action="store_true", help="also measure Megatron-Core's GPTModel when importable")
@@ -338,7 +316,7 @@ def main(argv=None) -> int:
         "model_config": {k: v for k, v in vars(mcfg).items()},
         "config": {"seq": args.seq, "mbs": args.mbs, "gbs": args.gbs, "micro_batches": args.gbs // args.mbs,
                    "tokens_per_step": args.gbs * args.seq, "steps": args.steps, "warmup": args.warmup,
-                   "recompute": args.recompute, "ops": args.ops, "compile": args.compile, "dtype": "bf16",
+                   "recompute": args.recompute, "ops": args.ops, "dtype": "bf16",
                    "seed": args.seed},
         "flops_per_token": flops_per_token,
         "mfu_formula": "training_flops_per_token (megatron_qwen2/model/flops.py): 3 x (2 x matmul parameters per "

@@ -62,33 +62,6 @@ def _swiglu_grad(ctx, dy):
 swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
 
 
-# ---- Weight gradient accumulated into its fp32 main grad by the GEMM (parallel/layers.py, linear).
-
-@custom_op("megatron_qwen2::wgrad_into_main_grad", mutates_args=("main_grad",))
-def wgrad_into_main_grad(weight: Tensor, main_grad: Tensor, dy: Tensor, x: Tensor) -> None:
-    """main_grad += dy^T x in fp32, and mark `weight.wgrad_in_main_grad` for the gradient buffer.
-
-    weight [..., in] is the parameter, main_grad its fp32 gradient (weight's shape), dy [rows, out]
-    and x [rows, in] with out * in = weight.numel(). On CUDA one GEMM reads the bf16 operands and
-    adds into main_grad in fp32; elsewhere the operands are cast to fp32 first (same sum). The mark
-    tells the gradient buffer's hook that the gradient autograd then hands the parameter is a
-    placeholder. As an opaque op this traces under torch.compile; it must get the parameter itself.
-    """
-    if not isinstance(weight, torch.nn.Parameter):
-        raise TypeError(f"wgrad_into_main_grad needs the parameter itself, got a {type(weight).__name__}")
-    main = main_grad.view(-1, main_grad.shape[-1])
-    if main.is_cuda:
-        torch.addmm(main, dy.t(), x, out_dtype=torch.float32, out=main)
-    else:
-        main.addmm_(dy.t().float(), x.float())
-    weight.wgrad_in_main_grad = True
-
-
-@wgrad_into_main_grad.register_fake
-def _(weight, main_grad, dy, x):
-    return None
-
-
 # ---- RMSNorm: x [rows, h], weight [h] -> y, rstd (fp32 [rows], saved for backward).
 
 @custom_op("megatron_qwen2::rms_norm", mutates_args=())

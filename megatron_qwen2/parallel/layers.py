@@ -22,7 +22,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron_qwen2.ops.library import wgrad_into_main_grad
 from megatron_qwen2.parallel.mappings import (copy_to_tp, gather_from_sp, reduce_from_tp,
                                               reduce_scatter_to_sp)
 from megatron_qwen2.parallel.shard import KvReplica, Shard, set_shard, shard_of
@@ -87,7 +86,8 @@ class _LinearMainGrad(torch.autograd.Function):
         dx = dy.matmul(w) if ctx.needs_input_grad[0] else None
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
         main = weight.main_grad.view(w.shape)
-        wgrad_into_main_grad(weight, main, dy2, x2)  # opaque to torch.compile; marks wgrad_in_main_grad
+        torch.addmm(main, dy2.t(), x2, out_dtype=torch.float32, out=main)
+        weight.wgrad_in_main_grad = True
         db = dy2.sum(0) if ctx.has_bias else None
         return dx, torch.empty_like(weight), db
 
