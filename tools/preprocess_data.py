@@ -1,10 +1,12 @@
 """Tokenise jsonl / text files into an indexed token file pair for training.
 
     python tools/preprocess_data.py --input 'corpus/*.jsonl' notes.txt --tokenizer Qwen2-7B/ \
-        --output-prefix data/corpus --workers 8 [--json-key text]
+        --output-prefix data/corpus --workers 8 [--json-key text] [--format native|megatron]
 
-writes data/corpus.bin (token ids) and data/corpus.idx (header + document offsets; the format is
-described in megatron_qwen2/data/indexed.py). Train on it with `data.paths=[data/corpus]`.
+writes data/corpus.bin (token ids) and data/corpus.idx (header + document offsets). The format is
+this project's by default (`native`, described in megatron_qwen2/data/indexed.py), or Megatron-LM's
+indexed dataset with `--format megatron` (megatron_qwen2/data/megatron_indexed.py), which
+Megatron-LM and NeMo read too. Train on either with `data.paths=[data/corpus]`.
 """
 
 from __future__ import annotations

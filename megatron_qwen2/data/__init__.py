@@ -1,10 +1,13 @@
-"""Training data: corpus files, tokenizers, indexed token files, packed / blended / SFT datasets, batches,
-and each data-parallel rank's rows read ahead of the step (loader.py)."""
+"""Training data: corpus files, tokenizers, indexed token files (this project's format and Megatron-LM's),
+packed / blended / SFT datasets, batches, and each data-parallel rank's rows read ahead of the step
+(loader.py)."""
 
 from megatron_qwen2.data.batch import Batch
 from megatron_qwen2.data.builder import build_datasets, parse_data_paths
 from megatron_qwen2.data.corpus import corpus_files, read_document, stdlib_files
-from megatron_qwen2.data.indexed import IndexedDataset, IndexedDatasetWriter, write_indexed_dataset
+from megatron_qwen2.data.indexed import IndexedDataset, IndexedDatasetWriter, open_indexed, write_indexed_dataset
+from megatron_qwen2.data.megatron_indexed import (MegatronIndexedDataset, MegatronIndexedDatasetWriter,
+                                                  write_megatron_dataset)
 from megatron_qwen2.data.loader import BatchPrefetcher, read_on_every_rank
 from megatron_qwen2.data.packed import DocumentPackedDataset
 from megatron_qwen2.data.sampler import BlendedDataset, SampleDataset
@@ -27,14 +30,18 @@ __all__ = [
     "DocumentPackedDataset",
     "IndexedDataset",
     "IndexedDatasetWriter",
+    "MegatronIndexedDataset",
+    "MegatronIndexedDatasetWriter",
     "SFTDataset",
     "SampleDataset",
     "build_datasets",
     "ensure_chat_tokens",
+    "open_indexed",
     "parse_data_paths",
     "read_on_every_rank",
     "render_chat",
     "write_indexed_dataset",
+    "write_megatron_dataset",
     "EOD_TOKEN",
     "PackedDataset",
     "REPO_TOKENIZER",

@@ -3,8 +3,9 @@
 - `data.paths` unset: the text corpus `data.corpus` (the standard library by default), tokenised
   and cached as one stream (text_dataset.py), cut into fixed-length seeded windows; `data.split`
   then splits its windows, not documents.
-- `data.format=pretrain`: `data.paths` names PREFIXes of .bin/.idx pairs (tools/preprocess_data.py),
-  each split by document and packed (packed.py), blended by weight when there are several.
+- `data.format=pretrain`: `data.paths` names PREFIXes of .bin/.idx pairs, this project's
+  (tools/preprocess_data.py, indexed.py) or Megatron-LM's (megatron_indexed.py), told apart by the
+  index's magic; each split by document and packed (packed.py), blended by weight when there are several.
 - `data.format=sft`: `data.paths` names chat jsonl files (sft.py), split by conversation and blended.
 
 `data.paths` is `[prefix]`, `[w1, prefix1, w2, prefix2, ...]` (Megatron's form) or a list of
@@ -21,7 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from megatron_qwen2.data.batch import Batch, documents_from_eod, make_batch
-from megatron_qwen2.data.indexed import IndexedDataset, check_prefix_readable
+from megatron_qwen2.data.indexed import check_prefix_readable, open_indexed
 from megatron_qwen2.data.packed import DocumentPackedDataset, split_documents
 from megatron_qwen2.data.sampler import BlendedDataset, SampleDataset
 from megatron_qwen2.data.sft import SFTDataset, ensure_chat_tokens, load_conversations
@@ -133,7 +134,7 @@ def build_datasets(data_cfg, seq_length: int, seed: int) -> tuple[SampleDataset,
             make = lambda r, k: SFTDataset(convs[r[0]:r[1]], seq_length, [seed, i, k], eod, vocab_size,  # noqa: E731
                                            pack=data_cfg.sft_packing)
         else:
-            data = IndexedDataset(path)
+            data = open_indexed(path)
             ranges = split_documents(len(data), split, path)
             make = lambda r, k: DocumentPackedDataset(  # noqa: E731
                 data, r, seq_length, [seed, i, k], eod, vocab_size, data_cfg.reset_position_ids,

@@ -34,6 +34,9 @@ tools/preprocess_data.py writes version 2.
 
 Both files are written to temporaries and renamed into place, the .idx last: a crash leaves no
 half-written pair behind.
+
+`open_indexed(prefix)` opens a pair of this format or of Megatron-LM's (megatron_indexed.py),
+told apart by the index's magic; data.paths reads both through it.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ import numpy as np
 from megatron_qwen2.errors import DataError
 
 MAGIC = b"MQ2TOKS\0"
+MEGATRON_MAGIC = b"MMIDIDX\0\0"  # Megatron-LM's index (megatron_indexed.py), the other format data.paths reads
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
 CHUNK_BYTES = 1 << 14  # default chunk size of the checksums: 4096 uint32 tokens (bench/data_verify.py)
@@ -205,6 +209,34 @@ def check_prefix_readable(prefix: Union[str, Path]) -> None:
             raise DataError(f"data prefix {stem!r}: {path} cannot be read (permission denied); fix its permissions")
 
 
+def bad_magic(idx_path: Path, magic: bytes) -> DataError:
+    """The error for an index that starts with neither accepted magic."""
+    return DataError(f"{idx_path}: bad magic {magic!r} (expected {MAGIC!r}, this project's format, or "
+                     f"{MEGATRON_MAGIC!r}, Megatron-LM's); not an index file; {_REMAKE}")
+
+
+def open_indexed(prefix: Union[str, Path]):
+    """The reader of PREFIX.bin/.idx for the format its index's magic names.
+
+    An `IndexedDataset` for this project's format (MQ2TOKS), a `MegatronIndexedDataset` for
+    Megatron-LM's (MMIDIDX); a DataError naming the file for anything else.
+    """
+    from megatron_qwen2.data.megatron_indexed import MegatronIndexedDataset  # it imports this module
+
+    check_prefix_readable(prefix)
+    idx_path = data_file_paths(prefix)[1]
+    try:
+        with open(idx_path, "rb") as f:
+            head = f.read(len(MEGATRON_MAGIC))
+    except OSError as err:
+        raise DataError(f"data prefix {str(prefix)!r}: cannot read {idx_path} ({err.strerror or err})") from err
+    if head.startswith(MAGIC):
+        return IndexedDataset(prefix)
+    if head == MEGATRON_MAGIC:
+        return MegatronIndexedDataset(prefix)
+    raise bad_magic(idx_path, head)
+
+
 class IndexedDataset:
     """A memory-mapped PREFIX.bin/.idx pair whose token reads are checked against the chunk checksums.
 
@@ -232,8 +264,7 @@ class IndexedDataset:
             magic, version, itemsize, num_docs, num_tokens, self.bin_crc32, offsets_crc, chunk_bytes, chunks_crc = \
                 _HEADER.unpack(f.read(_HEADER.size))
         if magic != MAGIC:
-            raise DataError(f"{self.idx_path}: bad magic {magic!r} (expected {MAGIC!r}); not an index file of "
-                            f"this format; {_REMAKE}")
+            raise bad_magic(self.idx_path, magic)
         if version not in READABLE_VERSIONS:
             raise DataError(f"{self.idx_path}: format version {version}, this reader knows {READABLE_VERSIONS}; "
                             f"{_REMAKE}")

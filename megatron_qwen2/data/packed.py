@@ -1,11 +1,14 @@
 """Fixed-length training samples packed across the documents of an indexed token file.
 
-The documents of a range (a train or valid split) lie back to back in the .bin, each ending with
-its end-of-document token. The range's tokens are cut into chunks of seq_length; sample i is
+The documents of a range (a train or valid split) lie back to back in the .bin, as they are:
+tools/preprocess_data.py ends each with its end-of-document token, a Megatron-LM dataset made
+without --append-eod does not. The range's tokens are cut into chunks of seq_length; sample i is
 one chunk plus the next token, the chunks visited in a seeded order per epoch. A sample may span
-several documents: their boundaries come from the index, so positions can restart at each
-document (`reset_position_ids`) and attention can stay inside it (`reset_attention_mask`, as
-row-local document ids for a block-diagonal causal mask).
+several documents: their boundaries come from the index, not from EOD tokens, so positions can
+restart at each document (`reset_position_ids`), attention can stay inside it
+(`reset_attention_mask`, as row-local document ids for a block-diagonal causal mask), and
+`eod_mask_loss` takes no loss on the label after an EOD token or after a document's last token
+(the first token of the next document), with or without EOD at the documents' ends.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 
 from megatron_qwen2.data.batch import Batch, make_batch
 from megatron_qwen2.data.indexed import IndexedDataset
+from megatron_qwen2.data.megatron_indexed import MegatronIndexedDataset
 from megatron_qwen2.data.sampler import EpochShuffle, SampleDataset, Seed
 from megatron_qwen2.errors import DataError
 
@@ -43,10 +47,10 @@ def split_documents(num_documents: int, split: Sequence[float], name: str) -> li
 
 
 class DocumentPackedDataset(SampleDataset):
-    """Packed samples of seq_length + 1 tokens over documents [lo, hi) of an IndexedDataset."""
+    """Packed samples of seq_length + 1 tokens over documents [lo, hi) of an indexed dataset (open_indexed)."""
 
-    def __init__(self, data: IndexedDataset, documents: tuple[int, int], seq_length: int, seed: Seed, eod: int,
-                 vocab_size: int, reset_position_ids: bool = False, reset_attention_mask: bool = False,
+    def __init__(self, data: IndexedDataset | MegatronIndexedDataset, documents: tuple[int, int], seq_length: int,
+                 seed: Seed, eod: int, vocab_size: int, reset_position_ids: bool = False, reset_attention_mask: bool = False,
                  eod_mask_loss: bool = False, name: Optional[str] = None):
         if seq_length < 1:
             raise ValueError(f"seq_length must be >= 1, got {seq_length}")
@@ -76,12 +80,16 @@ class DocumentPackedDataset(SampleDataset):
     def samples(self, indices: np.ndarray) -> Batch:
         starts = self.window_starts(indices)
         tokens = self.data.windows(starts, self.seq_length + 1)  # [n, s+1], checked against the chunk checksums
-        if tokens.max() >= self.vocab_size:  # checked per batch: a full scan of a large .bin at start-up is slow
-            raise DataError(f"{self.data.bin_path}: token id {tokens.max()} is beyond the tokenizer's "
-                             f"{self.vocab_size} tokens (the data was made with another tokenizer)")
-        docs = None
-        if self.reset_position_ids or self.reset_attention_mask:
+        if tokens.max() >= self.vocab_size or tokens.min() < 0:  # per batch: scanning a large .bin at start is slow
+            bad = tokens.max() if tokens.max() >= self.vocab_size else tokens.min()
+            raise DataError(f"{self.data.bin_path}: token id {bad} is outside the tokenizer's {self.vocab_size} "
+                             "tokens (the data was made with another tokenizer)")
+        docs = loss_mask = None
+        if self.reset_position_ids or self.reset_attention_mask or self.eod_mask_loss:
             pos = starts[:, None] + np.arange(self.seq_length)  # [n, s]: the input tokens
             docs = np.searchsorted(self.data.offsets, pos, side="right") - 1  # document of each input token
-        loss_mask = (tokens[:, :-1] != self.eod).astype(np.float32) if self.eod_mask_loss else None
-        return make_batch(tokens, docs, loss_mask, self.reset_position_ids, self.reset_attention_mask)
+        if self.eod_mask_loss:
+            ends_document = pos + 1 == self.data.offsets[docs + 1]  # its label is the next document's first token
+            loss_mask = ~((tokens[:, :-1] == self.eod) | ends_document)
+        return make_batch(tokens, docs if self.reset_position_ids or self.reset_attention_mask else None,
+                          loss_mask, self.reset_position_ids, self.reset_attention_mask)

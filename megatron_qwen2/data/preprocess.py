@@ -1,5 +1,9 @@
 """Tokenise jsonl / text files into an indexed PREFIX.bin/.idx pair (`tools/preprocess_data.py`).
 
+The pair is in this project's format (`native`, indexed.py: uint16 or uint32 tokens, checksums)
+or in Megatron-LM's (`megatron`, megatron_indexed.py: uint16 or int32 tokens as Megatron-LM's
+preprocessing picks them, one sequence per document), which Megatron-LM, NeMo and data.paths read.
+
 A .jsonl (or .json) input holds one document per line, its text under `json_key`; any other file
 is one document. Each document is tokenised without added special tokens, with special-token
 strings inside the text read as plain text (a literal "<|endoftext|>" in a document does not end
@@ -24,11 +28,13 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_qwen2.data.indexed import IndexedDatasetWriter, data_file_paths, index_dtype
+from megatron_qwen2.data.megatron_indexed import MegatronIndexedDatasetWriter, megatron_dtype
 from megatron_qwen2.data.tokenizer import eod_token_id, load_tokenizer, tokenizer_file
 from megatron_qwen2.errors import EXIT_CONFIG, EXIT_IO, ConfigError, DataError, TrainingError
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 _BATCH_DOCS = 256  # documents per worker task
+OUTPUT_FORMATS = ("native", "megatron")
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[Path]:
@@ -109,15 +115,24 @@ def check_output_free(output_prefix: Union[str, Path]) -> None:
                           f"{'it' if len(existing) == 1 else 'them'}, or choose another prefix")
 
 
+def _writer(output_prefix: Union[str, Path], output_format: str, vocab_size: int):
+    if output_format == "megatron":
+        return MegatronIndexedDatasetWriter(output_prefix, megatron_dtype(vocab_size))
+    return IndexedDatasetWriter(output_prefix, index_dtype(vocab_size))
+
+
 def preprocess(inputs: Sequence[str], tokenizer: Union[str, Path, None], output_prefix: Union[str, Path],
-               workers: int = 1, json_key: str = "text", progress: bool = True, overwrite: bool = False) -> dict:
-    """Tokenise `inputs` (paths / globs) into output_prefix.bin/.idx; returns counts and timing.
+               workers: int = 1, json_key: str = "text", progress: bool = True, overwrite: bool = False,
+               output_format: str = "native") -> dict:
+    """Tokenise `inputs` (paths / globs) into output_prefix.bin/.idx in `output_format`; returns counts and timing.
 
     An existing output_prefix.bin or .idx is kept (ConfigError) unless `overwrite`; with it, the
     pair is replaced only once the new one is complete.
     """
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if output_format not in OUTPUT_FORMATS:
+        raise ConfigError(f"--format {output_format!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
     if not overwrite:
         check_output_free(output_prefix)
     files = expand_inputs(inputs)
@@ -133,7 +148,7 @@ def preprocess(inputs: Sequence[str], tokenizer: Union[str, Path, None], output_
     if pool is None:
         _init_worker(tok_path, True)
     try:
-        with IndexedDatasetWriter(output_prefix, index_dtype(vocab_size)) as writer:
+        with _writer(output_prefix, output_format, vocab_size) as writer:
             batches = _batches(docs, _BATCH_DOCS)
             while True:
                 # A bounded window of batches at a time: memory stays flat however large the input.
@@ -156,11 +171,13 @@ def preprocess(inputs: Sequence[str], tokenizer: Union[str, Path, None], output_
             pool.terminate()
             pool.join()
     elapsed = max(time.perf_counter() - start, 1e-9)
-    stats.update(seconds=elapsed, tokens_per_s=stats["tokens"] / elapsed, vocab_size=vocab_size)
+    stats.update(seconds=elapsed, tokens_per_s=stats["tokens"] / elapsed, vocab_size=vocab_size,
+                 format=output_format)
     bin_path, idx_path = data_file_paths(output_prefix)
     if progress:
         print(f"wrote {stats['documents']:,} documents, {stats['tokens']:,} tokens from {len(files)} files in "
-              f"{elapsed:.1f}s ({stats['tokens_per_s']:,.0f} tokens/s) to {bin_path} + {idx_path}", file=sys.stderr)
+              f"{elapsed:.1f}s ({stats['tokens_per_s']:,.0f} tokens/s) to {bin_path} + {idx_path} "
+              f"({output_format} format)", file=sys.stderr)
     return stats
 
 
@@ -177,11 +194,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json-key", default="text", help="field holding the text in .jsonl records")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin / PREFIX.idx "
                         "(without it the tool refuses to write onto them)")
+    parser.add_argument("--format", choices=OUTPUT_FORMATS, default="native", help="native: this project's "
+                        "format, with checksums (default); megatron: Megatron-LM's indexed dataset (MMIDIDX), read "
+                        "by Megatron-LM and NeMo too")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     args = parser.parse_args(argv)
     try:
         preprocess(args.input, args.tokenizer, args.output_prefix, args.workers, args.json_key,
-                   progress=not args.quiet, overwrite=args.overwrite)
+                   progress=not args.quiet, overwrite=args.overwrite, output_format=args.format)
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
