@@ -224,7 +224,7 @@ class DataConfig:
     split: list[float] = field(default_factory=lambda: [1.0, 0.0])  # train, valid weights (by document)
     reset_position_ids: bool = False  # positions restart at 0 at each document inside a sample
     reset_attention_mask: bool = False  # attention stays inside each document (block-diagonal causal mask)
-    eod_mask_loss: bool = False  # no loss on the label after an end-of-document token
+    eod_mask_loss: bool = False  # no loss on the label after an end-of-document token or a document's last token
     # data.format=sft: pack several conversations per row (each attends within itself, positions
     # restart per conversation) instead of one padded conversation per row.
     sft_packing: bool = False
