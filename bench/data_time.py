@@ -1,9 +1,11 @@
 """Per-step data time on the CPU: the whole global batch on every rank against each rank's own rows.
 
     python bench/data_time.py [--gbs 1024 --seq 4096 --dp 1 64 --tokens-per-prefix 32000000 --step-time 2.0]
+        [--format native|megatron]
 
-The data is the pretrain format as train.py reads it: two synthetic .bin/.idx prefixes of uint32
-tokens (Qwen2's 152,064-token vocabulary, documents of 200..8000 tokens each ending with EOD),
+The data is the pretrain format as train.py reads it: two synthetic .bin/.idx prefixes (Qwen2's
+152,064-token vocabulary: uint32 tokens in the project's format, int32 in Megatron-LM's with
+--format megatron; documents of 200..8000 tokens each ending with EOD),
 packed (DocumentPackedDataset) with reset_position_ids, reset_attention_mask and eod_mask_loss on,
 blended 0.7 / 0.3 (BlendedDataset). For each data-parallel degree dp, as dp rank --dp-rank:
 
@@ -47,7 +49,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_qwen2.data import BatchPrefetcher, BlendedDataset, IndexedDataset, write_indexed_dataset  # noqa: E402
+from megatron_qwen2.data import (BatchPrefetcher, BlendedDataset, open_indexed, write_indexed_dataset,  # noqa: E402
+                                 write_megatron_dataset)
+from megatron_qwen2.data.indexed import index_dtype  # noqa: E402
+from megatron_qwen2.data.megatron_indexed import megatron_dtype  # noqa: E402
 from megatron_qwen2.data.batch import Batch  # noqa: E402
 from megatron_qwen2.data.packed import DocumentPackedDataset  # noqa: E402
 
@@ -55,8 +60,9 @@ VOCAB, EOD, SEED = 152064, 0, 1234  # Qwen2's vocabulary: uint32 tokens
 WEIGHTS = (0.7, 0.3)
 
 
-def write_prefix(prefix: Path, num_tokens: int, seed: int) -> None:
-    """Documents of 200..8000 random tokens in [1, VOCAB), each ending with EOD, about num_tokens in all."""
+def write_prefix(prefix: Path, num_tokens: int, seed: int, index_format: str) -> None:
+    """Documents of 200..8000 random tokens in [1, VOCAB), each ending with EOD, about num_tokens in all,
+    in the project's format ("native") or Megatron-LM's ("megatron")."""
     rng = np.random.default_rng(seed)
 
     def documents():
@@ -66,7 +72,10 @@ def write_prefix(prefix: Path, num_tokens: int, seed: int) -> None:
             yield np.append(rng.integers(1, VOCAB, n - 1, dtype=np.uint32), np.uint32(EOD))
             left -= n
 
-    write_indexed_dataset(prefix, documents(), vocab_size=VOCAB)
+    if index_format == "megatron":
+        write_megatron_dataset(prefix, documents(), dtype=megatron_dtype(VOCAB))
+    else:
+        write_indexed_dataset(prefix, documents(), vocab_size=VOCAB)
 
 
 def blended_dataset(prefixes: Sequence[Path], seq: int) -> BlendedDataset:
@@ -74,7 +83,7 @@ def blended_dataset(prefixes: Sequence[Path], seq: int) -> BlendedDataset:
     (whole files, no valid split); every chunk checksum verified."""
     parts = []
     for i, prefix in enumerate(prefixes):
-        data = IndexedDataset(prefix)
+        data = open_indexed(prefix)
         data.verify()
         parts.append(DocumentPackedDataset(data, (0, len(data)), seq, [SEED, i, 0], EOD, VOCAB,
                                            reset_position_ids=True, reset_attention_mask=True, eod_mask_loss=True,
@@ -153,6 +162,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--prefetch-steps", type=int, default=10, help="steps of the exposed-wait figure")
     parser.add_argument("--step-time", type=float, default=2.0,
                         help="seconds of the simulated step (default 2 s, the order of a Qwen2-7B step)")
+    parser.add_argument("--format", default="native", choices=("native", "megatron"), dest="index_format",
+                        help="the index format of the synthetic prefixes (data.paths reads both)")
     parser.add_argument("--dir", default=None, help="where the synthetic prefixes are written (default: a temp dir)")
     parser.add_argument("--out", default=None, help="result file (default bench/results/data_time_cpu_<date>.json)")
     args = parser.parse_args(argv)
@@ -161,14 +172,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--dp {dp}: --gbs {args.gbs} must be a multiple of every dp")
 
     date = datetime.date.today().isoformat()
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"data_time_cpu_{date}.json"
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / (
+        f"data_time_cpu_{date}.json" if args.index_format == "native" else f"data_time_{args.index_format}_cpu_{date}.json")
     command = "python " + " ".join(shlex.quote(a) for a in
                                    [os.path.relpath(__file__, ROOT)] + list(sys.argv[1:] if argv is None else argv))
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         began = time.perf_counter()
         prefixes = [Path(tmp) / name for name in ("a", "b")]
         for i, prefix in enumerate(prefixes):
-            write_prefix(prefix, args.tokens_per_prefix, seed=i)
+            write_prefix(prefix, args.tokens_per_prefix, seed=i, index_format=args.index_format)
         write_s = time.perf_counter() - began
         dataset = blended_dataset(prefixes, args.seq)
         samples_needed = max(args.steps, args.prefetch_steps) * args.gbs
@@ -181,7 +193,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "config": {"global_batch_size": args.gbs, "seq_length": args.seq, "format": "pretrain",
                        "reset_position_ids": True, "reset_attention_mask": True, "eod_mask_loss": True,
                        "blend": {"weights": list(WEIGHTS), "tokens_per_prefix": args.tokens_per_prefix,
-                                 "token_dtype": "uint32"},
+                                 "index_format": args.index_format,
+                                 "token_dtype": str(megatron_dtype(VOCAB) if args.index_format == "megatron"
+                                                    else index_dtype(VOCAB))},
                        "samples_per_epoch": len(dataset), "samples_read_per_figure": samples_needed,
                        "epochs_read": -(-samples_needed // len(dataset)), "corpus_write_s": write_s},
             "notes": ["before: dataset.global_batch(step, gbs) then rows [r*gbs/dp, (r+1)*gbs/dp) kept; after: "
