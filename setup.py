@@ -98,7 +98,7 @@ setup(
         "xxhash",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.45"],
+        "test": ["pytest", "transformers>=4.45", "pyarrow"],
         "convert": ["transformers>=4.45"],
         "build": ["pybind11", "ninja"],
     },

@@ -1,7 +1,10 @@
-"""Tokenise jsonl / text files into an indexed token file pair for training.
+"""Tokenise jsonl / Parquet / text files or a saved Hugging Face dataset into an indexed token file pair.
 
     python tools/preprocess_data.py --input 'corpus/*.jsonl' notes.txt --tokenizer Qwen2-7B/ \
         --output-prefix data/corpus --workers 8 [--json-key text] [--format native|megatron]
+
+    python tools/preprocess_data.py --input 'hf/*.parquet' hf_saved_dataset/ --json-key text \
+        --output-prefix data/hf   # .parquet / save_to_disk directories: one document per row (needs pyarrow)
 
 writes data/corpus.bin (token ids) and data/corpus.idx (header + document offsets). The format is
 this project's by default (`native`, described in megatron_qwen2/data/indexed.py), or Megatron-LM's
