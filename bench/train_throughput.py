@@ -2,7 +2,7 @@
 
     python bench/train_throughput.py --model qwen2_1.5b [--layers N] [--seq 4096] [--mbs 1] [--gbs 8]
         [--steps 10] [--warmup 3] [--recompute none|selective|full] [--ops auto|kernel|reference]
-        [--profile] [--hf] [--mcore] [--out FILE]
+        [--profile] [--hf] [--mcore] [--fp8 RECIPE ...] [--out FILE]
 
 Our step is megatron_qwen2.engine.step.TrainingStep, the step megatron_qwen2/train.py loops over (model
 chunks, GradBuffer, MixedPrecisionOptimizer, PipelineRunner, recomputation), fed random tokens: bf16
@@ -19,6 +19,9 @@ seq per layer and token (half of the full 12 n d s); no recomputation counted. T
 (Hugging Face Qwen2ForCausalLM / Qwen2MoeForCausalLM in the Trainer's bf16=True form, and
 Megatron-Core's GPTModel) run the same shapes, batches and steps and are scored with the same
 FLOP count.
+
+--fp8 tensorwise rowwise blockwise also measures our step with train.fp8 set to each recipe
+(ops/fp8.py), after the bf16 step and in the same run; their MFU uses the same bf16 FLOP count.
 
 --profile adds torch.profiler over 2 more steps of ours: time per op class and the top kernels
 (bench/profile_summary.py), also written into the JSON.
@@ -144,7 +147,7 @@ def score(name: str, times: list[float], losses: list[float], tokens_per_step: i
 class OurStep:
     """megatron_qwen2.engine.step.TrainingStep (the step train.py loops over) on one device, fed random tokens."""
 
-    def __init__(self, mcfg, args, device: torch.device):
+    def __init__(self, mcfg, args, device: torch.device, fp8: str = "none"):
         from megatron_qwen2.config import Config, OptimConfig, ParallelConfig, TrainConfig
         from megatron_qwen2.data.batch import Batch
         from megatron_qwen2.engine.step import TrainingStep
@@ -154,7 +157,7 @@ class OurStep:
                           optim=OptimConfig(warmup_steps=0, schedule="constant"),
                           train=TrainConfig(seq_length=args.seq, micro_batch_size=args.mbs,
                                             global_batch_size=args.gbs, dtype="bf16", recompute=args.recompute,
-                                            seed=args.seed),
+                                            seed=args.seed, fp8=fp8),
                           device="cuda" if device.type == "cuda" else "cpu")
         self.cfg.validate(1)
         torch.manual_seed(args.seed)
@@ -205,13 +208,17 @@ def profile_steps(step, device: torch.device, steps: int = 2) -> dict:
         return summarise_trace(trace, wall_ms, steps)
 
 
-def measure_ours(mcfg, args, device, flops_per_token: float, ceiling: float | None) -> tuple[dict, dict | None]:
+def measure_ours(mcfg, args, device, flops_per_token: float, ceiling: float | None,
+                 fp8: str = "none") -> tuple[dict, dict | None]:
     reset_memory(device)
-    step = OurStep(mcfg, args, device)
+    step = OurStep(mcfg, args, device, fp8)
     timed = time_steps(step, device, args.warmup, args.steps)
-    result = score("megatron_qwen2", timed["step_times_s"], timed["losses"], args.gbs * args.seq,
+    name = "megatron_qwen2" if fp8 == "none" else f"megatron_qwen2_fp8_{fp8}"
+    result = score(name, timed["step_times_s"], timed["losses"], args.gbs * args.seq,
                    flops_per_token, ceiling, device)
-    result.update(ops_in_use(device, mcfg, args.seq), recompute=args.recompute)
+    result.update(ops_in_use(device, mcfg, args.seq), recompute=args.recompute, fp8=fp8)
+    if step.step.fp8 is not None:
+        result["fp8_weight_copies_gib"] = step.step.fp8.weights.nbytes() / 2**30
     prof = profile_steps(step, device) if args.profile else None
     del step
     reset_memory(device)
@@ -249,6 +256,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--hf", action="store_true", help="also measure Hugging Face transformers")
     ap.add_argument("--mcore", action="store_true", help="also measure Megatron-Core's GPTModel when importable")
     ap.add_argument("--no-ours", action="store_true", help="measure only the baselines")
+    ap.add_argument("--fp8", nargs="+", default=[], choices=("tensorwise", "rowwise", "blockwise"),
+                    help="also measure our step with each of these train.fp8 recipes")
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--commit", default=None, help="commit to record (default: $GIT_COMMIT or git rev-parse HEAD)")
@@ -293,6 +302,8 @@ def main(argv=None) -> int:
         rows.append(ours)
         if prof is not None:
             print(format_summary(prof), flush=True)
+        for fp8 in args.fp8:
+            rows.append(measure_ours(mcfg, args, device, flops_per_token, ceiling, fp8)[0])
     from bench import train_baselines
 
     if args.hf:
@@ -306,7 +317,10 @@ def main(argv=None) -> int:
     if "megatron_qwen2" in by_name:
         mine = by_name["megatron_qwen2"]
         for other in rows[1:]:
-            if "error" not in other:
+            if other["system"].startswith("megatron_qwen2_fp8_"):
+                print(f"{other['system']} / megatron_qwen2 (bf16): {other['tokens_per_s'] / mine['tokens_per_s']:.2f}x "
+                      f"tokens/s", flush=True)
+            elif "error" not in other:
                 print(f"megatron_qwen2 / {other['system']}: {mine['tokens_per_s'] / other['tokens_per_s']:.2f}x "
                       f"tokens/s", flush=True)
     payload = {
@@ -328,7 +342,7 @@ def main(argv=None) -> int:
     }
     if "megatron_qwen2" in by_name:
         payload["ours"] = by_name["megatron_qwen2"]
-    payload["baselines"] = [r for r in rows if r["system"] != "megatron_qwen2"]
+    payload["baselines"] = [r for r in rows if not r["system"].startswith("megatron_qwen2")]
     out = args.out or str(ROOT / "bench" / "results" / f"train_throughput_{args.model}_{device_slug()}.json")
     path = write_result_file(out, payload, args.commit)
     print(f"wrote {path}")

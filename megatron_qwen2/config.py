@@ -20,6 +20,10 @@ from typing import Any, Optional, Union
 from megatron_qwen2.errors import ConfigError
 
 
+# train.fp8: the recipes of ops/fp8.py ("none": every GEMM in train.dtype).
+FP8_RECIPES = ("none", "tensorwise", "rowwise", "blockwise")
+
+
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -276,6 +280,10 @@ class TrainConfig:
     loss_spike_factor: float = 3.0  # warn when a loss exceeds this x the running median of recent losses (0: off)
     eval_interval: int = 0  # validation loss every N steps (0: never)
     eval_iters: int = 10  # global batches per validation
+    # none | tensorwise | rowwise | blockwise: the attention and MLP projections (routed experts
+    # included) run their forward, input-gradient and weight-gradient GEMMs in FP8 (ops/fp8.py), with
+    # outputs in train.dtype; on a GPU of compute capability 9.0+, emulated on the CPU.
+    fp8: str = "none"
     recompute: str = "none"  # activation recomputation: none | selective (attention block) | full (layer)
     recompute_num_layers: Optional[int] = None  # recompute the first N layers of each model chunk (None: all)
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None: known GPUs' bf16 dense peak
@@ -309,6 +317,7 @@ class TrainConfig:
         _require(self.hang_timeout_min >= 0,
                  f"train.hang_timeout_min must be >= 0 (0 turns the hang watchdog off), got {self.hang_timeout_min}")
         _require(self.dtype in ("fp32", "bf16"), f"train.dtype must be 'fp32' or 'bf16', got {self.dtype!r}")
+        _require(self.fp8 in FP8_RECIPES, f"train.fp8 must be one of {', '.join(FP8_RECIPES)}, got {self.fp8!r}")
         return self
 
 
@@ -379,7 +388,35 @@ class Config:
                  f"train.micro_batch_size={t.micro_batch_size} x dp={dp} (global = micro x accumulation x dp; "
                  f"dp = world size {world_size} / (tp*pp*cp) = {dp})")
         check_microbatches(p.pp, p.vpp, t.global_batch_size // (t.micro_batch_size * dp))
+        if t.fp8 != "none":
+            self._validate_fp8()
         return self
+
+    def fp8_gemm_dims(self) -> list[tuple[str, int]]:
+        """(name, size) of every K and N the FP8 GEMMs of one rank see: the projections' local
+        input and output features."""
+        m, tp = self.model, self.parallel.tp
+        d, nq, nkv = m.kv_channels, m.num_attention_heads, m.num_kv_heads
+        qkv_rows = (nq // tp + 2 * max(nkv // tp, 1)) * d
+        dims = [("model.hidden_size", m.hidden_size), ("the QKV projection's rows per tp rank", qkv_rows),
+                ("the attention output's features per tp rank (heads x kv_channels / tp)", nq * d // tp)]
+        dense = [i for i in range(m.num_layers) if not m.is_moe_layer(i)]
+        if dense:
+            dims.append(("model.ffn_hidden_size / parallel.tp", m.ffn_hidden_size // tp))
+        if m.is_moe:
+            dims.append(("model.moe_ffn_hidden_size", m.moe_ffn_hidden_size))
+            if m.shared_expert_ffn_hidden_size > 0:
+                dims.append(("model.shared_expert_ffn_hidden_size / parallel.tp", m.shared_expert_ffn_hidden_size // tp))
+        return dims
+
+    def _validate_fp8(self) -> None:
+        t = self.train
+        multiple = 128 if t.fp8 == "blockwise" else 16
+        for name, size in self.fp8_gemm_dims():
+            _require(size % multiple == 0,
+                     f"train.fp8={t.fp8}: {name} = {size} is not a multiple of {multiple} (the FP8 GEMMs' tile); "
+                     f"choose a parallel.tp that keeps it one, or train.fp8="
+                     f"{'rowwise' if t.fp8 == 'blockwise' else 'none'}")
 
 
 def resolve_config(cfg, world_size: int | None = None) -> Config:

@@ -20,6 +20,7 @@ and the checkpoint writers follow it.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -103,7 +104,10 @@ class GradBuffer:
                 pos += n
         self._expected = 1
         self._count: dict[int, int] = {}
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+        # The hooks reach the buffer weakly: a parameter's hook holding it would make a cycle
+        # (parameter -> hook -> buffer -> parameter) that Python's collector does not free.
+        on_grad = weakref.WeakMethod(self._on_grad)
+        self._hooks = [p.register_post_accumulate_grad_hook(lambda q: on_grad()(q)) for p in params]
         self.start_step(1)
 
     @staticmethod

@@ -36,6 +36,7 @@ from megatron_qwen2.data.batch import Batch, as_batch
 from megatron_qwen2.engine.schedule import Action, build_schedule
 from megatron_qwen2.model import Qwen2Model
 from megatron_qwen2.model.moe import MoELoad, add_moe_stats, z_loss_term
+from megatron_qwen2.ops.fp8 import Fp8
 from megatron_qwen2.parallel.cp import split_sequence
 from megatron_qwen2.parallel.topology import Topology
 
@@ -48,14 +49,17 @@ def stage_layers(cfg: ModelConfig, par: ParallelConfig) -> list[list[int]]:
     return [list(range(bounds[i], bounds[i + 1])) for i in range(stages)]
 
 
-def build_model_chunks(cfg: ModelConfig, par: ParallelConfig, topo: Topology) -> list[Qwen2Model]:
-    """This rank's model chunks; chunk c is virtual stage c * pp + pp_rank."""
+def build_model_chunks(cfg: ModelConfig, par: ParallelConfig, topo: Topology,
+                       fp8: Optional[Fp8] = None) -> list[Qwen2Model]:
+    """This rank's model chunks; chunk c is virtual stage c * pp + pp_rank (their projections in FP8
+    when `fp8` is given)."""
     layers = stage_layers(cfg, par)
     last = par.pp * par.vpp - 1
     chunks = []
     for c in range(par.vpp):
         v = c * par.pp + topo.pp_rank
-        chunks.append(Qwen2Model(cfg, topo, layer_ids=layers[v], pre_process=v == 0, post_process=v == last))
+        chunks.append(Qwen2Model(cfg, topo, layer_ids=layers[v], pre_process=v == 0, post_process=v == last,
+                                 fp8=fp8))
     return chunks
 
 

@@ -22,7 +22,9 @@ from megatron_qwen2.engine.grad_buffer import GradBuffer, grad_of
 from megatron_qwen2.engine.pipeline import PipelineRunner, build_model_chunks
 from megatron_qwen2.engine.reductions import GradientReductions
 from megatron_qwen2.engine.tp_grads import sync_tp_grads
+from megatron_qwen2.errors import ConfigError
 from megatron_qwen2.model.moe import MoELoad
+from megatron_qwen2.ops.fp8 import Fp8, Fp8Weights, fp8_unsupported, recipe
 from megatron_qwen2.parallel import Topology
 from megatron_qwen2.parallel.topology import Group
 
@@ -51,14 +53,22 @@ class TrainingStep:
     The weights are initialised from `train.seed` on the CPU (the same model in every layout) and
     then moved to `device`; `init_on_device` draws them on the device instead (faster for large
     models, another model than the CPU draw: for benchmarks).
+
+    With train.fp8 the projections' GEMMs run in FP8 from weight copies quantised at their first use
+    in each step or validation (`Fp8Weights`, cleared when they begin): once per optimizer step.
     """
 
     def __init__(self, cfg: Config, topo: Topology, device: torch.device, init_on_device: bool = False):
         t = cfg.train
         self.cfg, self.topo, self.device = cfg, topo, device
         self.dtype = torch.bfloat16 if t.dtype == "bf16" else torch.float32
+        fp8_recipe = recipe(t.fp8)
+        unsupported = None if fp8_recipe is None else fp8_unsupported(device)
+        if unsupported:
+            raise ConfigError(f"train.fp8={t.fp8}: {unsupported}; use train.fp8=none")
+        self.fp8 = None if fp8_recipe is None else Fp8(fp8_recipe, Fp8Weights())
         with torch.device(device if init_on_device else "cpu"):
-            self.chunks = build_model_chunks(cfg.model, cfg.parallel, topo)
+            self.chunks = build_model_chunks(cfg.model, cfg.parallel, topo, self.fp8)
             for chunk in self.chunks:
                 chunk.init_weights(t.seed)
         for chunk in self.chunks:
@@ -77,6 +87,12 @@ class TrainingStep:
             chunk.set_recompute(t.recompute, t.recompute_num_layers)
         self.total_micro = t.global_batch_size // t.micro_batch_size  # over all dp ranks
         self.local_samples = t.global_batch_size // topo.dp
+
+    def _weights_changed(self) -> None:
+        """The weights may differ from those of the last forward (an update, a checkpoint load):
+        FP8 copies are made again at their next use."""
+        if self.fp8 is not None:
+            self.fp8.weights.clear()
 
     def _microbatches(self, batch: Batch) -> list[Batch]:
         """This dp rank's rows, on the device, cut into micro-batches."""
@@ -106,6 +122,7 @@ class TrainingStep:
     def validation_loss(self, batch: Batch) -> float:
         """Mean token loss of a global batch, forwards only (no gradients, no update); `batch` holds
         this dp rank's rows of it, as in __call__."""
+        self._weights_changed()
         result = self.runner.forward_only(self._microbatches(batch), loss_scale=1.0 / self.total_micro, aux_coef=0.0,
                                           num_tokens=self._global_loss_tokens(batch))
         return self._sum_over_ranks(result.loss_sum.reshape(1)).item() / self.total_micro
@@ -113,6 +130,7 @@ class TrainingStep:
     def __call__(self, batch: Batch, lr: float) -> StepOutcome:
         """One optimizer step on a global batch; `batch` holds this dp rank's rows of it ([gbs/dp, s+1]:
         SampleDataset.local_batch), the same on its tp, cp and pp ranks."""
+        self._weights_changed()
         total_micro = self.total_micro
         num_tokens = self._global_loss_tokens(batch)  # the loss is a mean over the global batch's counted labels
         micro = self._microbatches(batch)

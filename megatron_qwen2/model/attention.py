@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from megatron_qwen2 import ops
 from megatron_qwen2.config import ModelConfig
+from megatron_qwen2.ops.fp8 import Fp8
 from megatron_qwen2.parallel.cp import ContextParallelRing, ring_attention
 from megatron_qwen2.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_qwen2.parallel.shard import KvReplica
@@ -46,7 +47,7 @@ class SelfAttention(nn.Module):
     K/V (its kv heads) travel round the ring; the queries stay.
     """
 
-    def __init__(self, cfg: ModelConfig, topo: Topology):
+    def __init__(self, cfg: ModelConfig, topo: Topology, fp8: Optional[Fp8] = None):
         super().__init__()
         tp, tp_group, sp = topo.tp, topo.groups.tp, topo.sequence_parallel
         nq, nkv = cfg.num_attention_heads, cfg.num_kv_heads
@@ -61,8 +62,9 @@ class SelfAttention(nn.Module):
             rows, kv_head = replicated_kv_rows(cfg, tp, topo.tp_rank)
             replica = KvReplica(kv_head, nkv, range(len(rows) - 2 * d, len(rows)))
         self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, bias=cfg.qkv_bias, group=tp_group,
-                                        sequence_parallel=sp, local_rows=rows, kv_replica=replica)
-        self.out = RowParallelLinear(nq * d, cfg.hidden_size, bias=False, group=tp_group, sequence_parallel=sp)
+                                        sequence_parallel=sp, local_rows=rows, kv_replica=replica, fp8=fp8)
+        self.out = RowParallelLinear(nq * d, cfg.hidden_size, bias=False, group=tp_group, sequence_parallel=sp,
+                                     fp8=fp8)
         self.cp_ring = ContextParallelRing.from_topology(topo)  # None when cp == 1
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

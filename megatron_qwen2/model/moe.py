@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from megatron_qwen2 import ops
 from megatron_qwen2.config import ModelConfig
 from megatron_qwen2.model.mlp import MLP
+from megatron_qwen2.ops.fp8 import Fp8, Fp8Tensor, gemm, pad_rows, quantize
 from megatron_qwen2.parallel.cp import sum_over_cp
 from megatron_qwen2.parallel.expert_dispatch import TokenDispatcher
 from megatron_qwen2.parallel.mappings import gather_from_sp, scatter_to_sp
@@ -62,12 +63,15 @@ def _use_grouped_mm(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int], fp8: Optional[Fp8] = None) -> torch.Tensor:
     """Rows of x grouped by expert (counts[i] rows for expert i) times weight[i]^T: [M, in] -> [M, out].
 
-    One grouped GEMM where available, else one matmul per expert (empty groups included, so that
-    every weight stays in the graph); never a loop over tokens.
+    In FP8 when `fp8` is given (one expert after another); else one grouped GEMM where available,
+    else one matmul per expert (empty groups included, so that every weight stays in the graph);
+    never a loop over tokens.
     """
+    if fp8 is not None:
+        return _Fp8GroupedLinear.apply(x, weight, counts, fp8)
     if _use_grouped_mm(x):
         offsets = torch.tensor(counts, device=x.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         return _ContiguousGrad.apply(torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets))
@@ -75,6 +79,63 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> 
     # would add a full-size zero-padded gradient per expert.
     weights = weight.unbind(0)
     return torch.cat([F.linear(chunk, weights[i]) for i, chunk in enumerate(torch.split(x, counts))])
+
+
+class _Fp8GroupedLinear(torch.autograd.Function):
+    """grouped_linear with each expert's forward, input-gradient and weight-gradient GEMMs in FP8
+    (ops/fp8.py), one expert after another; as _Fp8Linear (parallel/layers.py) per expert, whose
+    rows are padded to the recipe's multiple. Experts without rows take no GEMM and get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, counts: list[int], fp8: Fp8):
+        rcp = fp8.recipe
+        outs, saved, transposed = [], [], []
+        for e, chunk in enumerate(torch.split(x, counts)):
+            if counts[e] == 0:
+                outs.append(x.new_empty(0, weight.shape[1]))
+                continue
+            rows = pad_rows(chunk, rcp.k_multiple)
+            wq, wt = fp8.weights.get(weight, rcp, expert=e)
+            xq = quantize(rows, rcp.activation_tiling, rcp.input_dtype)
+            outs.append(gemm(xq, wq, x.dtype)[:counts[e]])
+            xt = xq.t() if xq.tiling == "tensor" else quantize(rows.t(), rcp.activation_tiling, rcp.input_dtype)
+            saved += [xt.data, xt.scale_inv]
+            transposed.append(wt)
+        ctx.save_for_backward(weight, *saved)
+        ctx.recipe, ctx.counts, ctx.weight_t = rcp, counts, transposed
+        return torch.cat(outs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        weight, *saved = ctx.saved_tensors
+        rcp, counts = ctx.recipe, ctx.counts
+        dxs, dws, k = [], [], 0
+        for e, chunk in enumerate(torch.split(dy, counts)):
+            if counts[e] == 0:
+                dxs.append(dy.new_empty(0, weight.shape[2]))
+                dws.append(None)
+                continue
+            rows = pad_rows(chunk, rcp.k_multiple)
+            dyq = quantize(rows, rcp.activation_tiling, rcp.grad_dtype)
+            dxs.append(gemm(dyq, ctx.weight_t[k], dy.dtype)[:counts[e]])
+            dyt = dyq.t() if dyq.tiling == "tensor" else quantize(rows.t(), rcp.activation_tiling, rcp.grad_dtype)
+            dws.append(gemm(dyt, Fp8Tensor(saved[2 * k], saved[2 * k + 1], rcp.activation_tiling), torch.float32))
+            k += 1
+        return torch.cat(dxs), _expert_weight_grad(weight, dws), None, None
+
+
+def _expert_weight_grad(weight: torch.Tensor, dws: list[Optional[torch.Tensor]]) -> torch.Tensor:
+    """The gradient for a 3D expert weight from each expert's fp32 gradient (None: no rows): added to
+    main_grad expert by expert where there is one (no full-size fp32 copy), else stacked."""
+    if hasattr(weight, "main_grad"):
+        main = weight.main_grad.view(weight.shape)
+        for e, dw in enumerate(dws):
+            if dw is not None:
+                main[e].add_(dw)
+        weight.wgrad_in_main_grad = True
+        return torch.empty_like(weight)
+    return torch.stack([torch.zeros(weight.shape[1:], dtype=weight.dtype, device=weight.device) if dw is None
+                        else dw.to(weight.dtype) for dw in dws])
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -96,8 +157,9 @@ class Experts(nn.Module):
     weights are replicated over tp. Input rows arrive grouped by local expert.
     """
 
-    def __init__(self, cfg: ModelConfig, topo: Topology):
+    def __init__(self, cfg: ModelConfig, topo: Topology, fp8: Optional[Fp8] = None):
         super().__init__()
+        self.fp8 = fp8
         e, h, f = cfg.num_experts // topo.ep, cfg.hidden_size, cfg.moe_ffn_hidden_size
         self.gate_up_weight = nn.Parameter(torch.empty(e, 2 * f, h))  # per expert [gate | up] rows
         self.down_weight = nn.Parameter(torch.empty(e, h, f))
@@ -106,8 +168,8 @@ class Experts(nn.Module):
 
     def forward(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """rows [M, h] grouped by local expert (counts[i] rows each) -> expert outputs [M, h]."""
-        hidden = ops.swiglu(grouped_linear(rows, self.gate_up_weight, counts))
-        return grouped_linear(hidden, self.down_weight, counts)
+        hidden = ops.swiglu(grouped_linear(rows, self.gate_up_weight, counts, self.fp8))
+        return grouped_linear(hidden, self.down_weight, counts, self.fp8)
 
 
 class MoEStats(NamedTuple):
@@ -155,18 +217,18 @@ class MoEBlock(nn.Module):
     caller keeps what it returns.
     """
 
-    def __init__(self, cfg: ModelConfig, topo: Topology):
+    def __init__(self, cfg: ModelConfig, topo: Topology, fp8: Optional[Fp8] = None):
         super().__init__()
         self.sp_group = topo.groups.tp.pg if topo.sequence_parallel else None
         self.cp_group, self.cp = topo.groups.cp.pg, topo.cp
         self.router = Router(cfg)
-        self.experts = Experts(cfg, topo)
+        self.experts = Experts(cfg, topo, fp8)
         self.dispatcher = TokenDispatcher(cfg.num_experts, topo.groups.ep.pg, cfg.moe_capacity_factor)
         self.z_loss_coef = cfg.moe_z_loss_coef
         self.overlap_shared_expert = True
         self._stream = None
         if cfg.shared_expert_ffn_hidden_size > 0:
-            self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_ffn_hidden_size, topo.groups.tp)
+            self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_ffn_hidden_size, topo.groups.tp, fp8=fp8)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
         else:
             self.shared_expert = None

@@ -23,6 +23,7 @@ from megatron_qwen2.model.mlp import MLP
 from megatron_qwen2.model.moe import MoEBlock, MoEStats, load_balancing_loss
 from megatron_qwen2.model.norm import RMSNorm
 from megatron_qwen2.model.rope import RotaryEmbedding
+from megatron_qwen2.ops.fp8 import Fp8
 from megatron_qwen2.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megatron_qwen2.parallel.mappings import copy_to_tp, gather_from_sp, gather_from_tp
 from megatron_qwen2.parallel.shard import shard_of
@@ -47,17 +48,17 @@ class StageOutput(NamedTuple):
 class DecoderLayer(nn.Module):
     """x + attn(norm(x)), then h + mlp(norm(h)); the MLP is dense or MoE by layer index."""
 
-    def __init__(self, cfg: ModelConfig, topo: Topology, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, topo: Topology, layer_idx: int, fp8: Optional[Fp8] = None):
         super().__init__()
         sp = topo.sequence_parallel
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sequence_parallel=sp)
-        self.attention = SelfAttention(cfg, topo)
+        self.attention = SelfAttention(cfg, topo, fp8)
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sequence_parallel=sp)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         if self.is_moe:
-            self.mlp = MoEBlock(cfg, topo)
+            self.mlp = MoEBlock(cfg, topo, fp8)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.ffn_hidden_size, topo.groups.tp, sequence_parallel=sp)
+            self.mlp = MLP(cfg.hidden_size, cfg.ffn_hidden_size, topo.groups.tp, sequence_parallel=sp, fp8=fp8)
 
     # Activation recomputation, set by Qwen2Model.set_recompute: None, "selective" (the attention
     # block's activations are recomputed in backward) or "full" (the whole layer's are). What the
@@ -91,10 +92,13 @@ class Qwen2Model(nn.Module):
     (`post_process`). With tied embeddings a last stage that is not also first keeps its own copy
     of `embedding.weight` for the head; the pipeline keeps the copies equal by summing their
     gradients over the embedding group.
+
+    `fp8`: the attention and MLP projections (routed experts included) run their GEMMs in FP8;
+    embedding, head, router, norms and the attention core stay in the model's dtype.
     """
 
     def __init__(self, cfg: ModelConfig, topo: Optional[Topology] = None, layer_ids: Optional[Sequence[int]] = None,
-                 pre_process: bool = True, post_process: bool = True):
+                 pre_process: bool = True, post_process: bool = True, fp8: Optional[Fp8] = None):
         super().__init__()
         topo = topo or Topology.single()
         self.cfg, self.topo = cfg, topo
@@ -108,7 +112,7 @@ class Qwen2Model(nn.Module):
                                                     sequence_parallel=sp, tied_copy=not pre_process)
         self.rotary = RotaryEmbedding(cfg)
         layer_ids = range(cfg.num_layers) if layer_ids is None else layer_ids
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, topo, i) for i in layer_ids})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, topo, i, fp8) for i in layer_ids})
         # Tokens x MoE layers of the whole model, the denominator of the aux loss.
         self.num_moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
         if post_process:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron_qwen2.ops.fp8 import Fp8, Fp8Tensor, gemm, pad_rows, quantize
 from megatron_qwen2.parallel.mappings import (copy_to_tp, gather_from_sp, reduce_from_tp,
                                               reduce_scatter_to_sp)
 from megatron_qwen2.parallel.shard import KvReplica, Shard, set_shard, shard_of
@@ -92,9 +93,61 @@ class _LinearMainGrad(torch.autograd.Function):
         return dx, torch.empty_like(weight), db
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x [..., in] @ weight[-1, in]^T (+ bias), with the weight gradient fused into main_grad on CUDA."""
+def add_weight_grad(weight: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
+    """The gradient to hand autograd for `weight`, given its fp32 gradient dw: added to main_grad
+    where the gradient buffer gave it one (and a placeholder returned, as _LinearMainGrad does),
+    else dw itself in the weight's dtype and shape."""
+    if hasattr(weight, "main_grad"):
+        weight.main_grad.view(dw.shape).add_(dw)
+        weight.wgrad_in_main_grad = True
+        return torch.empty_like(weight)
+    return dw.to(weight.dtype).view(weight.shape)
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """y = x W^T + b with the forward, input-gradient and weight-gradient GEMMs in FP8 (ops/fp8.py).
+
+    W and W^T come quantised from the model's `Fp8Weights`. Saved for backward: x^T quantised
+    along the tokens (FP8, half the bytes of a bf16 x). The token rows are padded with zeros to
+    the recipe's multiple when they are not one (the weight gradient reduces over them).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, fp8: Fp8):
+        rcp = fp8.recipe
+        x2 = x.reshape(-1, weight.shape[-1])
+        rows = x2.shape[0]
+        x2 = pad_rows(x2, rcp.k_multiple)
+        wq, wt = fp8.weights.get(weight, rcp)
+        xq = quantize(x2, rcp.activation_tiling, rcp.input_dtype)
+        y = gemm(xq, wq, x.dtype)[:rows]
+        if bias is not None:
+            y = y + bias
+        xt = xq.t() if xq.tiling == "tensor" else quantize(x2.t(), rcp.activation_tiling, rcp.input_dtype)
+        ctx.save_for_backward(xt.data, xt.scale_inv, weight)
+        ctx.recipe, ctx.weight_t, ctx.x_shape, ctx.has_bias = rcp, wt, x.shape, bias is not None
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        xt_data, xt_scale, weight = ctx.saved_tensors
+        rcp, rows = ctx.recipe, dy.numel() // dy.shape[-1]
+        dy2 = pad_rows(dy.reshape(rows, dy.shape[-1]), rcp.k_multiple)
+        dyq = quantize(dy2, rcp.activation_tiling, rcp.grad_dtype)
+        dx = gemm(dyq, ctx.weight_t, dy.dtype)[:rows].view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        dyt = dyq.t() if dyq.tiling == "tensor" else quantize(dy2.t(), rcp.activation_tiling, rcp.grad_dtype)
+        dw = gemm(dyt, Fp8Tensor(xt_data, xt_scale, rcp.activation_tiling), torch.float32)
+        db = dy2.sum(0) if ctx.has_bias else None
+        return dx, add_weight_grad(weight, dw), db, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           fp8: Optional[Fp8] = None) -> torch.Tensor:
+    """x [..., in] @ weight[-1, in]^T (+ bias): in FP8 when `fp8` is given, else in x's dtype with
+    the weight gradient fused into main_grad on CUDA."""
     b = None if bias is None else bias.reshape(-1)
+    if fp8 is not None:
+        return _Fp8Linear.apply(x, weight, b, fp8)
     if _fuse_wgrad(x, weight):
         return _LinearMainGrad.apply(x, weight, b)
     return F.linear(x, weight.reshape(-1, weight.shape[-1]), b)
@@ -119,9 +172,10 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group: Optional[Group] = None,
                  stack: int = 1, sequence_parallel: bool = False, local_rows: Optional[Sequence[int]] = None,
-                 kv_replica: Optional[KvReplica] = None):
+                 kv_replica: Optional[KvReplica] = None, fp8: Optional[Fp8] = None):
         super().__init__()
         tp = _tp(group)
+        self.fp8 = fp8
         self.group = tp.pg
         self.sequence_parallel = sequence_parallel
         self.stack = stack
@@ -142,18 +196,19 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [s, b, in] ([s/tp, b, in] with sequence parallelism) -> [s, b, stack * out/tp]."""
         x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.fp8)
 
 
 class RowParallelLinear(nn.Module):
     """y = x W^T + b with W split along its input columns; partial sums reduced over tp."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group: Optional[Group] = None,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, fp8: Optional[Fp8] = None):
         super().__init__()
         tp = _tp(group)
         self.group = tp.pg
         self.sequence_parallel = sequence_parallel
+        self.fp8 = fp8
         self.weight = _param((out_features, _divide(in_features, tp.size, "input features")), Shard(tp_dim=1))
         if bias:
             self.bias = _param((out_features,), Shard(grad_needs_tp_sum=self.sequence_parallel))
@@ -162,7 +217,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [s, b, in/tp] -> [s, b, out] ([s/tp, b, out] with sequence parallelism)."""
-        y = linear(x, self.weight)
+        y = linear(x, self.weight, fp8=self.fp8)
         y = reduce_scatter_to_sp(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
         return y if self.bias is None else y + self.bias
 

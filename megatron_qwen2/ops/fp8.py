@@ -1,0 +1,236 @@
+"""FP8 quantisation and FP8 GEMMs for the linear layers (`train.fp8`; docs/architecture.md, "FP8").
+
+Every FP8 product is C = A @ B^T with A [M, K] and B [N, K], both quantised along K, the
+dimension the product reduces over. A linear layer y = x W^T runs three of them:
+
+    forward         y  = x   @ W^T      A = x    [tokens, in],  B = W    [out, in]
+    input gradient  dx = dy  @ W        A = dy   [tokens, out], B = W^T  [in, out]
+    weight gradient dW = dy^T @ x       A = dy^T [out, tokens], B = x^T  [in, tokens]
+
+so a weight is quantised twice (W along in, W^T along out: once per optimizer step, cached by
+`Fp8Weights`), and x and dy are quantised along their features and, transposed, along tokens.
+
+Recipes (current scaling: the scale comes from the amax of the very tensor being quantised):
+
+    tensorwise  one scale per tensor
+    rowwise     one scale per row of A and per row of B (per output row and column of C)
+    blockwise   activations and gradients in 1 x 128 tiles along K, weights in 128 x 128 blocks
+                (DeepSeek-V3); both operands of the weight gradient are 1 x 128 tiles along tokens
+
+A quantised value is `saturate(x * scale)` rounded to nearest even, scale = FP8_MAX / amax in
+fp32, and the GEMM multiplies by `scale_inv` = 1 / scale. On CUDA the GEMMs are
+`torch._scaled_mm`; elsewhere `gemm` dequantises to fp32 and multiplies (the emulation CI
+runs): the quantised values are the same on both, only the product's arithmetic differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_qwen2.config import FP8_RECIPES as RECIPES
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
+AMAX_FLOOR = 1e-12  # an all-zero tile gets a finite scale
+BLOCK = 128
+# The FP8 GEMMs need K and N multiples of 16 (cuBLASLt); the weight gradient reduces over the
+# tokens, padded with zeros to this multiple when a group of rows (an expert's) is not.
+GEMM_ALIGN = 16
+
+
+@dataclass(frozen=True)
+class Fp8Recipe:
+    """How each operand of a linear layer's three GEMMs is quantised."""
+
+    name: str  # tensorwise | rowwise | blockwise
+    input_dtype: torch.dtype  # x: forward A and weight-gradient B
+    weight_dtype: torch.dtype  # W (forward B) and W^T (input-gradient B)
+    grad_dtype: torch.dtype  # dy: input-gradient A and weight-gradient A
+
+    @property
+    def activation_tiling(self) -> str:
+        return {"tensorwise": "tensor", "rowwise": "row", "blockwise": "1x128"}[self.name]
+
+    @property
+    def weight_tiling(self) -> str:
+        return {"tensorwise": "tensor", "rowwise": "row", "blockwise": "128x128"}[self.name]
+
+    @property
+    def k_multiple(self) -> int:
+        """What every K and N of a layer must be a multiple of."""
+        return BLOCK if self.name == "blockwise" else GEMM_ALIGN
+
+
+# e4m3 for every operand: with current scaling each tensor (row, tile) is scaled into range, so
+# e5m2's range buys nothing and its mantissa bit less costs accuracy on gradients as well
+# (bench/results/fp8_formats_cpu_2026-12-02.json, `python bench/fp8_formats.py`). The blockwise
+# GEMMs of cuBLASLt take e4m3 only.
+_RECIPES = {name: Fp8Recipe(name, E4M3, E4M3, E4M3) for name in RECIPES[1:]}
+
+
+def recipe(name: str) -> Optional[Fp8Recipe]:
+    """The recipe called `name` (train.fp8); None for "none"."""
+    if name not in RECIPES:
+        raise ValueError(f"train.fp8={name!r} is not one of {', '.join(RECIPES)}")
+    return _RECIPES.get(name)
+
+
+@dataclass(frozen=True)
+class Fp8Tensor:
+    """A 2D tensor quantised along its rows' length (the K of the GEMM it enters).
+
+    data: [R, C] float8, row-major. scale_inv (fp32) by tiling:
+      "tensor"  []                  one scale
+      "row"     [R, 1]              one per row
+      "1x128"   [R, ceil(C/128)]    one per 128 columns of a row; column-major (stride (1, R))
+      "128x128" [ceil(R/128), ceil(C/128)]  one per block, row-major
+    These are the layouts torch._scaled_mm takes for A, and (transposed) for B.
+    """
+
+    data: torch.Tensor
+    scale_inv: torch.Tensor
+    tiling: str
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 values the FP8 data and scales stand for."""
+        r, c = self.data.shape
+        s = self.scale_inv
+        if self.tiling == "1x128":
+            s = s.repeat_interleave(BLOCK, dim=1)[:, :c]
+        elif self.tiling == "128x128":
+            s = s.repeat_interleave(BLOCK, dim=0).repeat_interleave(BLOCK, dim=1)[:r, :c]
+        return self.data.float() * s
+
+    def t(self) -> "Fp8Tensor":
+        """The transpose, quantised along the other dimension, where it is the same quantisation
+        (one scale, or square blocks); other tilings are quantised again from the source."""
+        if self.tiling == "tensor":
+            return Fp8Tensor(self.data.t().contiguous(), self.scale_inv, "tensor")
+        if self.tiling == "128x128":
+            return Fp8Tensor(self.data.t().contiguous(), self.scale_inv.t().contiguous(), "128x128")
+        raise ValueError(f"a {self.tiling} quantisation does not transpose: quantise the transposed source")
+
+
+def _scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return FP8_MAX[dtype] / amax.float().clamp(min=AMAX_FLOOR)
+
+
+def _cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    m = FP8_MAX[dtype]
+    return (x.float() * scale).clamp(-m, m).to(dtype)
+
+
+def _pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    r, c = x.shape
+    return x if (r, c) == (rows, cols) else F.pad(x, (0, cols - c, 0, rows - r))
+
+
+def quantize(x: torch.Tensor, tiling: str, dtype: torch.dtype = E4M3) -> Fp8Tensor:
+    """Quantise the 2D tensor x [R, C] along C with the given tiling (the PyTorch definition,
+    on any device)."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize takes a 2D tensor, got shape {tuple(x.shape)}")
+    x = x.contiguous()
+    r, c = x.shape
+    if tiling == "tensor":
+        scale = _scale(x.abs().amax(), dtype)
+        return Fp8Tensor(_cast(x, scale, dtype), scale.reciprocal(), tiling)
+    if tiling == "row":
+        scale = _scale(x.abs().amax(dim=1, keepdim=True), dtype)
+        return Fp8Tensor(_cast(x, scale, dtype), scale.reciprocal(), tiling)
+    nc = -(-c // BLOCK)
+    if tiling == "1x128":
+        tiles = _pad_to(x, r, nc * BLOCK).view(r, nc, BLOCK)
+        scale = _scale(tiles.abs().amax(dim=2), dtype)  # [R, nc]
+        data = _cast(tiles, scale.unsqueeze(2), dtype).view(r, nc * BLOCK)[:, :c].contiguous()
+        return Fp8Tensor(data, scale.reciprocal().t().contiguous().t(), tiling)
+    if tiling == "128x128":
+        nr = -(-r // BLOCK)
+        blocks = _pad_to(x, nr * BLOCK, nc * BLOCK).view(nr, BLOCK, nc, BLOCK)
+        scale = _scale(blocks.abs().amax(dim=(1, 3)), dtype)  # [nr, nc]
+        data = _cast(blocks, scale.view(nr, 1, nc, 1), dtype).view(nr * BLOCK, nc * BLOCK)[:r, :c].contiguous()
+        return Fp8Tensor(data, scale.reciprocal(), tiling)
+    raise ValueError(f"unknown tiling {tiling!r}")
+
+
+def pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """x [R, C] with zero rows appended up to a multiple of `multiple` rows."""
+    r = x.shape[0]
+    return _pad_to(x, -(-r // multiple) * multiple, x.shape[1])
+
+
+def _scale_b(b: Fp8Tensor) -> torch.Tensor:
+    return b.scale_inv if b.tiling == "tensor" else b.scale_inv.t()
+
+
+def gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a [M, K] @ b [N, K]^T -> [M, N] in out_dtype; torch._scaled_mm on CUDA, else dequantised fp32."""
+    if a.data.is_cuda:
+        return torch._scaled_mm(a.data, b.data.t(), a.scale_inv, _scale_b(b), out_dtype=out_dtype)
+    return (a.dequantize() @ b.dequantize().t()).to(out_dtype)
+
+
+def fp8_unsupported(device: torch.device) -> Optional[str]:
+    """Why `device` cannot run these FP8 GEMMs, or None: they need a CUDA GPU of compute capability
+    9.0 or newer (Hopper: every recipe, blockwise included); on the CPU they are emulated."""
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        return f"the {device.type} device has no FP8 GEMMs here"
+    return no_fp8_gemms(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
+
+
+def no_fp8_gemms(name: str, capability: tuple[int, int]) -> Optional[str]:
+    """Why a CUDA GPU `name` of `capability` cannot run these FP8 GEMMs, or None."""
+    if tuple(capability) >= (9, 0):
+        return None
+    return (f"{name} (compute capability {capability[0]}.{capability[1]}) has no FP8 GEMMs for these recipes: "
+            "they need 9.0 or newer (Hopper)")
+
+
+class Fp8Weights:
+    """The FP8 copies of the weights of one model: W and W^T of each, made at their first use after
+    `clear()`. The training step clears it after each optimizer step (and a checkpoint load), so a
+    weight is quantised once per optimizer step, not once per micro-batch."""
+
+    def __init__(self):
+        self._copies: dict[tuple[int, Optional[int]], tuple[torch.Tensor, Fp8Tensor, Fp8Tensor]] = {}
+
+    def clear(self) -> None:
+        self._copies.clear()
+
+    def get(self, weight: torch.Tensor, rcp: Fp8Recipe, expert: Optional[int] = None) -> tuple[Fp8Tensor, Fp8Tensor]:
+        """(W, W^T) of `weight` viewed as [-1, in] (of `weight[expert]` for routed experts' 3D
+        weights), quantised for the forward and the input gradient."""
+        key = (id(weight), expert)
+        held = self._copies.get(key)
+        if held is not None and held[0] is weight:
+            return held[1], held[2]
+        with torch.no_grad():
+            w = (weight if expert is None else weight[expert]).detach()
+            w = w.reshape(-1, w.shape[-1])
+            wq = quantize(w, rcp.weight_tiling, rcp.weight_dtype)
+            wt = wq.t() if wq.tiling in ("tensor", "128x128") else quantize(w.t(), rcp.weight_tiling, rcp.weight_dtype)
+        self._copies[key] = (weight, wq, wt)
+        return wq, wt
+
+    def nbytes(self) -> int:
+        return sum(q.data.nbytes + q.scale_inv.nbytes + t.data.nbytes + t.scale_inv.nbytes
+                   for _, q, t in self._copies.values())
+
+
+@dataclass(frozen=True)
+class Fp8:
+    """What a layer needs to run its GEMMs in FP8: the recipe and the model's weight copies."""
+
+    recipe: Fp8Recipe
+    weights: Fp8Weights

@@ -1,0 +1,181 @@
+"""FP8 quantisation, the emulated FP8 GEMMs and the FP8 linear layers (megatron_qwen2/ops/fp8.py) on the CPU."""
+
+import pytest
+import torch
+
+from megatron_qwen2.ops.fp8 import (BLOCK, E4M3, E5M2, FP8_MAX, Fp8, Fp8Weights, gemm, quantize, recipe)
+from megatron_qwen2.parallel.layers import linear
+from megatron_qwen2.model.moe import grouped_linear
+
+TILINGS = ["tensor", "row", "1x128", "128x128"]
+RECIPES = ["tensorwise", "rowwise", "blockwise"]
+# e4m3 keeps 3 mantissa bits: a value in the normal range rounds to within 2^-4 of itself.
+E4M3_REL = 2.0 ** -4
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def tile_amax(x, tiling):
+    """The amax each element of x [R, C] was scaled by, as an [R, C] tensor."""
+    r, c = x.shape
+    a = x.abs().float()
+    if tiling == "tensor":
+        return a.amax().expand(r, c)
+    if tiling == "row":
+        return a.amax(1, keepdim=True).expand(r, c)
+    if tiling == "1x128":
+        return torch.cat([a[:, j:j + BLOCK].amax(1, keepdim=True).expand(r, min(BLOCK, c - j))
+                          for j in range(0, c, BLOCK)], dim=1)
+    rows = [torch.cat([a[i:i + BLOCK, j:j + BLOCK].amax().expand(min(BLOCK, r - i), min(BLOCK, c - j))
+                       for j in range(0, c, BLOCK)], dim=1) for i in range(0, r, BLOCK)]
+    return torch.cat(rows, dim=0)
+
+
+@pytest.mark.parametrize("tiling", TILINGS)
+@pytest.mark.parametrize("shape", [(1, 16), (7, 300), (256, 384), (130, 129)])
+def test_quantize_scales_each_tile_into_range(tiling, shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape) * torch.logspace(-3, 3, shape[1])  # columns of very different size
+    q = quantize(x, tiling)
+    assert q.data.dtype == E4M3 and q.data.shape == x.shape and q.data.is_contiguous()
+    amax = tile_amax(x, tiling)
+    # The largest element of each tile lands on +-448: the whole FP8 range is used.
+    scaled = q.data.float()
+    assert torch.equal(scaled.abs()[x.abs() == amax], torch.full_like(scaled[x.abs() == amax], FP8_MAX[E4M3]))
+    # Every value comes back within e4m3's rounding unless it is below the tile's smallest normal.
+    # Subnormal (scaled below 2^-6) values are rounded to a step of 2^-9 of the scaled range.
+    back, unit = q.dequantize(), amax / FP8_MAX[E4M3]
+    normal = x.abs() >= unit * 2.0 ** -6
+    slack = 1 + 1e-6
+    assert ((back - x).abs() <= E4M3_REL * x.abs() * slack)[normal].all()
+    assert ((back - x).abs() <= unit * 2.0 ** -10 * slack)[~normal].all()
+
+
+def test_scale_layouts_are_those_scaled_mm_takes():
+    x = torch.randn(300, 520)
+    assert quantize(x, "tensor").scale_inv.shape == ()
+    assert quantize(x, "row").scale_inv.shape == (300, 1)
+    s = quantize(x, "1x128").scale_inv
+    assert s.shape == (300, 5) and s.stride() == (1, 300)  # column-major
+    s = quantize(x, "128x128").scale_inv
+    assert s.shape == (3, 5) and s.is_contiguous()
+
+
+def test_zero_tiles_stay_zero_and_finite():
+    x = torch.zeros(4, 256)
+    x[0, :128] = 1.0
+    for tiling in TILINGS:
+        q = quantize(x, tiling)
+        assert torch.isfinite(q.scale_inv).all()
+        assert torch.equal(q.dequantize(), x)
+
+
+def test_e5m2_saturates_at_its_own_maximum():
+    q = quantize(torch.tensor([[1.0, -3.0, 0.5, 2.0] * 4]), "row", E5M2)
+    assert q.data.dtype == E5M2 and q.data.float().abs().max().item() == FP8_MAX[E5M2]
+
+
+@pytest.mark.parametrize("tiling", ["tensor", "128x128"])
+def test_transpose_is_the_quantisation_of_the_transpose(tiling):
+    x = torch.randn(200, 300)
+    t, ref = quantize(x, tiling).t(), quantize(x.t(), tiling)
+    assert torch.equal(t.data.view(torch.uint8), ref.data.view(torch.uint8))
+    assert torch.equal(t.scale_inv, ref.scale_inv)
+
+
+def test_rowwise_and_1x128_do_not_transpose():
+    for tiling in ("row", "1x128"):
+        with pytest.raises(ValueError, match="quantise the transposed source"):
+            quantize(torch.randn(16, 16), tiling).t()
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_emulated_gemm_is_the_product_of_the_dequantised_operands(name):
+    r = recipe(name)
+    a, b = torch.randn(64, 256), torch.randn(48, 256)
+    aq, bq = quantize(a, r.activation_tiling), quantize(b, r.weight_tiling)
+    out = gemm(aq, bq, torch.float32)
+    torch.testing.assert_close(out, aq.dequantize() @ bq.dequantize().t())
+    assert rel(out, a @ b.t()) < 0.06
+
+
+def test_recipes_and_their_names():
+    assert recipe("none") is None
+    assert recipe("blockwise").activation_tiling == "1x128" and recipe("blockwise").weight_tiling == "128x128"
+    with pytest.raises(ValueError, match="train.fp8='fp4'"):
+        recipe("fp4")
+
+
+def _reference_grads(x, w, b, dy):
+    x, w = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b = None if b is None else b.detach().double().requires_grad_()
+    y = torch.nn.functional.linear(x, w, b)
+    y.backward(dy.double())
+    return y, x.grad, w.grad, None if b is None else b.grad
+
+
+@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("rows", [256, 200])  # 200: padded to the recipe's multiple for the weight gradient
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_linear_forward_and_gradients(name, rows, bias):
+    torch.manual_seed(1)
+    x = torch.randn(rows // 8, 8, 256, requires_grad=True)
+    w = (torch.randn(384, 256) * 0.05).requires_grad_()
+    b = torch.randn(384, requires_grad=True) if bias else None
+    dy = torch.randn(rows // 8, 8, 384)
+    fp8 = Fp8(recipe(name), Fp8Weights())
+    y = linear(x, w, b, fp8)
+    y.backward(dy)
+    ry, rx, rw, rb = _reference_grads(x, w, b, dy)
+    assert y.shape == ry.shape
+    # Each GEMM multiplies two operands rounded to within 2^-4: a few per cent off the exact product.
+    assert rel(y, ry) < 0.05
+    assert rel(x.grad, rx) < 0.06
+    assert rel(w.grad, rw) < 0.06
+    if bias:
+        torch.testing.assert_close(b.grad.double(), rb, rtol=1e-4, atol=1e-5)  # fp32 sum of dy, unquantised
+
+
+def test_fp8_weight_gradient_goes_into_main_grad():
+    torch.manual_seed(2)
+    x, w = torch.randn(128, 256), (torch.randn(128, 256) * 0.05).requires_grad_()
+    w.main_grad = torch.ones(128, 256)
+    linear(x, w, fp8=Fp8(recipe("rowwise"), Fp8Weights())).sum().backward()
+    assert w.wgrad_in_main_grad
+    _, _, rw, _ = _reference_grads(x, w, None, torch.ones(128, 128))
+    assert rel(w.main_grad - 1.0, rw) < 0.06
+
+
+def test_weights_are_quantised_once_until_cleared():
+    w = torch.randn(128, 256)
+    weights, r = Fp8Weights(), recipe("rowwise")
+    first = weights.get(w, r)
+    assert weights.get(w, r)[0] is first[0]
+    w.mul_(2.0)
+    assert weights.get(w, r)[0] is first[0]  # the copy of this step, until the step ends
+    weights.clear()
+    again = weights.get(w, r)
+    assert again[0] is not first[0]
+    torch.testing.assert_close(again[0].dequantize(), first[0].dequantize() * 2.0)
+    assert weights.nbytes() == 2 * w.numel() + (128 + 256) * 4  # W and W^T, one fp32 scale per row each
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_fp8_experts_match_their_bf16_reference(name):
+    torch.manual_seed(3)
+    counts = [100, 0, 28, 256]
+    x = torch.randn(sum(counts), 256, requires_grad=True)
+    w = (torch.randn(4, 128, 256) * 0.05).requires_grad_()
+    dy = torch.randn(sum(counts), 128)
+    y = grouped_linear(x, w, counts, Fp8(recipe(name), Fp8Weights()))
+    y.backward(dy)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    yr = torch.cat([c @ wr[e].t() for e, c in enumerate(torch.split(xr, counts))])
+    yr.backward(dy.double())
+    assert rel(y, yr) < 0.05 and rel(x.grad, xr.grad) < 0.06
+    for e in (0, 2, 3):
+        assert rel(w.grad[e], wr.grad[e]) < 0.06
+    assert torch.equal(w.grad[1], torch.zeros_like(w.grad[1]))  # no rows, no gradient
