@@ -410,13 +410,10 @@ class Config:
         return dims
 
     def _validate_fp8(self) -> None:
-        t = self.train
-        multiple = 128 if t.fp8 == "blockwise" else 16
         for name, size in self.fp8_gemm_dims():
-            _require(size % multiple == 0,
-                     f"train.fp8={t.fp8}: {name} = {size} is not a multiple of {multiple} (the FP8 GEMMs' tile); "
-                     f"choose a parallel.tp that keeps it one, or train.fp8="
-                     f"{'rowwise' if t.fp8 == 'blockwise' else 'none'}")
+            _require(size % 16 == 0,
+                     f"train.fp8={self.train.fp8}: {name} = {size} is not a multiple of 16 (the FP8 GEMMs need "
+                     f"every dimension to be one); choose a parallel.tp that keeps it one, or train.fp8=none")
 
 
 def resolve_config(cfg, world_size: int | None = None) -> Config:

@@ -231,9 +231,10 @@ def _train(cfg: Config, run_dir: Path, world_size: int, rank: int, device: torch
     is_logger = rank == 0
     say = (lambda text: print(text, flush=True)) if is_logger else (lambda text: None)
     if is_logger:
+        fp8 = "" if t.fp8 == "none" else f"; fp8 {t.fp8}" + (" (emulated on the CPU)" if device.type == "cpu" else "")
         print(f"model {cfg.model.name}: {count_parameters(cfg.model) / 1e6:.2f}M parameters; {len(dataset)} samples "
               f"of {t.seq_length} tokens per epoch; tp={topo.tp} pp={topo.pp} vpp={topo.vpp} dp={topo.dp} "
-              f"cp={topo.cp} sp={topo.sequence_parallel}; run dir {run_dir}", flush=True)
+              f"cp={topo.cp} sp={topo.sequence_parallel}{fp8}; run dir {run_dir}", flush=True)
 
     ckpt_root = run_dir / "checkpoints"
     start_step = restore(cfg, ckpt_root, chunks, optimizer, topo, say)

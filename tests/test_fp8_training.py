@@ -111,11 +111,12 @@ def test_a_gpu_without_fp8_gemms_is_named():
 
 @pytest.mark.parametrize("override,needle", [
     ("train.fp8=fp4", "train.fp8 must be one of none, tensorwise, rowwise, blockwise, got 'fp4'"),
-    ("train.fp8=blockwise", "train.fp8=blockwise: model.ffn_hidden_size / parallel.tp = 352 is not a multiple of 128"),
+    ("train.fp8=blockwise model.ffn_hidden_size=100",
+     "train.fp8=blockwise: model.ffn_hidden_size / parallel.tp = 100 is not a multiple of 16"),
 ])
 def test_bad_fp8_values_are_one_line_exit_2(tmp_path, override, needle):
     run_dir = tmp_path / "run"
-    res = subprocess.run([sys.executable, "-m", "megatron_qwen2.train", "model=tiny", override,
+    res = subprocess.run([sys.executable, "-m", "megatron_qwen2.train", "model=tiny", *override.split(),
                           f"hydra.run.dir={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert res.returncode == EXIT_CONFIG
     lines = res.stderr.splitlines()

@@ -94,7 +94,7 @@ class _Fp8GroupedLinear(torch.autograd.Function):
             if counts[e] == 0:
                 outs.append(x.new_empty(0, weight.shape[1]))
                 continue
-            rows = pad_rows(chunk, rcp.k_multiple)
+            rows = pad_rows(chunk, rcp.token_multiple)
             wq, wt = fp8.weights.get(weight, rcp, expert=e)
             xq = quantize(rows, rcp.activation_tiling, rcp.input_dtype)
             outs.append(gemm(xq, wq, x.dtype)[:counts[e]])
@@ -115,7 +115,7 @@ class _Fp8GroupedLinear(torch.autograd.Function):
                 dxs.append(dy.new_empty(0, weight.shape[2]))
                 dws.append(None)
                 continue
-            rows = pad_rows(chunk, rcp.k_multiple)
+            rows = pad_rows(chunk, rcp.token_multiple)
             dyq = quantize(rows, rcp.activation_tiling, rcp.grad_dtype)
             dxs.append(gemm(dyq, ctx.weight_t[k], dy.dtype)[:counts[e]])
             dyt = dyq.t() if dyq.tiling == "tensor" else quantize(rows.t(), rcp.activation_tiling, rcp.grad_dtype)

@@ -38,8 +38,7 @@ E5M2 = torch.float8_e5m2
 FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
 AMAX_FLOOR = 1e-12  # an all-zero tile gets a finite scale
 BLOCK = 128
-# The FP8 GEMMs need K and N multiples of 16 (cuBLASLt); the weight gradient reduces over the
-# tokens, padded with zeros to this multiple when a group of rows (an expert's) is not.
+# The FP8 GEMMs need K and N multiples of 16 (cuBLASLt): every layer dimension must be one.
 GEMM_ALIGN = 16
 
 
@@ -61,8 +60,9 @@ class Fp8Recipe:
         return {"tensorwise": "tensor", "rowwise": "row", "blockwise": "128x128"}[self.name]
 
     @property
-    def k_multiple(self) -> int:
-        """What every K and N of a layer must be a multiple of."""
+    def token_multiple(self) -> int:
+        """A layer's token rows are padded with zero rows to a multiple of this: the weight gradient
+        reduces over them, in whole 16-element steps, or whole tiles for blockwise."""
         return BLOCK if self.name == "blockwise" else GEMM_ALIGN
 
 
@@ -172,10 +172,20 @@ def _scale_b(b: Fp8Tensor) -> torch.Tensor:
     return b.scale_inv if b.tiling == "tensor" else b.scale_inv.t()
 
 
+def _whole_k_blocks(q: Fp8Tensor) -> torch.Tensor:
+    """q's data with zero columns up to a whole number of 128-wide blocks: cuBLASLt's blockwise
+    GEMMs read whole K blocks (and zeros add nothing to the product)."""
+    k = q.data.shape[1]
+    if q.tiling in ("1x128", "128x128") and k % BLOCK:
+        return F.pad(q.data.view(torch.uint8), (0, BLOCK - k % BLOCK)).view(q.data.dtype)
+    return q.data
+
+
 def gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """a [M, K] @ b [N, K]^T -> [M, N] in out_dtype; torch._scaled_mm on CUDA, else dequantised fp32."""
     if a.data.is_cuda:
-        return torch._scaled_mm(a.data, b.data.t(), a.scale_inv, _scale_b(b), out_dtype=out_dtype)
+        return torch._scaled_mm(_whole_k_blocks(a), _whole_k_blocks(b).t(), a.scale_inv, _scale_b(b),
+                                out_dtype=out_dtype)
     return (a.dequantize() @ b.dequantize().t()).to(out_dtype)
 
 

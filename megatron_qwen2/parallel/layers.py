@@ -117,7 +117,7 @@ class _Fp8Linear(torch.autograd.Function):
         rcp = fp8.recipe
         x2 = x.reshape(-1, weight.shape[-1])
         rows = x2.shape[0]
-        x2 = pad_rows(x2, rcp.k_multiple)
+        x2 = pad_rows(x2, rcp.token_multiple)
         wq, wt = fp8.weights.get(weight, rcp)
         xq = quantize(x2, rcp.activation_tiling, rcp.input_dtype)
         y = gemm(xq, wq, x.dtype)[:rows]
@@ -132,7 +132,7 @@ class _Fp8Linear(torch.autograd.Function):
     def backward(ctx, dy):
         xt_data, xt_scale, weight = ctx.saved_tensors
         rcp, rows = ctx.recipe, dy.numel() // dy.shape[-1]
-        dy2 = pad_rows(dy.reshape(rows, dy.shape[-1]), rcp.k_multiple)
+        dy2 = pad_rows(dy.reshape(rows, dy.shape[-1]), rcp.token_multiple)
         dyq = quantize(dy2, rcp.activation_tiling, rcp.grad_dtype)
         dx = gemm(dyq, ctx.weight_t, dy.dtype)[:rows].view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         dyt = dyq.t() if dyq.tiling == "tensor" else quantize(dy2.t(), rcp.activation_tiling, rcp.grad_dtype)
