@@ -26,6 +26,7 @@ from megatron_qwen2.config import Config
 from megatron_qwen2.engine.pipeline import build_model_chunks, stage_layers
 from megatron_qwen2.engine.schedule import build_schedule, simulate, textbook_bubble_fraction
 from megatron_qwen2.model.flops import training_flops_per_token
+from megatron_qwen2.ops.fp8 import Fp8, Fp8Weights, recipe
 from megatron_qwen2.parallel.shard import shard_of
 from megatron_qwen2.parallel.topology import Topology
 
@@ -43,22 +44,42 @@ CONTEXT_ALLOWANCE_GIB = 3.0
 # Achieved share of the 989 TFLOP/s peak, from bench/results/tp_step_tp2_micro16_h200_2026-11-23.json:
 # four 72B-shaped layers at tp 2 with sequence parallelism, 16 micro-batches, 452 TFLOP/s per GPU.
 DEFAULT_EFFICIENCY = 0.457
+# train.fp8: the step time of the 7B-width 4-layer slice, bf16 over FP8, each measured beside the
+# other in one run (bench/results/train_throughput_qwen2_7b_fp8_h200.json); the planner divides the
+# bf16 step time by it.
+FP8_STEP_SPEEDUP = {"tensorwise": 1.0, "rowwise": 1.0, "blockwise": 1.0}
 
 
 # ----------------------------------------------------------------------------- parameters
 
-def stage_parameters(cfg: Config) -> list[list[torch.nn.Parameter]]:
-    """Per pipeline rank: the parameters one GPU of that rank holds, as `build_model_chunks` makes
-    them for the layout, on the meta device (their shapes and shards, no memory)."""
+def stage_chunks(cfg: Config) -> list[list[torch.nn.Module]]:
+    """Per pipeline rank: the model chunks one GPU of that rank holds, as `build_model_chunks` makes
+    them for the layout (with train.fp8), on the meta device (shapes and shards, no memory)."""
     p = cfg.parallel
     world = p.tp * p.cp * p.ep * p.pp  # dp = ep: the parameters depend on dp only through the ep split
+    rcp = recipe(cfg.train.fp8)
+    fp8 = None if rcp is None else Fp8(rcp, Fp8Weights())
     out = []
     for r in range(p.pp):
         topo = Topology.plan(p, world, rank=r * p.tp * p.cp * p.ep)  # tp, cp, dp rank 0 of stage r
         with torch.device("meta"):
-            chunks = build_model_chunks(cfg.model, p, topo)
-        out.append([q for chunk in chunks for q in chunk.parameters()])
+            out.append(build_model_chunks(cfg.model, p, topo, fp8))
     return out
+
+
+def stage_parameters(cfg: Config) -> list[list[torch.nn.Parameter]]:
+    """Per pipeline rank: the parameters one GPU of that rank holds (`stage_chunks`)."""
+    return [[q for chunk in chunks for q in chunk.parameters()] for chunks in stage_chunks(cfg)]
+
+
+def fp8_weights(chunks: list[torch.nn.Module]) -> tuple[int, int]:
+    """(elements of the weights whose GEMMs run in FP8, elements of the largest weight gradient one
+    GEMM writes: a whole weight, or one expert's) in `chunks`: the weights of every module that
+    holds an `Fp8`."""
+    weights = [w for chunk in chunks for m in chunk.modules() if getattr(m, "fp8", None) is not None
+               for w in m.parameters(recurse=False) if w.dim() >= 2]
+    per_gemm = [w.numel() // w.shape[0] if w.dim() == 3 else w.numel() for w in weights]
+    return sum(w.numel() for w in weights), max(per_gemm, default=0)
 
 
 def _param_counts(params: list[torch.nn.Parameter]) -> dict[str, int]:
@@ -84,6 +105,9 @@ def layer_activation_tensors(cfg: Config, moe: bool, path: str = "kernels") -> l
     """
     m, p, t = cfg.model, cfg.parallel, cfg.train
     a = 2 if t.dtype == "bf16" else 4
+    fp8 = t.fp8 != "none"
+    # A projection's input kept for its weight gradient: FP8 (1 B, transposed) with train.fp8.
+    x8 = 1 if fp8 else a
     # Tokens of one micro-batch on this GPU: context parallelism cuts the sequence (its ring's
     # K/V exchange buffers are not counted).
     T = t.seq_length // p.cp * t.micro_batch_size
@@ -106,38 +130,42 @@ def layer_activation_tensors(cfg: Config, moe: bool, path: str = "kernels") -> l
                 out.append((f"{name} normalised cast", a * T * h / sp))
 
     norm("input_norm")
-    out.append(("qkv input (gathered) [s,b,h]", a * T * h))
+    out.append(("qkv input (gathered) [s,b,h]", x8 * T * h))
     out.append(("qkv output (holds v) [s,b,(q+2kv)d]", a * T * (nq + 2 * nkv) * d))
     out.append(("q after RoPE", a * T * nq * d))
     out.append(("k after RoPE", a * T * nkv * d))
     # RoPE keeps only cos / sin (shared by every layer): its multiplications by constants need no input.
     out.append(("attention output [s,b,nq d]", a * T * nq * d))
+    if fp8:  # the output projection's FP8 copy of it; in bf16 it keeps the attention's own output
+        out.append(("out-projection input FP8 [s,b,nq d]", T * nq * d))
     out.append(("attention logsumexp fp32", 4 * T * nq))
     norm("post_attention_norm")
     if not moe:
         f = m.ffn_hidden_size // tp
-        out.append(("gate_up input (gathered) [s,b,h]", a * T * h))
+        out.append(("gate_up input (gathered) [s,b,h]", x8 * T * h))
         out.append(("gate_up output [s,b,2f]", a * T * 2 * f))
         if ref:
             out.append(("silu(gate)", a * T * f))
-        out.append(("swiglu output = down input [s,b,f]", a * T * f))
+        out.append(("swiglu output = down input [s,b,f]", x8 * T * f))
         return out
     k, fe, e = m.moe_top_k, m.moe_ffn_hidden_size, m.num_experts
     out.append(("MoE tokens (gathered over sp) [s,b,h]", a * T * h))
     out.append(("router probs fp32 [T,E]", 4 * T * e))
     out.append(("routing ids, row map (int64), top-k weights", 28 * T * k))
-    out.append(("routed rows [T k, h]", a * T * k * h))
+    out.append(("routed rows [T k, h]", x8 * T * k * h))
     out.append(("expert gate_up output [T k, 2 fe]", a * T * k * 2 * fe))
     if ref:
         out.append(("expert silu(gate)", a * T * k * fe))
-    out.append(("expert swiglu output [T k, fe]", a * T * k * fe))
+    out.append(("expert swiglu output [T k, fe]", x8 * T * k * fe))
     out.append(("expert outputs before combine [T k, h]", a * T * k * h))
     fs = m.shared_expert_ffn_hidden_size // tp
     if fs:
+        if fp8:  # its FP8 copy of the tokens; in bf16 it keeps the block's own
+            out.append(("shared expert gate_up input FP8", T * h))
         out.append(("shared expert gate_up output", a * T * 2 * fs))
         if ref:
             out.append(("shared silu(gate)", a * T * fs))
-        out.append(("shared swiglu output", a * T * fs))
+        out.append(("shared swiglu output", x8 * T * fs))
         out.append(("shared expert output and gate", a * T * (h + 1)))
     return out
 
@@ -235,7 +263,7 @@ class RankPlan:
     mem: dict[str, float] = field(default_factory=dict)  # bytes, see `_rank_memory`
     context: float = 0.0  # the fixed CUDA context / NCCL allowance, bytes
 
-    STATE = ("weights", "main grads fp32", "optimizer (masters + Adam m, v)")
+    STATE = ("weights", "main grads fp32", "optimizer (masters + Adam m, v)", "FP8 weight copies (W, W^T)")
     BACKWARD = ("activations in flight", "pipeline messages held", "backward working set (one layer)",
                 "logits / loss buffers",
                 "grad transient (largest weight)")
@@ -246,7 +274,7 @@ class RankPlan:
 
     @property
     def state(self) -> float:
-        return sum(self.mem[k] for k in self.STATE)
+        return sum(self.mem.get(k, 0.0) for k in self.STATE)
 
     @property
     def backward_peak(self) -> float:
@@ -298,10 +326,11 @@ class Plan:
 
 
 def _rank_memory(cfg: Config, dp: int, params: dict[str, int], largest: int, layer_ids: list[list[int]],
-                 live: list[int], sends: int, is_last: bool, path: str) -> dict[str, float]:
+                 live: list[int], sends: int, is_last: bool, path: str,
+                 fp8: tuple[int, int] = (0, 0)) -> dict[str, float]:
     """Bytes on one GPU of pipeline rank: model state, then the backward and step transients.
 
-    largest: elements of the largest weight of the model on one GPU."""
+    largest: elements of the largest weight of the model on one GPU; fp8: `fp8_weights` of its chunks."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     bf16 = t.dtype == "bf16"
     n_dense, n_expert = params["dense"], params["expert"]
@@ -316,6 +345,8 @@ def _rank_memory(cfg: Config, dp: int, params: dict[str, int], largest: int, lay
         "main grads fp32": 4 * n,
         "optimizer (masters + Adam m, v)": (master_b + 8) * opt_elems,
     }
+    if fp8[0]:  # ops/fp8.py Fp8Weights: W and W^T, 1 B each (their scales are a few per 128 values)
+        mem["FP8 weight copies (W, W^T)"] = 2 * fp8[0]
     act = sum(k * chunk_activation_bytes(cfg, ids, path) for k, ids in zip(live, layer_ids))
     # Backward of a layer: its recomputed activations (when recomputing) plus gradients of the
     # same order of size live at once; one layer's full activations bound that.
@@ -344,7 +375,8 @@ def _rank_memory(cfg: Config, dp: int, params: dict[str, int], largest: int, lay
     step_transient = 0.0 if path == "kernels" else 4 * opt_elems
     # Backward: the .grad of a weight (compute dtype) exists until the hook adds it into main_grad
     # (the largest weight of the model: conservative on stages without the embedding or head).
-    grad_transient = (2 if bf16 else 4) * largest
+    # An FP8 weight gradient is an fp32 GEMM output added into main_grad afterwards.
+    grad_transient = max((2 if bf16 else 4) * largest, 4 * fp8[1])
     mem["grad transient (largest weight)"] = grad_transient
     mem["optimizer step transient"] = step_transient
     return mem
@@ -365,7 +397,8 @@ def make_plan(cfg: Config, world_size: int, gpu: str = "h100-80gb", efficiency: 
     dp = world_size // (p.tp * p.pp * p.cp)
     nmb = t.global_batch_size // (t.micro_batch_size * dp)
     stages = stage_layers(m, p)
-    stage_tensors = stage_parameters(cfg)
+    chunks = stage_chunks(cfg)
+    stage_tensors = [[q for chunk in cs for q in chunk.parameters()] for cs in chunks]
     params = [_param_counts(ps) for ps in stage_tensors]
     # The largest weight of the model on one GPU (its .grad is the backward's gradient transient).
     largest = max(q.numel() for ps in stage_tensors for q in ps)
@@ -377,7 +410,7 @@ def make_plan(cfg: Config, world_size: int, gpu: str = "h100-80gb", efficiency: 
         else:
             live, sends = [1] * p.vpp, 0
         is_last = r == p.pp - 1
-        mem = _rank_memory(cfg, dp, params[r], largest, layer_ids, live, sends, is_last, path)
+        mem = _rank_memory(cfg, dp, params[r], largest, layer_ids, live, sends, is_last, path, fp8_weights(chunks[r]))
         ranks.append(RankPlan(r, params[r]["dense"], params[r]["expert"], [i for ids in layer_ids for i in ids],
                               live, mem, context_gib * GiB))
     flops = training_flops_per_token(m, t.seq_length) * t.global_batch_size * t.seq_length
@@ -387,7 +420,7 @@ def make_plan(cfg: Config, world_size: int, gpu: str = "h100-80gb", efficiency: 
     tokens = t.global_batch_size * t.seq_length
     recompute = recompute_flops_per_token(cfg) * tokens
     compute_s = (flops + recompute) / world_size / (efficiency * peak)
-    step = compute_s / (1 - sim)
+    step = compute_s / (1 - sim) / FP8_STEP_SPEEDUP.get(t.fp8, 1.0)
     mfu = flops / world_size / step / peak
     return Plan(cfg, world_size, gpu, dp, nmb, ranks, flops, sim, book, efficiency, step, mfu, recompute)
 
@@ -403,14 +436,16 @@ def format_plan(plan: Plan) -> str:
     lines = [f"model {cfg.model.name}: tp {p.tp} x pp {p.pp} (vpp {p.vpp}) x dp {plan.dp} (ep {p.ep}, cp {p.cp}) "
              f"on {plan.world_size} x {plan.gpu}; seq {t.seq_length}, micro-batch {t.micro_batch_size}, "
              f"global batch {t.global_batch_size} -> {plan.num_microbatches} micro-batches per step; "
-             f"{t.dtype}, recompute {t.recompute}, distributed optimizer {p.distributed_optimizer}",
+             f"{t.dtype}{'' if t.fp8 == 'none' else f' with fp8 {t.fp8}'}, recompute {t.recompute}, "
+             f"distributed optimizer {p.distributed_optimizer}",
              "",
              f"most loaded GPU: pipeline rank {w.pp_rank} ({len(w.layers)} layers, "
              f"micro-batches in flight per chunk {w.in_flight})",
              f"  parameters on this GPU {w.params / 1e9:8.3f} B (dense {w.params_dense / 1e9:.3f} B, "
              f"expert {w.params_expert / 1e9:.3f} B)"]
     for k in RankPlan.STATE:
-        lines.append(f"  {k:<40} {_gib(w.mem[k])}")
+        if k in w.mem:
+            lines.append(f"  {k:<40} {_gib(w.mem[k])}")
     lines.append(f"  model state{'':<29} {_gib(w.state)}")
     lines.append(f"  forward/backward, above the state:{'':<6} {_gib(w.backward_peak)}"
                  f"{'  <- peak' if w.backward_peak >= w.step_peak else ''}")
@@ -433,7 +468,8 @@ def format_plan(plan: Plan) -> str:
               f"{plan.recompute_flops:.3e} (counted in the step time, not in MFU)",
               f"pipeline bubble: simulated {plan.bubble_simulated:.1%}, textbook (p-1)/(v m+p-1) "
               f"{plan.bubble_textbook:.1%}",
-              f"assumed efficiency {plan.efficiency:.1%} of {GPUS[plan.gpu]['peak_tflops']:.0f} TFLOP/s "
-              f"-> step {plan.step_time_s:.2f} s, MFU {plan.mfu:.1%}, "
+              f"assumed efficiency {plan.efficiency:.1%} of {GPUS[plan.gpu]['peak_tflops']:.0f} TFLOP/s"
+              + ("" if t.fp8 == "none" else f", FP8 step {FP8_STEP_SPEEDUP[t.fp8]:.2f}x faster (measured)")
+              + f" -> step {plan.step_time_s:.2f} s, MFU {plan.mfu:.1%}, "
               f"{t.global_batch_size * t.seq_length / plan.step_time_s:,.0f} tokens/s"]
     return "\n".join(lines)

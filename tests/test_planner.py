@@ -67,11 +67,14 @@ def test_parameters_per_gpu_match_the_built_chunks():
             assert planned[pp_rank]["dense"] + planned[pp_rank]["expert"] == built, (i, rank)
 
 
-def _saved_bytes(model_cfg: ModelConfig, recompute: str, s: int, b: int) -> int:
-    """Bytes of the distinct storages one decoder layer saves for backward (weights, cos/sin excluded)."""
+def _saved_bytes(model_cfg: ModelConfig, recompute: str, s: int, b: int, fp8: str = "none") -> int:
+    """Bytes of the distinct storages one decoder layer saves for backward (weights, cos/sin and the
+    FP8 weight copies excluded)."""
     from megatron_qwen2.model import Qwen2Model
+    from megatron_qwen2.ops.fp8 import Fp8, Fp8Weights, recipe
 
-    model = Qwen2Model(model_cfg)
+    rcp = recipe(fp8)
+    model = Qwen2Model(model_cfg, fp8=None if rcp is None else Fp8(rcp, Fp8Weights()))
     layer = model.layers["0"]
     layer.recompute = None if recompute == "none" else recompute
     x = torch.randn(s, b, model_cfg.hidden_size, requires_grad=True)
@@ -101,6 +104,28 @@ def test_activation_accounting_matches_saved_tensors(moe, recompute):
     measured = _saved_bytes(model, recompute, 32, 2)
     planned = layer_activation_bytes(cfg, moe, None if recompute == "none" else recompute, "reference")
     assert planned == pytest.approx(measured, rel=0.10)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_fp8_activation_accounting_matches_saved_tensors(moe):
+    model = tiny(num_layers=1, **(MOE if moe else {}))
+    cfg = config(model, ParallelConfig(), 1, micro_batch_size=2, global_batch_size=2, fp8="rowwise")
+    measured = _saved_bytes(model, "none", 32, 2, fp8="rowwise")
+    planned = layer_activation_bytes(cfg, moe, None, "reference")
+    assert planned == pytest.approx(measured, rel=0.10)
+    unquantised = layer_activation_bytes(config(model, ParallelConfig(), 1, micro_batch_size=2,
+                                                global_batch_size=2), moe, None, "reference")
+    assert planned < unquantised
+
+
+def test_fp8_plan_holds_the_weight_copies():
+    model = tiny()
+    plain = make_plan(config(model, ParallelConfig(), 1), 1, "h200-141gb").ranks[0]
+    fp8 = make_plan(config(model, ParallelConfig(), 1, fp8="blockwise"), 1, "h200-141gb").ranks[0]
+    h, d = model.hidden_size, model.kv_channels  # 4 query and 2 kv heads of 16
+    projections = model.num_layers * ((4 + 2 * 2) * d * h + 4 * d * h + 3 * h * model.ffn_hidden_size)
+    assert fp8.mem["FP8 weight copies (W, W^T)"] == 2 * projections
+    assert "FP8 weight copies (W, W^T)" not in plain.mem
 
 
 # Recorded peaks (torch.cuda.max_memory_allocated, GB = 1e9 B) of bench/train_throughput.py runs of the
