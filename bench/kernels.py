@@ -1,16 +1,21 @@
 """The compiled kernels vs PyTorch eager and torch.compile, against ceilings measured in the same run.
 
-    python bench/kernels.py [--out DIR] [--commit SHA] [--only rms_norm permute rope cross_entropy attention]
+    python bench/kernels.py [--out DIR] [--commit SHA] [--only rms_norm permute rope cross_entropy fp8_quant attention]
     python bench/kernels.py --sanitize     # one small call of every kernel path, for compute-sanitizer
 
 Memory-bound kernels are reported in GB/s of the fewest bytes each pass must move (every input
 read once, every output written once; the row gathers of permute/unpermute count each gathered
 row) and as a fraction of the device copy bandwidth (bytes read + written) measured here.
+FP8 quantisation counts x once per pass the kernels make over it (twice for "tensor" and for "row"
+with the transpose) plus the e4m3 codes and scales written, against the PyTorch definition in
+ops/fp8.py (which the kernels match bit for bit) timed on the same inputs.
 Attention is reported in TFLOP/s (causal: half the square) against the bf16 matmul rate
 measured here, for the door (`ops.attention`) and each SDPA backend alone.
 Shapes: RMSNorm at hidden 896/1536/3584/8192 (tokens sized so each tensor exceeds the L2 cache),
 MoE permutation at Qwen2-57B-A14B (hidden 3584, 64 experts, top-8, 16k tokens), RoPE and
-attention at Qwen2-7B (28 query / 4 kv heads, head dim 128), cross-entropy at vocab 152064 / tp 2.
+attention at Qwen2-7B (28 query / 4 kv heads, head dim 128), cross-entropy at vocab 152064 / tp 2,
+FP8 quantisation of 8192 tokens at hidden 3584 and at the MLP widths 18944 / 37888 (Qwen2-7B's
+intermediate size, and its gate | up pair).
 """
 
 from __future__ import annotations
@@ -236,6 +241,43 @@ def bench_cross_entropy(rows, ceiling, rounds, n=8192, v=152064 // 2):
     del logits, lg
 
 
+def bench_fp8_quant(rows, ceiling, rounds, tokens=8192):
+    """e4m3 quantisation of bf16 [tokens, k] per tiling, with and without the transposed copy; the
+    kernels against the PyTorch definition (for the transpose: x and x.t() quantised one after the
+    other)."""
+    from megatron_qwen2.ops import fp8
+
+    definition = fp8.quantize_reference
+
+    def reference(x, tiling, transpose):
+        if tiling == "tensor":
+            q = definition(x, "tensor")
+            return (q, q.t()) if transpose else q
+        return (definition(x, tiling), definition(x.t(), tiling)) if transpose else definition(x, tiling)
+
+    def kernel(x, tiling, transpose):
+        if tiling == "tensor":
+            return library.fp8_quantize_tensorwise(x, transpose)
+        return library.fp8_quantize(x, tiling, transpose)
+
+    for k in (3584, 18944, 37888):
+        x = torch.randn(tokens, k, device="cuda", dtype=BF16)
+        n = tokens * k
+        for tiling in ("tensor", "row", "1x128"):
+            for transpose in (False, True):
+                passes = 2 if tiling == "tensor" or (tiling == "row" and transpose) else 1
+                scales = {"tensor": 1, "row": tokens + k * transpose,
+                          "1x128": tokens * -(-k // 128) + transpose * k * -(-tokens // 128)}[tiling]
+                label = tiling + ("+T" if transpose else "")
+                nb = {label: passes * 2 * n + (1 + transpose) * n + 4 * scales}
+                impls = {"kernel": {label: lambda x=x, t=tiling, tr=transpose: kernel(x, t, tr)},
+                         "pytorch definition": {label: lambda x=x, t=tiling, tr=transpose: reference(x, t, tr)}}
+                measure(rows, ceiling, "fp8_quant", impls, nb, rounds, tokens=tokens, hidden=k, dtype="bf16",
+                        tiling=tiling, transpose=transpose, x_reads=passes)
+        del x
+        torch.cuda.empty_cache()
+
+
 def _attention_flops(doc_lengths, hq, d, causal=True):
     """Matmul FLOPs of one forward: 2 products of 2 * q * k * d over the visible (query, key) pairs."""
     pairs = sum(n * (n + 1) // 2 if causal else n * n for row in doc_lengths for n in row)
@@ -355,6 +397,12 @@ def sanitize() -> None:
                 for ranges in ((None,) * 4, document_ranges(ids)):
                     out, lse = library.flash_attention(q, k, v, True, d ** -0.5, *ranges)
                     (out.float().sum() + lse.sum()).backward()
+        for shape in ((5, 3), (130, 264), (3, 40000)):  # element-wise and vector paths, both row paths
+            xq = torch.randn(*shape, device="cuda", dtype=dtype)
+            for transpose in (False, True):
+                library.fp8_quantize_tensorwise(xq, transpose)
+                for tiling in ("row", "1x128"):
+                    library.fp8_quantize(xq, tiling, transpose)
     torch.cuda.synchronize()
     print("sanitize: all kernel paths ran")
 
@@ -364,7 +412,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="directory for the JSON result (default bench/results)")
     parser.add_argument("--commit", default=None)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--only", nargs="+", default=["rms_norm", "permute", "rope", "cross_entropy", "attention"])
+    parser.add_argument("--only", nargs="+",
+                        default=["rms_norm", "permute", "rope", "cross_entropy", "fp8_quant", "attention"])
     parser.add_argument("--sanitize", action="store_true")
     parser.add_argument("--kernel-only", action="store_true", help="skip the eager and torch.compile baselines")
     args = parser.parse_args()

@@ -38,6 +38,9 @@ void flash_attn_backward_cuda(const torch::Tensor& dout, const torch::Tensor& q,
                               torch::Tensor& dq_acc, torch::Tensor& dk, torch::Tensor& dv,
                               const c10::optional<torch::Tensor>& query_lo,
                               const c10::optional<torch::Tensor>& query_hi, bool causal, double scale, bool partial);
+void fp8_quantize_cuda(const torch::Tensor& x, const std::string& tiling, torch::Tensor& data, torch::Tensor& scale_inv,
+                       const c10::optional<torch::Tensor>& data_t, const c10::optional<torch::Tensor>& scale_inv_t,
+                       const c10::optional<torch::Tensor>& amax);
 
 namespace {
 
@@ -379,6 +382,74 @@ std::vector<torch::Tensor> flash_attention_backward(const torch::Tensor& dout_in
   dq.copy_(dq_acc.mul_(scale));
   return {dq, dk, dv};
 }
+
+// ---- FP8 (e4m3) quantisation of x [R, C] along its rows, bit for bit as ops/fp8.py's quantize,
+// and of x^T [C, R] along x's columns. Returns [data, scale_inv] (+ [data_t, scale_inv_t]):
+//   "row"     scale_inv [R, 1]                          (scale_inv_t [C, 1])
+//   "1x128"   scale_inv [R, ceil(C/128)], column-major  (scale_inv_t [C, ceil(R/128)], column-major)
+//   "tensor"  scale_inv [] (data_t shares it)
+// A group with no elements (a row when C = 0, an empty tensor) takes the scale of amax = 0.
+
+torch::Tensor fp8_input(const torch::Tensor& x_in, const char* op) {
+  TORCH_CHECK(x_in.dim() == 2, op, ": x must be 2-D [rows, cols], got shape ", x_in.sizes());
+  auto x = x_in.contiguous();
+  check_input(x, op, "x");
+  return x;
+}
+
+// 1 / ((1 / 1e-12) * 448) in fp32, each step rounded to nearest as the kernels round it: the
+// scale_inv of an all-zero (or empty) group.
+float fp8_floor_scale_inv() {
+  const float scale = (1.0f / 1e-12f) * 448.0f;
+  return 1.0f / scale;
+}
+
+std::vector<torch::Tensor> fp8_quantize(const torch::Tensor& x_in, const std::string& tiling, bool with_transpose) {
+  const char* op = "fp8_quantize";
+  TORCH_CHECK(tiling == "row" || tiling == "1x128", op, ": tiling must be \"row\" or \"1x128\", got \"", tiling, "\"");
+  auto x = fp8_input(x_in, op);
+  const int64_t r = x.size(0), c = x.size(1);
+  const auto e4m3 = x.options().dtype(at::kFloat8_e4m3fn), f32 = x.options().dtype(at::kFloat);
+  // "1x128" scales are column-major: [n, rows] storage seen as [rows, n]
+  auto scales = [&](int64_t rows, int64_t cols) {
+    return tiling == "row" ? torch::empty({rows, 1}, f32) : torch::empty({(cols + 127) / 128, rows}, f32).t();
+  };
+  auto data = torch::empty({r, c}, e4m3);
+  auto sinv = scales(r, c);
+  c10::optional<torch::Tensor> data_t, sinv_t, amax;
+  if (with_transpose) {
+    data_t = torch::empty({c, r}, e4m3);
+    sinv_t = scales(c, r);
+    if (tiling == "row") amax = torch::zeros({r + c}, x.options().dtype(at::kInt));
+  }
+  if (x.numel() > 0) {
+    fp8_quantize_cuda(x, tiling, data, sinv, data_t, sinv_t, amax);
+  } else {
+    sinv.fill_(fp8_floor_scale_inv());
+    if (sinv_t) sinv_t->fill_(fp8_floor_scale_inv());
+  }
+  if (with_transpose) return {data, sinv, *data_t, *sinv_t};
+  return {data, sinv};
+}
+
+std::vector<torch::Tensor> fp8_quantize_tensorwise(const torch::Tensor& x_in, bool with_transpose) {
+  const char* op = "fp8_quantize_tensorwise";
+  auto x = fp8_input(x_in, op);
+  const int64_t r = x.size(0), c = x.size(1);
+  const auto e4m3 = x.options().dtype(at::kFloat8_e4m3fn);
+  auto data = torch::empty({r, c}, e4m3);
+  auto sinv = torch::empty({}, x.options().dtype(at::kFloat));
+  c10::optional<torch::Tensor> data_t;
+  if (with_transpose) data_t = torch::empty({c, r}, e4m3);
+  if (x.numel() > 0) {
+    c10::optional<torch::Tensor> amax = torch::zeros({1}, x.options().dtype(at::kInt));
+    fp8_quantize_cuda(x, "tensor", data, sinv, data_t, c10::nullopt, amax);
+  } else {
+    sinv.fill_(fp8_floor_scale_inv());
+  }
+  if (with_transpose) return {data, sinv, *data_t};
+  return {data, sinv};
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -417,4 +488,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("dout"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"),
         pybind11::arg("lse"), pybind11::arg("dlse"), pybind11::arg("causal"), pybind11::arg("scale"),
         pybind11::arg("query_lo"), pybind11::arg("query_hi"));
+  m.def("fp8_quantize", &fp8_quantize,
+        "[data, scale_inv(, data_t, scale_inv_t)] of the e4m3 quantisation of x [R, C] along rows (and of x^T)",
+        pybind11::arg("x"), pybind11::arg("tiling"), pybind11::arg("with_transpose"));
+  m.def("fp8_quantize_tensorwise", &fp8_quantize_tensorwise,
+        "[data, scale_inv [](, data_t)] of the e4m3 quantisation of x [R, C] with one scale (amax on the device)",
+        pybind11::arg("x"), pybind11::arg("with_transpose"));
 }

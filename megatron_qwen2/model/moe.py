@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from megatron_qwen2 import ops
 from megatron_qwen2.config import ModelConfig
 from megatron_qwen2.model.mlp import MLP
-from megatron_qwen2.ops.fp8 import Fp8, Fp8Tensor, gemm, pad_rows, quantize
+from megatron_qwen2.ops.fp8 import Fp8, Fp8Tensor, gemm, pad_rows, quantize_pair
 from megatron_qwen2.parallel.cp import sum_over_cp
 from megatron_qwen2.parallel.expert_dispatch import TokenDispatcher
 from megatron_qwen2.parallel.mappings import gather_from_sp, scatter_to_sp
@@ -96,9 +96,8 @@ class _Fp8GroupedLinear(torch.autograd.Function):
                 continue
             rows = pad_rows(chunk, rcp.token_multiple)
             wq, wt = fp8.weights.get(weight, rcp, expert=e)
-            xq = quantize(rows, rcp.activation_tiling, rcp.input_dtype)
+            xq, xt = quantize_pair(rows, rcp.activation_tiling, rcp.input_dtype)
             outs.append(gemm(xq, wq, x.dtype)[:counts[e]])
-            xt = xq.t() if xq.tiling == "tensor" else quantize(rows.t(), rcp.activation_tiling, rcp.input_dtype)
             saved += [xt.data, xt.scale_inv]
             transposed.append(wt)
         ctx.save_for_backward(weight, *saved)
@@ -116,9 +115,8 @@ class _Fp8GroupedLinear(torch.autograd.Function):
                 dws.append(None)
                 continue
             rows = pad_rows(chunk, rcp.token_multiple)
-            dyq = quantize(rows, rcp.activation_tiling, rcp.grad_dtype)
+            dyq, dyt = quantize_pair(rows, rcp.activation_tiling, rcp.grad_dtype)
             dxs.append(gemm(dyq, ctx.weight_t[k], dy.dtype)[:counts[e]])
-            dyt = dyq.t() if dyq.tiling == "tensor" else quantize(rows.t(), rcp.activation_tiling, rcp.grad_dtype)
             dws.append(gemm(dyt, Fp8Tensor(saved[2 * k], saved[2 * k + 1], rcp.activation_tiling), torch.float32))
             k += 1
         return torch.cat(dxs), _expert_weight_grad(weight, dws), None, None

@@ -18,8 +18,10 @@ Recipes (current scaling: the scale comes from the amax of the very tensor being
                 (DeepSeek-V3); both operands of the weight gradient are 1 x 128 tiles along tokens
 
 A quantised value is `saturate(x * scale)` rounded to nearest even, scale = FP8_MAX / amax in
-fp32, and the GEMM multiplies by `scale_inv` = 1 / scale. On CUDA the GEMMs are
-`torch._scaled_mm`; elsewhere `gemm` dequantises to fp32 and multiplies (the emulation CI
+fp32, and the GEMM multiplies by `scale_inv` = 1 / scale. `quantize` is the definition in
+PyTorch; on CUDA `quantize` and `quantize_pair` run the compiled kernels of csrc/fp8_quant.cu
+when built (one pass for an operand and its transpose), bit for bit the same. On CUDA the GEMMs
+are `torch._scaled_mm`; elsewhere `gemm` dequantises to fp32 and multiplies (the emulation CI
 runs): the quantised values are the same on both, only the product's arithmetic differs.
 """
 
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_qwen2.config import FP8_RECIPES as RECIPES
+from megatron_qwen2.ops import extension, library
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -134,9 +137,38 @@ def _pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return x if (r, c) == (rows, cols) else F.pad(x, (0, cols - c, 0, rows - r))
 
 
+def _use_kernel(x: torch.Tensor, tiling: str, dtype: torch.dtype) -> bool:
+    """Whether the compiled quantisation serves x: CUDA, built, e4m3, an activation tiling."""
+    return dtype is E4M3 and tiling in ("tensor", "row", "1x128") and x.dim() == 2 and extension.use_kernel(x)
+
+
 def quantize(x: torch.Tensor, tiling: str, dtype: torch.dtype = E4M3) -> Fp8Tensor:
-    """Quantise the 2D tensor x [R, C] along C with the given tiling (the PyTorch definition,
-    on any device)."""
+    """Quantise the 2D tensor x [R, C] along C with the given tiling."""
+    if _use_kernel(x, tiling, dtype):
+        return quantize_pair(x, tiling, dtype, transpose=False)[0]
+    return quantize_reference(x, tiling, dtype)
+
+
+def quantize_pair(x: torch.Tensor, tiling: str, dtype: torch.dtype = E4M3,
+                  transpose: bool = True) -> tuple[Fp8Tensor, Optional[Fp8Tensor]]:
+    """x [R, C] quantised along C, and (when `transpose`) x^T [C, R] quantised along R with the same
+    tiling: an operand of the forward or the input gradient, and the one of the weight gradient."""
+    if _use_kernel(x, tiling, dtype):
+        x = x.contiguous()
+        if tiling == "tensor":
+            out = library.fp8_quantize_tensorwise(x, transpose)
+            return Fp8Tensor(out[0], out[1], tiling), Fp8Tensor(out[2], out[1], tiling) if transpose else None
+        out = library.fp8_quantize(x, tiling, transpose)
+        return Fp8Tensor(out[0], out[1], tiling), Fp8Tensor(out[2], out[3], tiling) if transpose else None
+    q = quantize_reference(x, tiling, dtype)
+    if not transpose:
+        return q, None
+    return q, q.t() if tiling in ("tensor", "128x128") else quantize_reference(x.t(), tiling, dtype)
+
+
+def quantize_reference(x: torch.Tensor, tiling: str, dtype: torch.dtype = E4M3) -> Fp8Tensor:
+    """Quantise the 2D tensor x [R, C] along C with the given tiling: the PyTorch definition, on any
+    device, that the kernels are tested against."""
     if x.dim() != 2:
         raise ValueError(f"quantize takes a 2D tensor, got shape {tuple(x.shape)}")
     x = x.contiguous()
@@ -227,9 +259,7 @@ class Fp8Weights:
             return held[1], held[2]
         with torch.no_grad():
             w = (weight if expert is None else weight[expert]).detach()
-            w = w.reshape(-1, w.shape[-1])
-            wq = quantize(w, rcp.weight_tiling, rcp.weight_dtype)
-            wt = wq.t() if wq.tiling in ("tensor", "128x128") else quantize(w.t(), rcp.weight_tiling, rcp.weight_dtype)
+            wq, wt = quantize_pair(w.reshape(-1, w.shape[-1]), rcp.weight_tiling, rcp.weight_dtype)
         self._copies[key] = (weight, wq, wt)
         return wq, wt
 

@@ -343,3 +343,47 @@ def _flash_grad(ctx, dout, dlse):
 
 
 flash_attention.register_autograd(_flash_grad, setup_context=_flash_setup)
+
+
+# ---- FP8 (e4m3) quantisation of x [R, C] along its rows, bit for bit as ops.fp8.quantize, and of
+# x^T [C, R] along x's columns (no autograd: the quantised operands only enter FP8 GEMMs).
+
+def _fp8_scale_inv_like(x: Tensor, rows: int, cols: int, tiling: str) -> Tensor:
+    """scale_inv of a [rows, cols] quantisation: [rows, 1] ("row"), or [rows, ceil(cols/128)]
+    column-major ("1x128")."""
+    if tiling == "row":
+        return x.new_empty(rows, 1, dtype=torch.float32)
+    return x.new_empty(-(-cols // 128), rows, dtype=torch.float32).t()
+
+
+@custom_op("megatron_qwen2::fp8_quantize", mutates_args=())
+def fp8_quantize(x: Tensor, tiling: str, with_transpose: bool) -> list[Tensor]:
+    """x [R, C] (fp32 / bf16 / fp16) -> [data e4m3 [R, C], scale_inv] with tiling "row" or "1x128",
+    and with_transpose also [data_t [C, R], scale_inv_t]: the quantisation of x.t() (x read once,
+    or twice for "row", whose column amaxes need every row first)."""
+    return _ext().fp8_quantize(x, tiling, with_transpose)
+
+
+@fp8_quantize.register_fake
+def _(x, tiling, with_transpose):
+    r, c = x.shape
+    out = [x.new_empty(r, c, dtype=torch.float8_e4m3fn), _fp8_scale_inv_like(x, r, c, tiling)]
+    if with_transpose:
+        out += [x.new_empty(c, r, dtype=torch.float8_e4m3fn), _fp8_scale_inv_like(x, c, r, tiling)]
+    return out
+
+
+@custom_op("megatron_qwen2::fp8_quantize_tensorwise", mutates_args=())
+def fp8_quantize_tensorwise(x: Tensor, with_transpose: bool) -> list[Tensor]:
+    """x [R, C] -> [data e4m3 [R, C], scale_inv []] with one scale, and with_transpose also data_t
+    [C, R] (the same scale). The amax is reduced on the device: no host synchronisation."""
+    return _ext().fp8_quantize_tensorwise(x, with_transpose)
+
+
+@fp8_quantize_tensorwise.register_fake
+def _(x, with_transpose):
+    r, c = x.shape
+    out = [x.new_empty(r, c, dtype=torch.float8_e4m3fn), x.new_empty((), dtype=torch.float32)]
+    if with_transpose:
+        out.append(x.new_empty(c, r, dtype=torch.float8_e4m3fn))
+    return out

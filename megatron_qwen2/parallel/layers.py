@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron_qwen2.ops.fp8 import Fp8, Fp8Tensor, gemm, pad_rows, quantize
+from megatron_qwen2.ops.fp8 import Fp8, Fp8Tensor, gemm, pad_rows, quantize_pair
 from megatron_qwen2.parallel.mappings import (copy_to_tp, gather_from_sp, reduce_from_tp,
                                               reduce_scatter_to_sp)
 from megatron_qwen2.parallel.shard import KvReplica, Shard, set_shard, shard_of
@@ -119,11 +119,10 @@ class _Fp8Linear(torch.autograd.Function):
         rows = x2.shape[0]
         x2 = pad_rows(x2, rcp.token_multiple)
         wq, wt = fp8.weights.get(weight, rcp)
-        xq = quantize(x2, rcp.activation_tiling, rcp.input_dtype)
+        xq, xt = quantize_pair(x2, rcp.activation_tiling, rcp.input_dtype)
         y = gemm(xq, wq, x.dtype)[:rows]
         if bias is not None:
             y = y + bias
-        xt = xq.t() if xq.tiling == "tensor" else quantize(x2.t(), rcp.activation_tiling, rcp.input_dtype)
         ctx.save_for_backward(xt.data, xt.scale_inv, weight)
         ctx.recipe, ctx.weight_t, ctx.x_shape, ctx.has_bias = rcp, wt, x.shape, bias is not None
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -133,9 +132,8 @@ class _Fp8Linear(torch.autograd.Function):
         xt_data, xt_scale, weight = ctx.saved_tensors
         rcp, rows = ctx.recipe, dy.numel() // dy.shape[-1]
         dy2 = pad_rows(dy.reshape(rows, dy.shape[-1]), rcp.token_multiple)
-        dyq = quantize(dy2, rcp.activation_tiling, rcp.grad_dtype)
+        dyq, dyt = quantize_pair(dy2, rcp.activation_tiling, rcp.grad_dtype)
         dx = gemm(dyq, ctx.weight_t, dy.dtype)[:rows].view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        dyt = dyq.t() if dyq.tiling == "tensor" else quantize(dy2.t(), rcp.activation_tiling, rcp.grad_dtype)
         dw = gemm(dyt, Fp8Tensor(xt_data, xt_scale, rcp.activation_tiling), torch.float32)
         db = dy2.sum(0) if ctx.has_bias else None
         return dx, add_weight_grad(weight, dw), db, None
