@@ -23,8 +23,8 @@ FLOP count.
 --fp8 tensorwise rowwise blockwise also measures our step with train.fp8 set to each recipe
 (ops/fp8.py), after the bf16 step and in the same run; their MFU uses the same bf16 FLOP count.
 
---profile adds torch.profiler over 2 more steps of ours: time per op class and the top kernels
-(bench/profile_summary.py), also written into the JSON.
+--profile adds torch.profiler over 2 more steps of ours (and of each --fp8 recipe): time per op
+class and the top kernels (bench/profile_summary.py), also written into the JSON.
 """
 
 from __future__ import annotations
@@ -303,7 +303,11 @@ def main(argv=None) -> int:
         if prof is not None:
             print(format_summary(prof), flush=True)
         for fp8 in args.fp8:
-            rows.append(measure_ours(mcfg, args, device, flops_per_token, ceiling, fp8)[0])
+            row, fp8_prof = measure_ours(mcfg, args, device, flops_per_token, ceiling, fp8)
+            if fp8_prof is not None:
+                print(format_summary(fp8_prof), flush=True)
+                row["profile"] = fp8_prof
+            rows.append(row)
     from bench import train_baselines
 
     if args.hf:

@@ -91,7 +91,8 @@ class Fp8Tensor:
       "tensor"  []                  one scale
       "row"     [R, 1]              one per row
       "1x128"   [R, ceil(C/128)]    one per 128 columns of a row; column-major (stride (1, R))
-      "128x128" [ceil(R/128), ceil(C/128)]  one per block, row-major
+      "128x128" [ceil(R/128), ceil(C/128)]  one per block, row-major with its rows 16-byte aligned
+                (a row stride rounded up to a multiple of 4)
     These are the layouts torch._scaled_mm takes for A, and (transposed) for B.
     """
 
@@ -119,7 +120,7 @@ class Fp8Tensor:
         if self.tiling == "tensor":
             return Fp8Tensor(self.data.t().contiguous(), self.scale_inv, "tensor")
         if self.tiling == "128x128":
-            return Fp8Tensor(self.data.t().contiguous(), self.scale_inv.t().contiguous(), "128x128")
+            return Fp8Tensor(self.data.t().contiguous(), _aligned_rows(self.scale_inv.t()), "128x128")
         raise ValueError(f"a {self.tiling} quantisation does not transpose: quantise the transposed source")
 
 
@@ -130,6 +131,15 @@ def _scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     m = FP8_MAX[dtype]
     return (x.float() * scale).clamp(-m, m).to(dtype)
+
+
+def _aligned_rows(s: torch.Tensor) -> torch.Tensor:
+    """s [R, C] stored with a row stride that is a multiple of 4 (16 bytes of fp32), as cuBLASLt
+    reads 128 x 128 block scales; the padding is never read as a scale."""
+    r, c = s.shape
+    store = s.new_zeros(r, -(-c // 4) * 4)
+    store[:, :c] = s
+    return store[:, :c]
 
 
 def _pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -190,7 +200,7 @@ def quantize_reference(x: torch.Tensor, tiling: str, dtype: torch.dtype = E4M3) 
         blocks = _pad_to(x, nr * BLOCK, nc * BLOCK).view(nr, BLOCK, nc, BLOCK)
         scale = _scale(blocks.abs().amax(dim=(1, 3)), dtype)  # [nr, nc]
         data = _cast(blocks, scale.view(nr, 1, nc, 1), dtype).view(nr * BLOCK, nc * BLOCK)[:r, :c].contiguous()
-        return Fp8Tensor(data, scale.reciprocal(), tiling)
+        return Fp8Tensor(data, _aligned_rows(scale.reciprocal()), tiling)
     raise ValueError(f"unknown tiling {tiling!r}")
 
 

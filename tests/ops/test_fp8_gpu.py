@@ -29,7 +29,8 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("name", RECIPES)
-@pytest.mark.parametrize("tokens,k,n", [(4096, 3584, 4608), (8192, 3584, 2560), (1000, 896, 1152), (136, 256, 384)])
+@pytest.mark.parametrize("tokens,k,n", [(4096, 3584, 4608), (8192, 3584, 2560), (1000, 896, 1152), (136, 256, 384),
+                                         (256, 128, 256), (512, 2368, 3696)])
 def test_linear_gemms_against_the_exact_product(name, tokens, k, n):
     torch.manual_seed(0)
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -58,7 +59,9 @@ def test_the_emulated_product_is_the_gpu_product(name):
     a, b = torch.randn(512, 1024, dtype=torch.bfloat16), torch.randn(768, 1024, dtype=torch.bfloat16)
     cpu = gemm(quantize(a, r.activation_tiling), quantize(b, r.weight_tiling), torch.float32)
     gpu = gemm(quantize(a.cuda(), r.activation_tiling), quantize(b.cuda(), r.weight_tiling), torch.float32)
-    assert rel(gpu.cpu(), cpu) < 1e-5  # fp32 accumulation in another order
+    # Hopper's FP8 tensor cores accumulate with fewer bits than fp32 (DeepSeek-V3 reports about
+    # 14): the products differ from the fp32 emulation by ~1e-4.
+    assert rel(gpu.cpu(), cpu) < 5e-4
 
 
 @pytest.mark.parametrize("name", RECIPES)
