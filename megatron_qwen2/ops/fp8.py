@@ -91,8 +91,7 @@ class Fp8Tensor:
       "tensor"  []                  one scale
       "row"     [R, 1]              one per row
       "1x128"   [R, ceil(C/128)]    one per 128 columns of a row; column-major (stride (1, R))
-      "128x128" [ceil(R/128), ceil(C/128)]  one per block, row-major with its rows 16-byte aligned
-                (a row stride rounded up to a multiple of 4)
+      "128x128" [ceil(R/128), ceil(C/128)]  one per block, row-major
     These are the layouts torch._scaled_mm takes for A, and (transposed) for B.
     """
 
@@ -120,7 +119,7 @@ class Fp8Tensor:
         if self.tiling == "tensor":
             return Fp8Tensor(self.data.t().contiguous(), self.scale_inv, "tensor")
         if self.tiling == "128x128":
-            return Fp8Tensor(self.data.t().contiguous(), _aligned_rows(self.scale_inv.t()), "128x128")
+            return Fp8Tensor(self.data.t().contiguous(), self.scale_inv.t().contiguous(), "128x128")
         raise ValueError(f"a {self.tiling} quantisation does not transpose: quantise the transposed source")
 
 
@@ -131,15 +130,6 @@ def _scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     m = FP8_MAX[dtype]
     return (x.float() * scale).clamp(-m, m).to(dtype)
-
-
-def _aligned_rows(s: torch.Tensor) -> torch.Tensor:
-    """s [R, C] stored with a row stride that is a multiple of 4 (16 bytes of fp32), as cuBLASLt
-    reads 128 x 128 block scales; the padding is never read as a scale."""
-    r, c = s.shape
-    store = s.new_zeros(r, -(-c // 4) * 4)
-    store[:, :c] = s
-    return store[:, :c]
 
 
 def _pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -200,7 +190,7 @@ def quantize_reference(x: torch.Tensor, tiling: str, dtype: torch.dtype = E4M3) 
         blocks = _pad_to(x, nr * BLOCK, nc * BLOCK).view(nr, BLOCK, nc, BLOCK)
         scale = _scale(blocks.abs().amax(dim=(1, 3)), dtype)  # [nr, nc]
         data = _cast(blocks, scale.view(nr, 1, nc, 1), dtype).view(nr * BLOCK, nc * BLOCK)[:r, :c].contiguous()
-        return Fp8Tensor(data, _aligned_rows(scale.reciprocal()), tiling)
+        return Fp8Tensor(data, scale.reciprocal(), tiling)
     raise ValueError(f"unknown tiling {tiling!r}")
 
 
@@ -214,20 +204,33 @@ def _scale_b(b: Fp8Tensor) -> torch.Tensor:
     return b.scale_inv if b.tiling == "tensor" else b.scale_inv.t()
 
 
-def _whole_k_blocks(q: Fp8Tensor) -> torch.Tensor:
-    """q's data with zero columns up to a whole number of 128-wide blocks: cuBLASLt's blockwise
-    GEMMs read whole K blocks (and zeros add nothing to the product)."""
+# cuBLASLt's blockwise GEMMs read K in whole groups of 4 blocks: their scale rows are 16-byte
+# aligned (4 fp32) and torch._scaled_mm passes them unpadded; with another count of K blocks the
+# product is wrong, silently (tests/ops/test_fp8_gpu.py covers such shapes).
+K_BLOCK_GROUP = 4 * BLOCK
+
+
+def _whole_k_groups(q: Fp8Tensor) -> Fp8Tensor:
+    """q with zero columns up to a multiple of K_BLOCK_GROUP and zero scales for the blocks added:
+    the same product (zeros add nothing), in the shape cuBLASLt's blockwise GEMMs read."""
     k = q.data.shape[1]
-    if q.tiling in ("1x128", "128x128") and k % BLOCK:
-        return F.pad(q.data.view(torch.uint8), (0, BLOCK - k % BLOCK)).view(q.data.dtype)
-    return q.data
+    if q.tiling not in ("1x128", "128x128") or k % K_BLOCK_GROUP == 0:
+        return q
+    cols = -(-k // K_BLOCK_GROUP) * K_BLOCK_GROUP
+    data = F.pad(q.data.view(torch.uint8), (0, cols - k)).view(q.data.dtype)
+    s = q.scale_inv
+    if q.tiling == "1x128":  # column-major [R, nc]: pad as the transpose, then view back
+        scale = F.pad(s.t(), (0, 0, 0, cols // BLOCK - s.shape[1])).t()
+    else:
+        scale = F.pad(s, (0, cols // BLOCK - s.shape[1]))
+    return Fp8Tensor(data, scale, q.tiling)
 
 
 def gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """a [M, K] @ b [N, K]^T -> [M, N] in out_dtype; torch._scaled_mm on CUDA, else dequantised fp32."""
     if a.data.is_cuda:
-        return torch._scaled_mm(_whole_k_blocks(a), _whole_k_blocks(b).t(), a.scale_inv, _scale_b(b),
-                                out_dtype=out_dtype)
+        a, b = _whole_k_groups(a), _whole_k_groups(b)
+        return torch._scaled_mm(a.data, b.data.t(), a.scale_inv, _scale_b(b), out_dtype=out_dtype)
     return (a.dequantize() @ b.dequantize().t()).to(out_dtype)
 
 
