@@ -117,25 +117,33 @@ def main(argv=None) -> int:
         plot(*args.plot)
         return 0
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    runs = [train_curve(args, fp8, device) for fp8 in args.recipes]
+    out = args.out or str(ROOT / "bench" / "results" /
+                          f"fp8_numerics_qwen2_0.5b_{device_slug()}_{datetime.date.today().isoformat()}.json")
+    runs = []
+    for fp8 in args.recipes:  # the file is written after each run: a cut-short call keeps the finished ones
+        runs.append(train_curve(args, fp8, device))
+        write(out, args, argv, runs)
+    return 0
+
+
+def write(out: str, args, argv, runs: list[dict]) -> None:
     base = next((r for r in runs if r["fp8"] == "none"), None)
     for r in runs:
         if base is not None and r is not base:
             r["relative_to_bf16"] = r["mean_loss_last_100"] / base["mean_loss_last_100"] - 1
             r["bound"] = BOUNDS[r["fp8"]]
             r["within_bound"] = abs(r["relative_to_bf16"]) <= r["bound"] and not r["diverged"]
-        print(f"{r['fp8']:>10}: mean loss of the last 100 steps {r['mean_loss_last_100']:.4f}"
-              + (f" ({100 * r['relative_to_bf16']:+.3f} % of bf16, bound {100 * r['bound']:.2f} %)"
-                 if "relative_to_bf16" in r else "") + f", {r['skipped_steps']} skipped, {r['seconds']:.0f} s")
-    out = args.out or str(ROOT / "bench" / "results" /
-                          f"fp8_numerics_qwen2_0.5b_{device_slug()}_{datetime.date.today().isoformat()}.json")
+    r = runs[-1]
+    print(f"{r['fp8']:>10}: mean loss of the last 100 steps {r['mean_loss_last_100']:.4f}"
+          + (f" ({100 * r['relative_to_bf16']:+.3f} % of bf16, bound {100 * r['bound']:.2f} %)"
+             if "relative_to_bf16" in r else "") + f", {r['skipped_steps']} skipped, {r['seconds']:.0f} s", flush=True)
     payload = {"what": "loss curves of bf16 and FP8 recipes, same seed, weights and batches",
                "command": " ".join(["python bench/fp8_numerics.py", *(argv if argv is not None else sys.argv[1:])]),
                "model": "Qwen2-0.5B architecture, vocabulary 4096 (the project's tokenizer)",
                "data": "built-in corpus (Python standard library source), "
                        f"{args.gbs} x {args.seq} tokens per step",
                "config": vars(args), "runs": runs}
-    print(f"wrote {write_result_file(out, payload)}")
+    print(f"wrote {write_result_file(out, payload)}", flush=True)
     return 0
 
 
