@@ -99,10 +99,6 @@ class Fp8Tensor:
     scale_inv: torch.Tensor
     tiling: str
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.data.shape
-
     def dequantize(self) -> torch.Tensor:
         """The fp32 values the FP8 data and scales stand for."""
         r, c = self.data.shape
@@ -254,8 +250,9 @@ def no_fp8_gemms(name: str, capability: tuple[int, int]) -> Optional[str]:
 
 class Fp8Weights:
     """The FP8 copies of the weights of one model: W and W^T of each, made at their first use after
-    `clear()`. The training step clears it after each optimizer step (and a checkpoint load), so a
-    weight is quantised once per optimizer step, not once per micro-batch."""
+    `clear()`. The training step clears it when a step or a validation begins (the weights may have
+    changed since: an update, a checkpoint load), so a weight is quantised once per optimizer step,
+    not once per micro-batch."""
 
     def __init__(self):
         self._copies: dict[tuple[int, Optional[int]], tuple[torch.Tensor, Fp8Tensor, Fp8Tensor]] = {}
