@@ -164,7 +164,7 @@ def write(out: str, args, argv, runs: list[dict]) -> None:
     r = runs[-1]
     print(f"{r['fp8']:>10}: mean loss of the last 100 steps {r['mean_loss_last_100']:.4f}"
           + (f" ({100 * r['relative_to_bf16']:+.3f} % of bf16, bound {100 * r['bound']:.2f} %)"
-             if "relative_to_bf16" in r else "") + f", {r['skipped_steps']} skipped, {r['steps']} steps in {r['seconds']:.0f} s", flush=True)
+             if "relative_to_bf16" in r else "") + f", {r['skipped_steps']} skipped, {len(r['losses'])} steps in {r['seconds']:.0f} s", flush=True)
     payload = {"what": "loss curves of bf16 and FP8 recipes, same seed, weights and batches",
                "command": " ".join(["python bench/fp8_numerics.py", *(argv if argv is not None else sys.argv[1:])]),
                "model": "Qwen2-0.5B architecture, vocabulary 4096 (the project's tokenizer)",
