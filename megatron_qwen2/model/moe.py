@@ -98,7 +98,7 @@ class _Fp8GroupedLinear(torch.autograd.Function):
         rcp = fp8.recipe
         padded = [-(-c // rcp.token_multiple) * rcp.token_multiple for c in counts]
         keep = _rows_kept(counts, padded, x.device)
-        wq, wt = fp8.weights.get(weight, rcp)
+        wq, wt = fp8.weights.get(weight, rcp, experts=True)
         xq, xt = quantize_pair(_pad_groups(x, keep, sum(padded)), rcp.activation_tiling, rcp.input_dtype)
         y = _unpad_groups(grouped_gemm(xq, wq, padded, x.dtype, fp8.grouped_gemms), keep)
         ctx.save_for_backward(weight, xt.data, xt.scale_inv, keep)

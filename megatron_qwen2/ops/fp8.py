@@ -358,15 +358,16 @@ class Fp8Weights:
     def clear(self) -> None:
         self._copies.clear()
 
-    def get(self, weight: torch.Tensor, rcp: Fp8Recipe) -> tuple[Fp8Tensor, Fp8Tensor]:
+    def get(self, weight: torch.Tensor, rcp: Fp8Recipe, experts: bool = False) -> tuple[Fp8Tensor, Fp8Tensor]:
         """(W, W^T) of `weight` viewed as [-1, in], quantised for the forward and the input gradient;
-        of a routed experts' 3D weight [G, out, in], each expert's, stacked (`Fp8Tensor.expert`)."""
+        with `experts`, of each expert of a routed experts' weight [G, out, in], stacked
+        (`Fp8Tensor.expert`)."""
         held = self._copies.get(id(weight))
         if held is not None and held[0] is weight:
             return held[1], held[2]
         with torch.no_grad():
             w = weight.detach()
-            if w.dim() == 3:
+            if experts:
                 wq, wt = _quantize_experts(w, rcp)
             else:
                 wq, wt = quantize_pair(w.reshape(-1, w.shape[-1]), rcp.weight_tiling, rcp.weight_dtype)
