@@ -100,6 +100,9 @@ def concat_batches(parts: Sequence[Batch]) -> Batch:
         out.document_ids = torch.cat([p.document_ids if p.document_ids is not None
                                       else torch.zeros(p.tokens.shape[0], p.tokens.shape[1] - 1, dtype=torch.long)
                                       for p in parts])
+    for name in ("pair_side", "reference_logps"):  # preference rows: every part has them, or none does
+        if all(getattr(p, name) is not None for p in parts):
+            setattr(out, name, torch.cat([getattr(p, name) for p in parts]))
     return out
 
 
