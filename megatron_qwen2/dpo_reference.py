@@ -7,8 +7,8 @@ preference dataset (by its name, `path (train|valid)`) a [pairs, 2] float64 tabl
 rejected response's log-probability, by pair index, and the description of what they were computed
 from (`meta`: the reference, the model, train.dtype and a digest of each dataset's rows). A start
 whose description equals the file's reads it (a resumed run computes nothing); any other computes
-the tables again, with the policy's chunks holding the reference weights, before `restore` loads the
-policy's own.
+the tables again, with the policy's chunks holding the reference weights for that pass (their own
+weights are kept on the CPU meanwhile and put back).
 """
 
 from __future__ import annotations
@@ -61,9 +61,15 @@ def prepare_reference(cfg: Config, trainer: TrainingStep, parts: list[Preference
             p.attach_reference(stored["logps"][p.name].numpy())
         say(f"DPO reference: log-probabilities read from {path}")
         return
-    if src is not None:
+    starting = None
+    if src is not None:  # the policy's chunks hold the reference for the pass, then their own weights again
+        starting = [p.detach().to("cpu", copy=True) for p in trainer.params]
         load_weights(src, trainer.chunks, trainer.topo)
     tables = {p.name: dataset_logps(trainer, p) for p in parts}
+    if starting is not None:
+        with torch.no_grad():
+            for p, weights in zip(trainer.params, starting):
+                p.copy_(weights)
     for p in parts:
         p.attach_reference(tables[p.name])
     if trainer.topo.rank == 0:
