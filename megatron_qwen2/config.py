@@ -485,7 +485,7 @@ def resolve_config(cfg, world_size: int | None = None) -> Config:
 # ---------------------------------------------------------------------------------------------
 # Resuming: which fields a checkpoint and the run that continues it must share
 
-# Fields that define the model, the data order or the batch: a run may continue a checkpoint only
+# Fields that define the model, the data order, the batch or the DPO objective: a run may continue a checkpoint only
 # when they are equal (train.resume=force overrides). Patterns over dotted names; RESUME_MAY_CHANGE
 # lists the exceptions. Every other field (steps, intervals, logging, eval, checkpointing, the
 # optimizer, precision, the parallel layout, wandb) may change on resume.
