@@ -45,7 +45,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import device_name, device_slug, write_result_file  # noqa: E402
-from bench.train_throughput import model_config, memory, reset_memory, sync  # noqa: E402
+from bench.train_throughput import (check_batch_args, memory, model_config, pick_device, reset_memory,  # noqa: E402
+                                    sync)
 
 BETA = 0.1
 LR = 1e-6
@@ -302,24 +303,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--commit", default=None)
     ap.add_argument("--out", default=None, help="result JSON (default: bench/results/dpo_throughput_<model>_<device>.json)")
-    args = ap.parse_args(argv)
-    if args.gbs is None:
-        args.gbs = 8 * args.mbs
-    for name in ("seq", "mbs", "gbs", "steps", "pairs"):
-        if getattr(args, name) <= 0:
-            ap.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if args.gbs % args.mbs:
-        ap.error(f"--gbs {args.gbs} is not a multiple of --mbs {args.mbs}")
-    return args
+    return check_batch_args(ap, ap.parse_args(argv), ("seq", "mbs", "gbs", "steps", "pairs"))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but no CUDA device is available")
-    device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    device = pick_device(args)
     mcfg = model_config(args.model, args.layers)
     pairs = make_pairs(args.pairs, tuple(args.prompt_words), tuple(args.response_words), args.seed)
     ids = tokenised(pairs)

@@ -26,7 +26,6 @@ A cut response loses its end (and its <|im_end|>); `PreferenceDataset.truncated`
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -36,7 +35,7 @@ from tokenizers import Tokenizer
 
 from megatron_qwen2.data.batch import Batch, make_batch
 from megatron_qwen2.data.sampler import EpochShuffle, SampleDataset, Seed
-from megatron_qwen2.data.sft import render_chat
+from megatron_qwen2.data.sft import jsonl_records, render_chat
 from megatron_qwen2.errors import DataError
 
 FORMAT_HINT = ('{"prompt": [messages] or "text", "chosen": [assistant messages] or "text", '
@@ -86,22 +85,7 @@ def render_pair(record, tok: Tokenizer, where: str) -> Pair:
 
 def load_pairs(path: Path, tok: Tokenizer) -> list[Pair]:
     """Every pair of a preference jsonl file, rendered and tokenised, in file order."""
-    pairs = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-                pairs.append(render_pair(record, tok, where))
-    except OSError as err:
-        raise DataError(f"preference file {path}: cannot be read ({err.strerror or err}); correct data.paths") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"preference file {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    pairs = [render_pair(record, tok, where) for where, record in jsonl_records(path, "preference file")]
     if not pairs:
         raise DataError(f"{path}: holds no preference pairs")
     return pairs
