@@ -146,8 +146,8 @@ class TrainingStep:
         return sums
 
     def validation_loss(self, batch: Batch) -> float:
-        """Mean token loss of a global batch, forwards only (no gradients, no update); `batch` holds
-        this dp rank's rows of it, as in __call__."""
+        """Mean token loss (DPO: mean pair loss) of a global batch, forwards only (no gradients, no
+        update); `batch` holds this dp rank's rows of it, as in __call__."""
         self._weights_changed()
         result = self._losses(self._microbatches(batch), batch, forward_only=True, aux_coef=0.0)
         return self._sum_over_ranks(result.loss_sum.reshape(1)).item() / self.total_micro
