@@ -2,7 +2,7 @@
 Hugging Face models in a plain loop, on the same preference pairs, in the same run.
 
     python bench/dpo_throughput.py --model qwen2_1.5b [--layers N] [--seq 4096] [--mbs 1] [--gbs 8]
-        [--steps 10] [--warmup 3] [--baseline trl hf-loop] [--device auto|cuda|cpu] [--out FILE]
+        [--steps 10] [--warmup 3] [--baseline trl hf-loop] [--no-pack] [--device auto|cuda|cpu] [--out FILE]
 
 The pairs: `--pairs` prompts and responses of random words (seeded), tokenised with the
 repository's tokenizer (ids below every Qwen2 vocabulary); prompts of `--prompt-words` and responses
@@ -11,8 +11,9 @@ trains on those pairs, gbs pairs per optimizer step, mbs pairs per micro-batch, 
 initial weights, with its reference equal to the policy's start (so each first loss is ln 2):
 
 - megatron_qwen2: `TrainingStep` with data.format=preference (engine/dpo.py), bf16 compute with fp32
-  masters, the frozen reference in bf16 (`ReferenceModel`), a pair per row of `--seq` + 1 tokens
-  (two documents, packed-document attention);
+  masters, the frozen reference in bf16 (`ReferenceModel`), rows of `--seq` + 1 tokens packed with
+  whole pairs (data.preference_packing; `--no-pack`: one pair per row), two documents each, with
+  packed-document attention; a step is gbs rows, mbs rows per micro-batch;
 - trl: TRL's DPOTrainer (sigmoid loss, beta 0.1, bf16=True: fp32 weights and autocast, its reference a
   copy of the policy), the pairs given as text; each timed step is one optimizer step of its own
   sampling of the pairs;
@@ -130,7 +131,7 @@ class OurDpoStep:
         from megatron_qwen2.parallel import Topology
 
         self.cfg = Config(model=mcfg, optim=OptimConfig(lr=LR, warmup_steps=0, schedule="constant", weight_decay=0.0),
-                          data=DataConfig(format="preference", paths=["(bench pairs)"]),
+                          data=DataConfig(format="preference", paths=["(bench pairs)"], preference_packing=args.pack),
                           train=TrainConfig(seq_length=args.seq, micro_batch_size=args.mbs, global_batch_size=args.gbs,
                                             dtype="bf16", seed=args.seed),
                           device=device.type).validate(1)
@@ -141,14 +142,14 @@ class OurDpoStep:
                 ref.copy_(p)
         arr = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
         pairs = [Pair(arr(p), arr(c), np.ones(len(c), bool), arr(r), np.ones(len(r), bool)) for p, c, r in ids]
-        self.data = PreferenceDataset(pairs, args.seq, args.seed, pad_id=0, vocab_size=mcfg.vocab_size)
+        self.data = PreferenceDataset(pairs, args.seq, args.seed, pad_id=0, vocab_size=mcfg.vocab_size, pack=args.pack)
         self.ids, self.gbs, self.at = ids, args.gbs, 0
 
     def __call__(self):
-        idx = np.arange(self.at, self.at + self.gbs) % len(self.ids)
+        idx = np.arange(self.at, self.at + self.gbs)
         self.at += self.gbs
-        loss = self.step(self.data.pair_rows(idx), self.cfg.optim.lr).loss
-        return loss, sum(pair_tokens(self.ids[i]) for i in idx)
+        loss = self.step(self.data.samples(idx), self.cfg.optim.lr).loss
+        return loss, sum(pair_tokens(self.ids[i]) for r in self.data.order(idx) for i in self.data.rows[r])
 
 
 def sequence_logps(model, input_ids, attention_mask, counted):
@@ -290,14 +291,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="qwen2_1.5b", help="a bench/train_throughput.py preset or conf/model name")
     ap.add_argument("--layers", type=int, default=None)
-    ap.add_argument("--seq", type=int, default=4096, help="our row: seq + 1 tokens hold one pair")
-    ap.add_argument("--mbs", type=int, default=1, help="pairs per micro-batch")
-    ap.add_argument("--gbs", type=int, default=None, help="pairs per optimizer step (default: 8 x mbs)")
+    ap.add_argument("--seq", type=int, default=4096, help="our rows: seq + 1 tokens")
+    ap.add_argument("--mbs", type=int, default=1, help="per micro-batch: our rows, the baselines' pairs")
+    ap.add_argument("--gbs", type=int, default=None, help="per optimizer step: our rows, the baselines' pairs "
+                    "(default: 8 x mbs)")
+    ap.add_argument("--no-pack", dest="pack", action="store_false", help="our rows: one pair each")
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
     ap.add_argument("--pairs", type=int, default=256, help="distinct preference pairs")
-    ap.add_argument("--prompt-words", type=int, nargs=2, default=(150, 400), metavar=("MIN", "MAX"))
-    ap.add_argument("--response-words", type=int, nargs=2, default=(300, 700), metavar=("MIN", "MAX"))
+    ap.add_argument("--prompt-words", type=int, nargs=2, default=(30, 150), metavar=("MIN", "MAX"))
+    ap.add_argument("--response-words", type=int, nargs=2, default=(60, 250), metavar=("MIN", "MAX"))
     ap.add_argument("--baseline", nargs="*", default=["trl", "hf-loop"], choices=("trl", "hf-loop"))
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--seed", type=int, default=1234)
@@ -349,7 +352,7 @@ def main(argv=None) -> int:
         "model": args.model,
         "model_config": dict(vars(mcfg)),
         "config": {"seq": args.seq, "mbs": args.mbs, "gbs": args.gbs, "steps": args.steps, "warmup": args.warmup,
-                   "pairs": args.pairs, "prompt_words": list(args.prompt_words),
+                   "pairs": args.pairs, "packed": args.pack, "prompt_words": list(args.prompt_words),
                    "response_words": list(args.response_words), "mean_pair_tokens": mean, "longest_pair_tokens": longest,
                    "beta": BETA, "lr": LR, "seed": args.seed, "ln2": math.log(2)},
         "results": rows,

@@ -238,6 +238,8 @@ class DataConfig:
     # data.format=sft: pack several conversations per row (each attends within itself, positions
     # restart per conversation) instead of one padded conversation per row.
     sft_packing: bool = False
+    # data.format=preference: pack several whole pairs per row (two documents each) instead of one per row.
+    preference_packing: bool = False
 
     def validate(self) -> "DataConfig":
         _finite(self, "data")
@@ -269,6 +271,8 @@ class DataConfig:
                      "themselves and their positions restart)")
         _require(self.format == "sft" or not self.sft_packing,
                  f"data.sft_packing=true needs data.format=sft, got data.format={self.format!r}")
+        _require(self.format == "preference" or not self.preference_packing,
+                 f"data.preference_packing=true needs data.format=preference, got data.format={self.format!r}")
         return self
 
 

@@ -76,7 +76,7 @@ def prepare_reference(cfg: Config, trainer: TrainingStep, parts: list[Preference
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         torch.save({"meta": meta, "logps": {name: torch.from_numpy(t) for name, t in tables.items()}}, tmp)
         os.replace(tmp, path)
-    say(f"DPO reference: log-probabilities of {sum(len(p) for p in parts)} pairs computed from "
+    say(f"DPO reference: log-probabilities of {sum(len(p.pairs) for p in parts)} pairs computed from "
         f"{src if src is not None else 'the seeded initialisation'} into {path}")
 
 
@@ -95,7 +95,7 @@ def dataset_logps(trainer: TrainingStep, dataset: PreferenceDataset) -> np.ndarr
     """[pairs, 2]: the log-probabilities of every pair's responses under the weights the trainer's chunks
     hold, in global batches of pairs in file order (the last one filled up with the first pairs)."""
     topo, gbs = trainer.topo, trainer.cfg.train.global_batch_size
-    n, local = len(dataset), gbs // topo.dp
+    n, local = len(dataset.pairs), gbs // topo.dp
     out = np.zeros((n, 2), dtype=np.float64)
     for start in range(0, n, gbs):
         indices = np.arange(start, start + gbs) % n

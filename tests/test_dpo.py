@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_qwen2.config import Config, DataConfig, DpoConfig, ModelConfig, OptimConfig, TrainConfig
-from megatron_qwen2.data import ensure_chat_tokens, load_tokenizer, render_chat
+from megatron_qwen2.data import build_datasets, ensure_chat_tokens, load_tokenizer, render_chat
 from megatron_qwen2.dpo_reference import REFERENCE_LOGPS_FILE
 from megatron_qwen2.errors import ConfigError
 from megatron_qwen2.train import train
@@ -89,13 +89,8 @@ def hf_logps(checkpoints):
     return hf_response_logps(policy, tok), hf_response_logps(reference, tok)
 
 
-@pytest.mark.parametrize("dpo", [DpoConfig(), DpoConfig(beta=0.5, label_smoothing=0.2), DpoConfig(loss="ipo", beta=0.3)],
-                         ids=["sigmoid", "sigmoid-smoothed", "ipo"])
-def test_step1_loss_and_rewards_match_transformers(tmp_path, checkpoints, hf_logps, dpo):
-    policy, reference = checkpoints
-    dpo.reference = str(reference / "native")
-    train(config(dpo=dpo, init_from=str(policy / "native")), tmp_path)
-    step1 = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+def assert_step1_matches(step1: dict, hf_logps, dpo: DpoConfig) -> None:
+    """Step 1's loss and reward means (over all the file's pairs) against those of the HF log-probabilities."""
     pi, ref = hf_logps
     logits = (pi[:, 0] - pi[:, 1]) - (ref[:, 0] - ref[:, 1])
     if dpo.loss == "sigmoid":
@@ -105,11 +100,34 @@ def test_step1_loss_and_rewards_match_transformers(tmp_path, checkpoints, hf_log
         losses = (logits - 1 / (2 * dpo.beta)) ** 2
     chosen, rejected = dpo.beta * (pi[:, 0] - ref[:, 0]), dpo.beta * (pi[:, 1] - ref[:, 1])
     assert abs(chosen.mean().item()) > 1e-3 and abs(rejected.mean().item()) > 1e-3  # the reference differs
+    assert step1["dpo_pairs"] == PAIRS
     assert step1["loss"] == pytest.approx(losses.mean().item(), rel=1e-5)
     assert step1["dpo_chosen_reward"] == pytest.approx(chosen.mean().item(), rel=1e-5)
     assert step1["dpo_rejected_reward"] == pytest.approx(rejected.mean().item(), rel=1e-5)
     assert step1["dpo_margin"] == pytest.approx((chosen - rejected).mean().item(), rel=1e-5)
     assert step1["dpo_accuracy"] == (chosen > rejected).double().mean().item()
+
+
+@pytest.mark.parametrize("dpo", [DpoConfig(), DpoConfig(beta=0.5, label_smoothing=0.2), DpoConfig(loss="ipo", beta=0.3)],
+                         ids=["sigmoid", "sigmoid-smoothed", "ipo"])
+def test_step1_loss_and_rewards_match_transformers(tmp_path, checkpoints, hf_logps, dpo):
+    policy, reference = checkpoints
+    dpo.reference = str(reference / "native")
+    train(config(dpo=dpo, init_from=str(policy / "native")), tmp_path)
+    assert_step1_matches(json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0]), hf_logps, dpo)
+
+
+def test_packed_pairs_give_the_same_step1(tmp_path, checkpoints, hf_logps):
+    """Several pairs per row (two documents each): the same losses and rewards as pairs run alone."""
+    policy, reference = checkpoints
+    data = DataConfig(format="preference", paths=[str(PREFERENCE)], preference_packing=True)
+    rows = len(build_datasets(data, 400, TrainConfig().seed)[0])
+    assert rows < PAIRS
+    cfg = config(dpo=DpoConfig(reference=str(reference / "native")), init_from=str(policy / "native"),
+                 seq_length=400, global_batch_size=rows, micro_batch_size=1)
+    cfg.data.preference_packing = True
+    train(cfg, tmp_path)
+    assert_step1_matches(json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0]), hf_logps, DpoConfig())
 
 
 @pytest.mark.parametrize("precompute", [False, True], ids=["frozen-model", "precomputed"])
@@ -212,6 +230,6 @@ def test_a_malformed_line_exits_2_naming_file_and_line_before_the_model_is_built
 def test_response_logps_are_the_masked_sums():
     from megatron_qwen2.engine.dpo import response_logps
 
-    token_loss = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]])
-    side = torch.tensor([[0, 1, 1, 2, 0]])
-    assert response_logps(token_loss, side, None).tolist() == [[-5.0, -4.0]]
+    token_loss = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]])
+    side = torch.tensor([[0, 1, 1, 2, 0, 4, 3]])  # slot 0: chosen, rejected; slot 1: rejected, chosen
+    assert response_logps(token_loss, side, 2, None).tolist() == [[[-5.0, -4.0], [-7.0, -6.0]]]

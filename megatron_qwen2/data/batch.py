@@ -20,9 +20,11 @@ class Batch:
     loss_mask: Optional[torch.Tensor] = None  # [b, s] float, 1 where label tokens[:, j+1] counts; None: all
     position_ids: Optional[torch.Tensor] = None  # [b, s] int64; None: 0..s-1 in every row
     document_ids: Optional[torch.Tensor] = None  # [b, s] int64, row-local; attention stays inside a document
-    # Preference rows (data/preference.py, engine/dpo.py): per label, 1 where it counts for the chosen
-    # response, 2 for the rejected one, 0 elsewhere ([b, s] int64); and the reference model's
-    # log-probabilities of each row's chosen and rejected response ([b, 2] float64) when precomputed.
+    # Preference rows (data/preference.py, engine/dpo.py) hold pairs in K slots: `pairs` [b, K] bool,
+    # slot k of the row holds a pair; `pair_side` [b, s] int64, per label 2k+1 where it counts for the
+    # chosen response of slot k, 2k+2 for the rejected one, 0 elsewhere; `reference_logps` [b, K, 2]
+    # float64, the reference model's log-probabilities of each slot's chosen and rejected response.
+    pairs: Optional[torch.Tensor] = None
     pair_side: Optional[torch.Tensor] = None
     reference_logps: Optional[torch.Tensor] = None
 

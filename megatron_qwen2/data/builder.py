@@ -142,7 +142,8 @@ def build_datasets(data_cfg, seq_length: int, seed: int) -> tuple[SampleDataset,
             pairs = load_pairs(Path(path).expanduser(), tok)
             ranges = split_documents(len(pairs), split, path)
             make = lambda r, k: PreferenceDataset(pairs[r[0]:r[1]], seq_length, [seed, i, k], eod,  # noqa: E731
-                                                  vocab_size, name=f"{path} ({('train', 'valid')[k]})")
+                                                  vocab_size, pack=data_cfg.preference_packing,
+                                                  name=f"{path} ({('train', 'valid')[k]})")
         else:
             data = open_indexed(path)
             ranges = split_documents(len(data), split, path)

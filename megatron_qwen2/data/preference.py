@@ -13,8 +13,8 @@ closing <|im_end|> (assistant turns of the prompt only condition).
 
 A row of seq_length + 1 tokens holds one pair as two documents, prompt + chosen then prompt +
 rejected (attention stays inside each, positions restart at 0), and the end-of-document padding
-as a third, never counted. `Batch.pair_side` says for each label whether it counts for the chosen
-(1) or the rejected (2) response. A pair that does not fit (2 x prompt + chosen + rejected > seq_length
+as a third, never counted; with data.preference_packing=true it holds as many whole pairs as fit, two
+documents each. `Batch.pair_side` says for each label which response of which pair it counts for. A pair that does not fit (2 x prompt + chosen + rejected > seq_length
 + 1 = W tokens) is cut:
 1. the prompt keeps its last tokens, as many as the responses leave room for, but at least W // 4
    (when it is longer than that);
@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 from tokenizers import Tokenizer
 
 from megatron_qwen2.data.batch import Batch, make_batch
 from megatron_qwen2.data.sampler import EpochShuffle, SampleDataset, Seed
-from megatron_qwen2.data.sft import jsonl_records, render_chat
+from megatron_qwen2.data.sft import jsonl_records, pack_conversations, render_chat
 from megatron_qwen2.errors import DataError
 
 FORMAT_HINT = ('{"prompt": [messages] or "text", "chosen": [assistant messages] or "text", '
@@ -104,28 +105,33 @@ def cut_lengths(prompt: int, chosen: int, rejected: int, width: int) -> tuple[in
 
 
 class PreferenceDataset(SampleDataset):
-    """Preference pairs as samples, one per row; epoch e visits them in a permutation of (seed, e).
+    """Preference pairs as samples: one pair per row, or with `pack` as many whole pairs per row as fit
+    (bins filled in a seeded order as SFT packing fills them; a pair longer than the row gets a row of
+    its own and is cut). Epoch e visits the rows in a permutation of (seed, e).
 
     `reference` ([pairs, 2] float64, set by `attach_reference`) holds the reference model's
     log-probabilities of each pair's chosen and rejected response, by pair index; samples then carry
     theirs in `Batch.reference_logps`."""
 
     def __init__(self, pairs: Sequence[Pair], seq_length: int, seed: Seed, pad_id: int, vocab_size: int,
-                 name: str = "preference pairs"):
+                 pack: bool = False, name: str = "preference pairs"):
         if seq_length < 3:
             raise ValueError(f"seq_length must be >= 3 for preference rows, got {seq_length}")
         self.pairs, self.seq_length, self.pad_id, self.vocab_size = list(pairs), seq_length, pad_id, vocab_size
-        self.name = name
-        self.order = EpochShuffle(len(self.pairs), seed)
+        self.name, self.pack = name, pack
         width = seq_length + 1
-        self.truncated = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) > width for p in self.pairs)
+        lengths = [2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in self.pairs]
+        pack_seed = ([seed] if isinstance(seed, int) else list(seed)) + [1]  # not the epochs' permutations
+        self.rows = pack_conversations(lengths, width, pack_seed) if pack else [[i] for i in range(len(self.pairs))]
+        self.order = EpochShuffle(len(self.rows), seed)
+        self.truncated = sum(n > width for n in lengths)
         self.reference: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.rows)
 
     def fingerprint(self) -> str:
-        """A digest of the rows this dataset makes (tokens and counted labels of every pair, in order)."""
+        """A digest of the pairs' rows (tokens and counted labels of every pair, in order, and the row width)."""
         h = hashlib.sha256(f"{self.seq_length}".encode())
         for p in self.pairs:
             for a in (p.prompt, p.chosen, p.chosen_mask, p.rejected, p.rejected_mask):
@@ -141,32 +147,45 @@ class PreferenceDataset(SampleDataset):
         self.reference = logps
 
     def samples(self, indices: np.ndarray) -> Batch:
-        return self.pair_rows(self.order(indices))
+        return self.make_rows([self.rows[r] for r in self.order(indices)])
 
     def pair_rows(self, pair_indices: np.ndarray) -> Batch:
-        """Rows of the pairs `pair_indices` (indices into `pairs`, in that order)."""
-        n, width = len(pair_indices), self.seq_length + 1
+        """One row per pair of `pair_indices` (indices into `pairs`, in that order), whether or not the
+        dataset packs (the pass that precomputes the reference's log-probabilities)."""
+        return self.make_rows([[int(i)] for i in pair_indices])
+
+    def make_rows(self, rows: Sequence[Sequence[int]]) -> Batch:
+        """Rows holding the pairs `rows[j]` (pair indices) each: pair k of a row is its slot k, its chosen
+        and rejected documents 2k and 2k + 1; the padding after the last pair is one more document."""
+        n, width, slots = len(rows), self.seq_length + 1, max(len(r) for r in rows)
         tokens = np.full((n, width), self.pad_id, dtype=np.int64)
-        side = np.zeros((n, width), dtype=np.int64)  # per token: 1/2 where it counts for chosen/rejected
-        documents = np.full((n, width), 2, dtype=np.int64)  # the padding: document 2
-        for row, i in enumerate(pair_indices):
-            pair = self.pairs[int(i)]
-            p, c, r = cut_lengths(len(pair.prompt), len(pair.chosen), len(pair.rejected), width)
-            prompt = pair.prompt[len(pair.prompt) - p:]
+        side = np.zeros((n, width), dtype=np.int64)  # per token: 2k+1 / 2k+2 where it counts for slot k
+        documents = np.zeros((n, width), dtype=np.int64)
+        present = np.zeros((n, slots), dtype=bool)
+        reference = np.zeros((n, slots, 2), dtype=np.float64)
+        for row, pair_indices in enumerate(rows):
             at = 0
-            for doc, (ids, mask, k) in enumerate(((pair.chosen, pair.chosen_mask, c),
-                                                  (pair.rejected, pair.rejected_mask, r))):
-                tokens[row, at:at + p] = prompt
-                tokens[row, at + p:at + p + k] = ids[:k]
-                side[row, at + p:at + p + k] = np.where(mask[:k], doc + 1, 0)
-                documents[row, at:at + p + k] = doc
-                at += p + k
+            for slot, i in enumerate(pair_indices):
+                pair = self.pairs[i]
+                p, c, r = cut_lengths(len(pair.prompt), len(pair.chosen), len(pair.rejected), width)
+                prompt = pair.prompt[len(pair.prompt) - p:]
+                for half, (ids, mask, k) in enumerate(((pair.chosen, pair.chosen_mask, c),
+                                                       (pair.rejected, pair.rejected_mask, r))):
+                    tokens[row, at:at + p] = prompt
+                    tokens[row, at + p:at + p + k] = ids[:k]
+                    side[row, at + p:at + p + k] = np.where(mask[:k], 2 * slot + half + 1, 0)
+                    documents[row, at:at + p + k] = 2 * slot + half
+                    at += p + k
+                present[row, slot] = True
+                if self.reference is not None:
+                    reference[row, slot] = self.reference[i]
+            documents[row, at:] = 2 * len(pair_indices)  # the padding
         # Label j is token j + 1: it counts for the response that token belongs to.
         batch = make_batch(tokens, documents[:, :-1], (side[:, 1:] > 0).astype(np.float32), True, True)
-        batch.pair_side = batch.loss_mask.new_tensor(side[:, 1:]).long()
+        batch.pair_side = torch.from_numpy(np.ascontiguousarray(side[:, 1:]))
+        batch.pairs = torch.from_numpy(present)
         if self.reference is not None:
-            batch.reference_logps = batch.loss_mask.new_tensor(self.reference[np.asarray(pair_indices, dtype=np.int64)]
-                                                               ).double()
+            batch.reference_logps = torch.from_numpy(reference)
         return batch
 
 

@@ -77,8 +77,8 @@ class StepResult:
     # This rank's MoE layers (every stage's), by global layer index: load, drops and z-loss summed
     # over this rank's micro-batches, each counted once.
     moe_load: dict[int, MoELoad] = field(default_factory=dict)
-    # Preference rows, last stage: each micro-batch's response log-probabilities [mbs, 2] (chosen,
-    # rejected; detached) by micro-batch index, and with a DpoConfig the sums of its pairs' rewards and
+    # Preference rows, last stage: each micro-batch's response log-probabilities [mbs, slots, 2]
+    # (chosen, rejected; detached) by micro-batch index, and with a DpoConfig the sums of its pairs' rewards and
     # right rankings ([3], PairTerms.metric_sums) over this rank's micro-batches (on cp rank 0 only).
     sequence_logps: dict[int, torch.Tensor] = field(default_factory=dict)
     dpo_sums: Optional[torch.Tensor] = None
@@ -94,8 +94,10 @@ class LocalMicroBatch:
     document_ids: Optional[torch.Tensor]
     loss_mask: Optional[torch.Tensor]
     counted: Union[int, torch.Tensor]  # labels of the whole micro-batch (all cp shares) that count in the loss
-    pair_side: Optional[torch.Tensor]  # preference rows: the response each label counts for (Batch.pair_side)
-    reference_logps: Optional[torch.Tensor]  # [b, 2] per row, whole (not cut over cp)
+    # Preference rows (Batch.pairs, .pair_side, .reference_logps): only pair_side is cut over cp.
+    pairs: Optional[torch.Tensor]
+    pair_side: Optional[torch.Tensor]
+    reference_logps: Optional[torch.Tensor]
 
 
 def local_microbatch(mb: Batch, cp: int, cp_rank: int) -> LocalMicroBatch:
@@ -107,7 +109,7 @@ def local_microbatch(mb: Batch, cp: int, cp_rank: int) -> LocalMicroBatch:
                            positions=share(mb.positions()), document_ids=share(mb.document_ids),
                            loss_mask=share(mb.loss_mask),
                            counted=mb.loss_mask.sum() if mb.loss_mask is not None else mb.tokens[:, 1:].numel(),
-                           pair_side=share(mb.pair_side), reference_logps=mb.reference_logps)
+                           pairs=mb.pairs, pair_side=share(mb.pair_side), reference_logps=mb.reference_logps)
 
 
 class PipelineRunner:
@@ -196,7 +198,7 @@ class PipelineRunner:
         normalisation); without num_tokens it is loss_scale * the micro-batch's masked mean.
 
         With `dpo` (preference rows with reference_logps) the token-loss term is replaced by the sum of
-        the micro-batch's pair losses / num_pairs (the pairs of the global batch); every cp rank
+        the micro-batch's pair losses / num_pairs (the pairs of the whole global batch); every cp rank
         computes it from the cp-summed log-probabilities, and loss_sum counts it on cp rank 0.
         """
         cp, cp_rank = self.topo.cp, self.topo.cp_rank
@@ -234,12 +236,12 @@ class PipelineRunner:
                 if stage == self.last_stage:
                     logps = None
                     if mb.pair_side is not None:
-                        logps = response_logps(out.token_loss, mb.pair_side, self.topo.groups.cp.pg)
+                        logps = response_logps(out.token_loss, mb.pair_side, mb.pairs.shape[1], self.topo.groups.cp.pg)
                         sequence_logps[a.microbatch] = logps.detach()
                     if dpo is not None:
                         if logps is None or mb.reference_logps is None:
                             raise ValueError("a DPO step needs preference rows with the reference's log-probabilities")
-                        terms = pair_terms(logps, mb.reference_logps, dpo)
+                        terms = pair_terms(logps, mb.reference_logps, mb.pairs, dpo)
                         loss = terms.losses.sum() / num_pairs
                         if cp_rank == 0:  # every cp rank computed the same pair losses: count them once
                             loss_sum += loss.detach() / loss_scale

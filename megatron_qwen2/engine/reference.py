@@ -35,6 +35,6 @@ class ReferenceModel:
         """The micro-batches with the reference's response log-probabilities attached (on the last
         pipeline stage; the other stages, which compute no loss, get zeros)."""
         logps = self.runner.forward_only(micro, loss_scale=1.0, aux_coef=0.0).sequence_logps
-        return [replace(mb, reference_logps=logps.get(i, torch.zeros(len(mb), 2, dtype=torch.float64,
+        return [replace(mb, reference_logps=logps.get(i, torch.zeros(*mb.pairs.shape, 2, dtype=torch.float64,
                                                                         device=mb.tokens.device)))
                 for i, mb in enumerate(micro)]

@@ -118,22 +118,23 @@ class TrainingStep:
         return micro
 
     def _losses(self, micro: list[Batch], batch: Batch, forward_only: bool, aux_coef: float):
-        """The runner over this rank's micro-batches: the DPO objective for preference rows (its pairs are
-        the global batch's rows), else the mean over the global batch's counted labels."""
+        """The runner over this rank's micro-batches and the count its mean is over: the DPO objective
+        over the global batch's pairs for preference rows, else the mean over its counted labels."""
         run = self.runner.forward_only if forward_only else self.runner.run
         if self.cfg.is_dpo:
+            num_pairs = self._global_count(int(batch.pairs.sum()))
             return run(micro, loss_scale=1.0 / self.total_micro, aux_coef=aux_coef, dpo=self.cfg.dpo,
-                       num_pairs=self.cfg.train.global_batch_size)
-        return run(micro, loss_scale=1.0 / self.total_micro, aux_coef=aux_coef,
-                   num_tokens=self._global_loss_tokens(batch))
+                       num_pairs=num_pairs), num_pairs
+        num_tokens = self._global_count(batch.num_loss_tokens())
+        return run(micro, loss_scale=1.0 / self.total_micro, aux_coef=aux_coef, num_tokens=num_tokens), num_tokens
 
-    def _global_loss_tokens(self, batch: Batch) -> int:
-        """Counted labels of the whole global batch: this rank's rows' count summed over the dp ranks
-        (the tp, cp and pp ranks of one dp rank hold the same rows)."""
+    def _global_count(self, local: int) -> int:
+        """A count over this rank's rows (counted labels, pairs) summed over the dp ranks: the whole
+        global batch's (the tp, cp and pp ranks of one dp rank hold the same rows)."""
         dp = self.topo.groups.dp
         if dp.pg is None:
-            return batch.num_loss_tokens()
-        count = torch.tensor([batch.num_loss_tokens()], dtype=torch.int64, device=self.device)
+            return local
+        count = torch.tensor([local], dtype=torch.int64, device=self.device)
         dist.all_reduce(count, group=dp.pg)
         return int(count.item())
 
@@ -149,14 +150,15 @@ class TrainingStep:
         """Mean token loss (DPO: mean pair loss) of a global batch, forwards only (no gradients, no
         update); `batch` holds this dp rank's rows of it, as in __call__."""
         self._weights_changed()
-        result = self._losses(self._microbatches(batch), batch, forward_only=True, aux_coef=0.0)
+        result, _ = self._losses(self._microbatches(batch), batch, forward_only=True, aux_coef=0.0)
         return self._sum_over_ranks(result.loss_sum.reshape(1)).item() / self.total_micro
 
     @torch.no_grad()
     def global_response_logps(self, batch: Batch) -> torch.Tensor:
         """[global_batch_size, 2] float64 on the CPU of every rank: the log-probabilities of the chosen and
-        rejected response of each row of a global batch of preference rows under the current weights;
-        `batch` holds this dp rank's rows of it (as in __call__). Forwards only."""
+        rejected response of each row of a global batch of preference rows of one pair each
+        (PreferenceDataset.pair_rows) under the current weights; `batch` holds this dp rank's rows of it
+        (as in __call__). Forwards only."""
         self._weights_changed()
         t, topo = self.cfg.train, self.topo
         micro = batch.to(self.device).split(t.micro_batch_size)
@@ -164,7 +166,7 @@ class TrainingStep:
         out = torch.zeros(t.global_batch_size, 2, dtype=torch.float64, device=self.device)
         if result.sequence_logps and topo.tp_rank == 0 and topo.cp_rank == 0:  # one copy of each row: the last stage's
             out[topo.dp_rank * self.local_samples:(topo.dp_rank + 1) * self.local_samples] = torch.cat(
-                [result.sequence_logps[i] for i in range(len(micro))])
+                [result.sequence_logps[i][:, 0] for i in range(len(micro))])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(out)
         return out.cpu()
@@ -178,7 +180,7 @@ class TrainingStep:
         self.grads.start_step(len(micro))
         # Every micro-batch of the global batch weighs 1/total_micro, whichever rank runs it.
         with torch.profiler.record_function("forward_backward"):
-            result = self._losses(micro, batch, forward_only=False, aux_coef=self.cfg.model.aux_loss_coef)
+            result, count = self._losses(micro, batch, forward_only=False, aux_coef=self.cfg.model.aux_loss_coef)
         with torch.profiler.record_function("grad_finish"):
             self.grads.finish(before_deferred=lambda ps: sum_tied_embedding_grads(ps, self.reductions.tied_embedding))
             sync_tp_grads(self.params, self.reductions.tp.pg)
@@ -192,4 +194,4 @@ class TrainingStep:
         return StepOutcome(loss=sums[0].item() / total_micro, aux_loss=sums[1].item() / total_micro,
                            grad_norm=grad_norm, skipped=not (loss_finite and math.isfinite(grad_norm)),
                            moe_load=result.moe_load,
-                           dpo=DpoMetrics.of(sums[2:], self.cfg.train.global_batch_size) if self.cfg.is_dpo else None)
+                           dpo=DpoMetrics.of(sums[2:], count) if self.cfg.is_dpo else None)

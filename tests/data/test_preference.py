@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from megatron_qwen2.config import DataConfig
@@ -103,3 +104,30 @@ def test_a_bad_line_is_named_with_its_file_and_line(tmp_path, tok, line, needle)
     path.write_text(PREFERENCE.read_text().splitlines()[0] + "\n\n" + line + "\n")
     with pytest.raises(DataError, match=rf"^{path}:3: .*{needle}"):
         load_pairs(path, tok)
+
+
+def test_packed_rows_hold_whole_pairs_in_slots(tok):
+    pairs = load_pairs(PREFERENCE, tok)
+    unpacked = PreferenceDataset(pairs, 400, seed=2, pad_id=0, vocab_size=4096)
+    packed = PreferenceDataset(pairs, 400, seed=2, pad_id=0, vocab_size=4096, pack=True)
+    assert len(packed) < len(pairs) and sorted(i for r in packed.rows for i in r) == list(range(8))
+    packed.attach_reference(np.arange(16, dtype=np.float64).reshape(8, 2))
+    batch = packed.batch_at(0, len(packed))
+    assert batch.pairs.shape == (len(packed), max(len(r) for r in packed.rows))
+    seen = []
+    for row in range(len(packed)):
+        held = [i for i in packed.rows[int(packed.order(np.array([row]))[0])]]
+        assert batch.pairs[row].tolist() == [k < len(held) for k in range(batch.pairs.shape[1])]
+        alone = unpacked.pair_rows(np.array(held))
+        at = 0
+        for slot, i in enumerate(held):  # each slot is the pair's own row, moved along and relabelled
+            n = int((alone.document_ids[slot] < 2).sum())  # the pair's tokens
+            assert torch.equal(batch.tokens[row, at:at + n], alone.tokens[slot, :n])
+            side = alone.pair_side[slot, :n - 1]
+            assert torch.equal(batch.pair_side[row, at:at + n - 1], torch.where(side > 0, side + 2 * slot, 0))
+            assert batch.reference_logps[row, slot].tolist() == [2.0 * i, 2.0 * i + 1]
+            assert set(batch.document_ids[row, at:at + n].tolist()) == {2 * slot, 2 * slot + 1}
+            at += n
+            seen.append(i)
+        assert (batch.pair_side[row, at - 1:] == 0).all()
+    assert sorted(seen) == list(range(8))
