@@ -16,12 +16,14 @@ class ReferenceModel:
     """The frozen reference: this rank's chunks of the same layout as the policy, in train.dtype, without
     gradients or optimizer state, and a pipeline runner of their own that runs forwards only.
 
-    Its weights start as the policy's seeded initialisation; train.py loads dpo.reference or
-    train.init_from into `chunks` (checkpoint.load_weights)."""
+    Its weights start as the policy's seeded initialisation (drawn on `device` with `init_on_device`,
+    as TrainingStep's); train.py loads dpo.reference or train.init_from into `chunks`
+    (checkpoint.load_weights)."""
 
-    def __init__(self, cfg: Config, topo: Topology, device: torch.device, dtype: torch.dtype):
+    def __init__(self, cfg: Config, topo: Topology, device: torch.device, dtype: torch.dtype,
+                 init_on_device: bool = False):
         t = cfg.train
-        with torch.device("cpu"):
+        with torch.device(device if init_on_device else "cpu"):
             self.chunks = build_model_chunks(cfg.model, cfg.parallel, topo)
             for chunk in self.chunks:
                 chunk.init_weights(t.seed)

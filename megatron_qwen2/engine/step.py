@@ -96,7 +96,7 @@ class TrainingStep:
         self.total_micro = t.global_batch_size // t.micro_batch_size  # over all dp ranks
         self.local_samples = t.global_batch_size // topo.dp
         # DPO: the frozen reference in the same layout, unless its log-probabilities come with the data.
-        self.reference = (ReferenceModel(cfg, topo, device, self.dtype)
+        self.reference = (ReferenceModel(cfg, topo, device, self.dtype, init_on_device)
                           if cfg.is_dpo and not cfg.dpo.precompute_reference else None)
 
     def _weights_changed(self) -> None:
