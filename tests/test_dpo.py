@@ -215,16 +215,23 @@ def test_a_malformed_line_exits_2_naming_file_and_line_before_the_model_is_built
     bad.write_text(PREFERENCE.read_text().splitlines()[0] + '\n{"prompt": "a", "chosen": "b", "rejected": " "}\n')
     proc = subprocess.run([sys.executable, "-m", "megatron_qwen2.train", "model=tiny", "data.format=preference",
                            f"data.paths=[{bad}]", f"hydra.run.dir={tmp_path / 'run'}"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == f"error: {bad}:2: the rejected response is empty"
     assert "parameters" not in proc.stdout  # stopped before the model was built
-    missing = subprocess.run([sys.executable, "-m", "megatron_qwen2.train", "model=tiny", "data.format=preference",
-                              f"data.paths=[{PREFERENCE}]", f"dpo.reference={tmp_path / 'none'}",
-                              f"hydra.run.dir={tmp_path / 'run2'}"], capture_output=True, text=True, timeout=120,
-                             cwd=ROOT)
-    assert missing.returncode == 2 and missing.stderr.strip() == f"error: checkpoint {tmp_path / 'none'} does not exist"
-    assert "parameters" not in missing.stdout
+
+
+def test_a_missing_reference_stops_before_the_model_is_built(tmp_path, monkeypatch):
+    from megatron_qwen2 import train as train_module
+    from megatron_qwen2.train import exit_code_of
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was built before the reference was checked")
+
+    monkeypatch.setattr(train_module, "TrainingStep", refuse)
+    with pytest.raises(ConfigError, match=f"^checkpoint {tmp_path / 'none'} does not exist$") as err:
+        train(config(dpo=DpoConfig(reference=str(tmp_path / "none"))), tmp_path / "run")
+    assert exit_code_of(err.value) == 2
 
 
 def test_response_logps_are_the_masked_sums():
