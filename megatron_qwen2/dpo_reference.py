@@ -5,7 +5,8 @@ The reference is dpo.reference, else train.init_from, else the seeded initialisa
 starts from. Precomputed log-probabilities live in RUN_DIR/dpo_reference_logps.pt: for each
 preference dataset (by its name, `path (train|valid)`) a [pairs, 2] float64 table of the chosen and
 rejected response's log-probability, by pair index, and the description of what they were computed
-from (`meta`: the reference, the model, train.dtype and a digest of each dataset's rows). A start
+from (`meta`: the reference, the model, train.dtype and train.fp8, and a digest of each dataset's
+pairs). A start
 whose description equals the file's reads it (a resumed run computes nothing); any other computes
 the tables again, with the policy's chunks holding the reference weights for that pass (their own
 weights are kept on the CPU meanwhile and put back).
@@ -52,7 +53,7 @@ def prepare_reference(cfg: Config, trainer: TrainingStep, parts: list[Preference
         say(f"DPO reference: {src if src is not None else 'the seeded initialisation'} (frozen, same layout)")
         return
     meta = {"reference": str(src) if src is not None else f"seeded initialisation, train.seed={cfg.train.seed}",
-            "model": dataclasses.asdict(cfg.model), "dtype": cfg.train.dtype,
+            "model": dataclasses.asdict(cfg.model), "dtype": cfg.train.dtype, "fp8": cfg.train.fp8,
             "datasets": {p.name: p.fingerprint() for p in parts}}
     path = run_dir / REFERENCE_LOGPS_FILE
     stored = _read_on_rank0(path)

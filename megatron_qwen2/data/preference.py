@@ -13,9 +13,9 @@ closing <|im_end|> (assistant turns of the prompt only condition).
 
 A row of seq_length + 1 tokens holds one pair as two documents, prompt + chosen then prompt +
 rejected (attention stays inside each, positions restart at 0), and the end-of-document padding
-as a third, never counted; with data.preference_packing=true it holds as many whole pairs as fit, two
-documents each. `Batch.pair_side` says for each label which response of which pair it counts for. A pair that does not fit (2 x prompt + chosen + rejected > seq_length
-+ 1 = W tokens) is cut:
+as a third, never counted; with data.preference_packing=true it holds as many whole pairs as fit,
+two documents each. `Batch.pair_side` says for each label which response of which pair it counts
+for. A pair that does not fit (2 x prompt + chosen + rejected > seq_length + 1 = W tokens) is cut:
 1. the prompt keeps its last tokens, as many as the responses leave room for, but at least W // 4
    (when it is longer than that);
 2. the responses then share the rest, R = W - 2 x prompt: a response shorter than R / 2 stays whole
