@@ -6,10 +6,9 @@ starts from. Precomputed log-probabilities live in RUN_DIR/dpo_reference_logps.p
 preference dataset (by its name, `path (train|valid)`) a [pairs, 2] float64 table of the chosen and
 rejected response's log-probability, by pair index, and the description of what they were computed
 from (`meta`: the reference, the model, train.dtype and train.fp8, and a digest of each dataset's
-pairs). A start
-whose description equals the file's reads it (a resumed run computes nothing); any other computes
-the tables again, with the policy's chunks holding the reference weights for that pass (their own
-weights are kept on the CPU meanwhile and put back).
+pairs). A start whose description equals the file's reads it (a resumed run computes nothing); any
+other computes the tables again, with the policy's chunks holding the reference weights for that
+pass (their own weights are kept on the CPU meanwhile and put back).
 """
 
 from __future__ import annotations
