@@ -43,11 +43,13 @@ WANDB_GROUPS = {
 
 
 def wandb_name(key: str) -> str:
-    """The grouped wandb name of a metrics.jsonl key (moe_* -> moe/*, anything else -> train/*)."""
+    """The grouped wandb name of a metrics.jsonl key (moe_* -> moe/*, dpo_* -> dpo/*, anything else -> train/*)."""
     if key in WANDB_GROUPS:
         return WANDB_GROUPS[key]
     if key.startswith("moe_"):
         return "moe/" + key[4:]
+    if key.startswith("dpo_"):
+        return "dpo/" + key[4:]
     return "train/" + key
 
 

@@ -234,6 +234,17 @@ def test_a_missing_reference_stops_before_the_model_is_built(tmp_path, monkeypat
     assert exit_code_of(err.value) == 2
 
 
+def test_dpo_metrics_are_grouped_in_wandb():
+    from megatron_qwen2.engine.dpo import DpoMetrics
+    from megatron_qwen2.metrics import wandb_name
+
+    metrics = DpoMetrics.of(torch.tensor([1.0, -3.0, 2.0]), 4).as_metrics()
+    assert metrics == {"dpo_pairs": 4, "dpo_chosen_reward": 0.25, "dpo_rejected_reward": -0.75, "dpo_margin": 1.0,
+                       "dpo_accuracy": 0.5}
+    assert [wandb_name(k) for k in metrics] == ["dpo/pairs", "dpo/chosen_reward", "dpo/rejected_reward",
+                                                "dpo/margin", "dpo/accuracy"]
+
+
 def test_response_logps_are_the_masked_sums():
     from megatron_qwen2.engine.dpo import response_logps
 
