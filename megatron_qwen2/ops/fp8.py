@@ -113,8 +113,10 @@ class Fp8Tensor:
         return self.data.float() * s
 
     def expert(self, e: int) -> "Fp8Tensor":
-        """Expert e's quantisation of a stacked 3D one."""
-        return Fp8Tensor(self.data[e], self.scale_inv[e], self.tiling)
+        """Expert e's quantisation of a stacked 3D one. A tensorwise scale is copied out: cuBLASLt
+        refuses a scale pointer that is not 16-byte aligned (CUBLAS_STATUS_NOT_SUPPORTED)."""
+        scale = self.scale_inv[e].clone() if self.tiling == "tensor" else self.scale_inv[e]
+        return Fp8Tensor(self.data[e], scale, self.tiling)
 
     def rows(self, start: int, end: int) -> "Fp8Tensor":
         """Rows [start, end) of a 2D activation quantisation, in the layout the GEMMs take."""
