@@ -361,18 +361,18 @@ class Fp8Weight:
     W^T is a quantisation of its own, made with w and kept (`rowwise_t`)."""
 
     w: Fp8Tensor
-    rowwise_t: Optional[Fp8Tensor] = None
+    cached_t: Optional[Fp8Tensor] = None
 
     def t(self) -> Fp8Tensor:
-        return self.rowwise_t if self.rowwise_t is not None else self.w.t()
+        return self.cached_t if self.cached_t is not None else self.w.t()
 
     def nbytes(self) -> int:
-        return self.w.nbytes() + (0 if self.rowwise_t is None else self.rowwise_t.nbytes())
+        return self.w.nbytes() + (0 if self.cached_t is None else self.cached_t.nbytes())
 
 
-def _quantize_weight(w: torch.Tensor, rcp: Fp8Recipe) -> Fp8Weight:
+def _quantize_weight(w: torch.Tensor, rcp: Fp8Recipe, keep_t: bool = False) -> Fp8Weight:
     pair = quantize_pair(w.reshape(-1, w.shape[-1]), rcp.weight_tiling, rcp.weight_dtype,
-                         transpose=rcp.weight_tiling == "row")
+                         transpose=keep_t or rcp.weight_tiling == "row")
     return Fp8Weight(*pair)
 
 
@@ -381,8 +381,8 @@ def _quantize_experts(w: torch.Tensor, rcp: Fp8Recipe) -> Fp8Weight:
     by expert, so that no second copy of the whole is made."""
     stacked = None
     for e in range(w.shape[0]):
-        q = _quantize_weight(w[e], rcp)
-        parts = [q.w] if q.rowwise_t is None else [q.w, q.rowwise_t]
+        q = _quantize_weight(w[e], rcp, keep_t=True)
+        parts = [q.w, q.cached_t]
         if stacked is None:
             stacked = [(p.data.new_empty((w.shape[0],) + p.data.shape),
                         p.scale_inv.new_empty((w.shape[0],) + p.scale_inv.shape)) for p in parts]
