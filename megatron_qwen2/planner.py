@@ -45,10 +45,10 @@ CONTEXT_ALLOWANCE_GIB = 3.0
 # four 72B-shaped layers at tp 2 with sequence parallelism, 16 micro-batches, 452 TFLOP/s per GPU.
 DEFAULT_EFFICIENCY = 0.457
 # train.fp8: the step time of the 7B-width 4-layer slice, bf16 over FP8, each measured beside the
-# other in one run (bench/results/train_throughput_qwen2_7b_fp8_h200.json); the planner divides the
+# other in one run (bench/results/train_throughput_qwen2_7b_fp8_h100.json); the planner divides the
 # bf16 step time by it. The slice's bf16 vocabulary head is a third of its FLOPs, so for a full-depth
 # model this understates the gain.
-FP8_STEP_SPEEDUP = {"tensorwise": 1.212, "rowwise": 1.196, "blockwise": 1.132}
+FP8_STEP_SPEEDUP = {"tensorwise": 1.113, "rowwise": 1.148, "blockwise": 1.052}
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -73,14 +73,18 @@ def stage_parameters(cfg: Config) -> list[list[torch.nn.Parameter]]:
     return [[q for chunk in chunks for q in chunk.parameters()] for chunks in stage_chunks(cfg)]
 
 
-def fp8_weights(chunks: list[torch.nn.Module]) -> tuple[int, int, int]:
-    """(elements of the weights whose GEMMs run in FP8, elements of the largest weight gradient one
-    GEMM writes: a whole weight, or one expert's, elements of the largest such weight) in `chunks`:
-    the weights of every module that holds an `Fp8`."""
+def fp8_weights(chunks: list[torch.nn.Module]) -> tuple[int, int, int, int]:
+    """(elements of the dense weights whose GEMMs run in FP8, elements of the routed experts' ones,
+    elements of the largest weight gradient one GEMM writes: a whole weight, or one expert's,
+    elements of the largest dense FP8 weight) in `chunks`: the weights of every module that holds
+    an `Fp8`."""
     weights = [w for chunk in chunks for m in chunk.modules() if getattr(m, "fp8", None) is not None
                for w in m.parameters(recurse=False) if w.dim() >= 2]
-    per_gemm = [w.numel() // w.shape[0] if w.dim() == 3 else w.numel() for w in weights]
-    return sum(w.numel() for w in weights), max(per_gemm, default=0), max((w.numel() for w in weights), default=0)
+    experts = [w for w in weights if shard_of(w).is_expert]
+    dense = [w for w in weights if not shard_of(w).is_expert]
+    per_gemm = [w.numel() // w.shape[0] if shard_of(w).is_expert else w.numel() for w in weights]
+    return (sum(w.numel() for w in dense), sum(w.numel() for w in experts), max(per_gemm, default=0),
+            max((w.numel() for w in dense), default=0))
 
 
 def _param_counts(params: list[torch.nn.Parameter]) -> dict[str, int]:
@@ -328,7 +332,7 @@ class Plan:
 
 def _rank_memory(cfg: Config, dp: int, params: dict[str, int], largest: int, layer_ids: list[list[int]],
                  live: list[int], sends: int, is_last: bool, path: str,
-                 fp8: tuple[int, int, int] = (0, 0, 0)) -> dict[str, float]:
+                 fp8: tuple[int, int, int, int] = (0, 0, 0, 0)) -> dict[str, float]:
     """Bytes on one GPU of pipeline rank: model state, then the backward and step transients.
 
     largest: elements of the largest weight of the model on one GPU; fp8: `fp8_weights` of its chunks."""
@@ -347,8 +351,8 @@ def _rank_memory(cfg: Config, dp: int, params: dict[str, int], largest: int, lay
         "optimizer (masters + Adam m, v)": (master_b + 8) * opt_elems,
     }
     rowwise = t.fp8 == "rowwise"
-    if fp8[0]:  # ops/fp8.py Fp8Weights: W, and rowwise W^T, 1 B each (their scales are a few per 128 values)
-        mem["FP8 weight copies"] = (2 if rowwise else 1) * fp8[0]
+    if fp8[0] or fp8[1]:  # ops/fp8.py Fp8Weights: W, and W^T of rowwise and of routed experts, 1 B each
+        mem["FP8 weight copies"] = (2 if rowwise else 1) * fp8[0] + 2 * fp8[1]  # (scales: a few per 128 values)
     act = sum(k * chunk_activation_bytes(cfg, ids, path) for k, ids in zip(live, layer_ids))
     # Backward of a layer: its recomputed activations (when recomputing) plus gradients of the
     # same order of size live at once; one layer's full activations bound that.
@@ -378,11 +382,11 @@ def _rank_memory(cfg: Config, dp: int, params: dict[str, int], largest: int, lay
     # Backward: the .grad of a weight (compute dtype) exists until the hook adds it into main_grad
     # (the largest weight of the model: conservative on stages without the embedding or head).
     # An FP8 weight gradient is an fp32 GEMM output added into main_grad afterwards, slice by
-    # slice (ops/fp8.py WGRAD_SLICE_ELEMENTS); beside it, W^T of one scale or square blocks is made
-    # for the input gradient (1 B per element of the largest FP8 weight).
-    grad_transient = max((2 if bf16 else 4) * largest, 4 * min(fp8[1], WGRAD_SLICE_ELEMENTS))
-    if fp8[0] and not rowwise:
-        grad_transient += fp8[2]
+    # slice (ops/fp8.py WGRAD_SLICE_ELEMENTS); beside it, a dense W^T of one scale or square blocks
+    # is made for the input gradient (1 B per element of the largest dense FP8 weight).
+    grad_transient = max((2 if bf16 else 4) * largest, 4 * min(fp8[2], WGRAD_SLICE_ELEMENTS))
+    if not rowwise:
+        grad_transient += fp8[3]
     mem["grad transient (largest weight)"] = grad_transient
     mem["optimizer step transient"] = step_transient
     return mem

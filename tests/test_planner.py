@@ -167,11 +167,11 @@ def test_memory_estimate_against_recorded_gpu_peaks(run):
 
 @pytest.mark.parametrize("fp8", ["tensorwise", "rowwise", "blockwise"])
 def test_fp8_plan_against_the_recorded_fp8_runs(fp8):
-    """Memory and step speed-up of train.fp8 against bench/results/train_throughput_qwen2_7b_fp8_h200.json
+    """Memory and step speed-up of train.fp8 against bench/results/train_throughput_qwen2_7b_fp8_h100.json
     (the 7B-width slice, micro-batch 2, bf16 and each recipe in one run)."""
     from megatron_qwen2.planner import FP8_STEP_SPEEDUP
 
-    data = json.loads((ROOT / "bench" / "results" / "train_throughput_qwen2_7b_fp8_h200.json").read_text())
+    data = json.loads((ROOT / "bench" / "results" / "train_throughput_qwen2_7b_fp8_h100.json").read_text())
     rows = {r["system"]: r for r in data["results"]}
     bf16, row = rows["megatron_qwen2"], rows[f"megatron_qwen2_fp8_{fp8}"]
     assert FP8_STEP_SPEEDUP[fp8] == pytest.approx(row["tokens_per_s"] / bf16["tokens_per_s"], abs=1e-3)

@@ -356,9 +356,11 @@ def no_fp8_gemms(name: str, capability: tuple[int, int]) -> Optional[str]:
 @dataclass(frozen=True)
 class Fp8Weight:
     """A weight's FP8 copy along its inputs (`w`: the forward's B) and its copy along its outputs
-    (`t()`: the input gradient's B). With one scale or square blocks the latter is w transposed,
-    made when the backward asks and not kept: 1 B per parameter less held for the step; a rowwise
-    W^T is a quantisation of its own, made with w and kept (`rowwise_t`)."""
+    (`t()`: the input gradient's B). A rowwise W^T is a quantisation of its own, made with w and kept
+    (`cached_t`). With one scale or square blocks W^T is w transposed: a dense weight's is made when
+    the backward asks and not kept (1 B per parameter less held for the step); routed experts keep
+    theirs, since transposing all the experts' stack for every micro-batch costs more than the
+    bytes it saves (bench/results/fp8_grouped_qwen2_57b_a14b_h100-80gb-hbm3_2026-12-07.json)."""
 
     w: Fp8Tensor
     cached_t: Optional[Fp8Tensor] = None

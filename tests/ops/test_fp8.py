@@ -165,12 +165,15 @@ def test_weights_are_quantised_once_until_cleared():
 
 @pytest.mark.parametrize("name", ["tensorwise", "blockwise"])
 def test_transposable_weights_keep_one_copy(name):
-    """One scale or square blocks: W^T is W's copy transposed, made when asked, not kept."""
+    """One scale or square blocks: a dense W^T is W's copy transposed, made when asked, not kept;
+    routed experts keep theirs."""
     w = torch.randn(256, 384)
     weights, r = Fp8Weights(), recipe(name)
     copy = weights.get(w, r)
-    assert copy.rowwise_t is None and weights.nbytes() == w.numel() + copy.w.scale_inv.nbytes
+    assert copy.cached_t is None and weights.nbytes() == w.numel() + copy.w.scale_inv.nbytes
     assert torch.equal(copy.t().dequantize(), quantize(w.t().contiguous(), r.weight_tiling).dequantize())
+    experts = weights.get(torch.randn(2, 256, 384), r, experts=True)
+    assert experts.cached_t is not None and experts.cached_t.data.shape == (2, 384, 256)
 
 
 def test_weight_gradient_slices_cover_the_whole_product(monkeypatch):
