@@ -8,7 +8,7 @@ import torch
 from megatron_qwen2.config import ModelConfig
 from megatron_qwen2.model.moe import Experts, MoEBlock, z_loss_term
 from megatron_qwen2 import ops
-from megatron_qwen2.parallel.expert_dispatch import TokenDispatcher, capacity_mask, gather_ep_full
+from megatron_qwen2.parallel.expert_dispatch import TokenDispatcher, capacity_mask, expert_capacity, gather_ep_full
 from megatron_qwen2.parallel.topology import Topology
 from tests.distributed import run_distributed
 from megatron_qwen2.train import train
@@ -37,8 +37,9 @@ def _inputs(rank: int):
     return x, probs, ids
 
 
-def _moe_forward(x, probs, ids, dispatcher, experts):
-    rows, counts, state = dispatcher.dispatch(x, probs, ids)
+def _moe_forward(x, probs, ids, dispatcher, experts, capacity=None):
+    keep = None if capacity is None else capacity_mask(ids, probs, E, expert_capacity(x.shape[0], K, E, capacity))
+    rows, counts, state = dispatcher.dispatch(x, probs, ids, keep)
     return dispatcher.combine(experts(rows, counts), state), state.dropped
 
 
@@ -67,7 +68,7 @@ def _dispatch_worker(rank, world):
         x, probs, ids = _inputs(rank)
         x.requires_grad_()
         probs.requires_grad_()
-        out, _ = _moe_forward(x, probs, ids, TokenDispatcher(E, topo.groups.ep.pg, capacity), experts)
+        out, _ = _moe_forward(x, probs, ids, TokenDispatcher(E, topo.groups.ep.pg), experts, capacity)
         (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
         grads = [gather_ep_full(p, p.grad, topo.groups.ep.pg) for p in experts.parameters()]
         results.append((out.detach(), x.grad, probs.grad, grads))
@@ -81,12 +82,12 @@ def test_dispatcher_matches_one_process():
     for c, capacity in enumerate(CAPACITIES):
         results = [r[c] for r in per_rank]
         experts = _make_experts(cfg, Topology.single())
-        dispatcher = TokenDispatcher(E, None, capacity)
+        dispatcher = TokenDispatcher(E, None)
         for rank, (out, dx, dprobs, _) in enumerate(results):
             x, probs, ids = _inputs(rank)
             x.requires_grad_()
             probs.requires_grad_()
-            ref, dropped = _moe_forward(x, probs, ids, dispatcher, experts)
+            ref, dropped = _moe_forward(x, probs, ids, dispatcher, experts, capacity)
             (ref * torch.arange(ref.numel(), dtype=ref.dtype).view_as(ref)).sum().backward()
             torch.testing.assert_close(out, ref.detach(), rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(dx, x.grad, rtol=1e-12, atol=1e-12)
