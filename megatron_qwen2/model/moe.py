@@ -280,10 +280,12 @@ class MoEBlock(nn.Module):
         if self.shared_expert is not None:
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                 shared = torch.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
-        keep = None
-        if self.capacity_factor is not None:
+        keep, dropped = None, 0
+        if self.capacity_factor is not None:  # decided over the whole micro-batch (this cp rank's tokens)
             cap = expert_capacity(tokens.shape[0], experts.shape[-1], self.num_experts, self.capacity_factor)
-            keep = _share(capacity_mask(experts, weights, self.num_experts, cap), self.tp_group)
+            keep = capacity_mask(experts, weights, self.num_experts, cap)
+            dropped = int((~keep).sum())
+            keep = _share(keep, self.tp_group)
         rows, counts, state = self.dispatcher.dispatch(
             scatter_to_sp(tokens, self.tp_group), scatter_to_sp(weights, self.tp_group),
             _share(experts, self.tp_group), keep)
@@ -300,7 +302,7 @@ class MoEBlock(nn.Module):
         tokens_per_expert = sums[0].detach()  # this rank's tokens (the logged load sums over dp x cp)
         if self.cp_group is not None:
             sums = sum_over_cp(sums, self.cp_group) / self.cp
-        stats = MoEStats(router_sums=sums, tokens_per_expert=tokens_per_expert, dropped=state.dropped, z_loss=z_loss)
+        stats = MoEStats(router_sums=sums, tokens_per_expert=tokens_per_expert, dropped=dropped, z_loss=z_loss)
         return out.view((-1,) + tuple(shape[1:])), stats
 
 

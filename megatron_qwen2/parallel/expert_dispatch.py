@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_qwen2 import ops
-from megatron_qwen2.parallel.mappings import all_to_all
+from megatron_qwen2.parallel.mappings import _all_gather_single, all_to_all
 from megatron_qwen2.parallel.shard import shard_of
 
 
@@ -161,8 +161,9 @@ class TokenDispatcher:
             rows, counts = gather_rows(rows, state.regroup, state.regroup_inverse), recv.sum(0)
         if self.etp_group is not None:
             # Every etp rank runs its slice of the FFN on the rows of the whole etp group.
-            per_rank = torch.empty((self.etp,) + tuple(counts.shape), dtype=counts.dtype, device=counts.device)
-            dist.all_gather_into_tensor(per_rank, counts.contiguous(), group=self.etp_group)
+            per_rank = counts.new_empty(self.etp * counts.numel())
+            _all_gather_single(per_rank, counts.contiguous(), group=self.etp_group)
+            per_rank = per_rank.view(self.etp, -1)  # [etp rank, local expert]
             state.etp_splits = per_rank.sum(1).tolist()
             mine = [rows.shape[0]] * self.etp
             rows = all_to_all(torch.cat([rows] * self.etp), self.etp_group, state.etp_splits, mine)

@@ -153,7 +153,13 @@ MODELS["moe4_ep"] = dict(MODELS["moe4"], num_experts=8)
 EP_CASES = [
     # (model, tied, world size, parallel config)
     ("moe_ep", False, 2, dict(ep=2, distributed_optimizer=True)),  # ep = dp: expert-dp of size 1
-    ("moe_ep", True, 4, dict(tp=2, ep=2, sequence_parallel=True)),  # ep on top of tp + sp
+    ("moe_ep", True, 4, dict(tp=2, ep=2, sequence_parallel=True)),  # ep folded over tp + sp, expert-dp over dp
+    # Parallel folding (parallel/topology.py): the expert grid over the attention ranks.
+    ("moe_ep", False, 4, dict(tp=2, ep=4, sequence_parallel=False)),  # ep 4 over tp 2 x dp 2, tokens replicated over tp
+    # etp 2 over the tp pair (tokens replicated over tp), ep 2 over dp, dropping, sharded optimizer
+    ("moe_ep_cap", False, 4, dict(tp=2, ep=2, etp=2, sequence_parallel=False, distributed_optimizer=True)),
+    ("moe4_ep", True, 4, dict(tp=2, pp=2, ep=2)),  # each stage's ep 2 over its tp pair
+    ("moe_ep", False, 4, dict(cp=2, ep=4, distributed_optimizer=True)),  # ep 4 over cp 2 x dp 2
     ("moe_ep_cap", False, 4, dict(ep=2, distributed_optimizer=True)),  # expert-dp 2 (sharded), dropping
     ("moe4_ep", True, 4, dict(ep=4, overlap_grad_reduce=False)),
     ("moe4_ep", False, 4, dict(pp=2, ep=2, pp_layout=[1, 3])),  # a stage whose only layer is dense
