@@ -2,6 +2,7 @@
 
     python bench/fp8_numerics.py [--steps 1000] [--recipes none tensorwise rowwise blockwise]
         [--seq 512] [--mbs 8] [--gbs 16] [--lr 3e-4] [--out FILE]
+    python bench/fp8_numerics.py --merge OUT FILE ...   # one file from runs made in several processes
 
 Each recipe trains the Qwen2-0.5B architecture (24 layers, hidden 896, 14 heads, 2 kv heads, FFN
 4864; the vocabulary of the project's tokenizer, 4096, in place of Qwen2's 151,936) from the same
@@ -48,7 +49,8 @@ def config(args, fp8: str):
     return cfg.validate(1)
 
 
-def train_curve(args, fp8: str, device: torch.device) -> dict:
+def train_curve(args, fp8: str, device: torch.device, report=lambda run: None) -> dict:
+    """Train `args.steps` steps with `fp8`; `report(run)` gets the run so far every 100 steps."""
     from megatron_qwen2.data.batch import Batch
     from megatron_qwen2.data.builder import build_datasets
     from megatron_qwen2.engine.step import TrainingStep
@@ -66,13 +68,17 @@ def train_curve(args, fp8: str, device: torch.device) -> dict:
         losses.append(out.loss)
         norms.append(out.grad_norm)
         skipped += out.skipped
-        if (i + 1) % 100 == 0:
+        if (i + 1) % 100 == 0 and i + 1 < args.steps:
             print(f"{fp8:>10} step {i + 1}: loss {out.loss:.4f}", flush=True)
-    elapsed = time.perf_counter() - began
+            report(summary(fp8, losses, norms, skipped, time.perf_counter() - began))
+    return summary(fp8, losses, norms, skipped, time.perf_counter() - began)
+
+
+def summary(fp8: str, losses: list[float], norms: list[float], skipped: int, seconds: float) -> dict:
     last = losses[-100:]
-    return {"fp8": fp8, "losses": losses, "grad_norms": norms, "skipped_steps": skipped,
+    return {"fp8": fp8, "steps": len(losses), "losses": losses, "grad_norms": norms, "skipped_steps": skipped,
             "diverged": not all(math.isfinite(v) for v in losses),
-            "mean_loss_last_100": sum(last) / len(last), "seconds": elapsed}
+            "mean_loss_last_100": sum(last) / len(last), "seconds": seconds}
 
 
 def plot(result_file: str, png: str) -> None:
@@ -112,17 +118,39 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", nargs=2, metavar=("RESULT_JSON", "PNG"), help="only draw the curves of a result file")
+    ap.add_argument("--merge", nargs="+", metavar=("OUT", "FILE"),
+                    help="only write OUT with the runs of the result files FILE ... (bf16's first)")
     args = ap.parse_args(argv)
     if args.plot:
         plot(*args.plot)
         return 0
+    if args.merge:
+        return merge(args.merge[0], args.merge[1:])
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     out = args.out or str(ROOT / "bench" / "results" /
                           f"fp8_numerics_qwen2_0.5b_{device_slug()}_{datetime.date.today().isoformat()}.json")
     runs = []
-    for fp8 in args.recipes:  # the file is written after each run: a cut-short call keeps the finished ones
-        runs.append(train_curve(args, fp8, device))
+    for fp8 in args.recipes:  # the file is written every 100 steps: a cut-short call keeps what ran
+        runs.append(train_curve(args, fp8, device, report=lambda run: write(out, args, argv, runs + [run])))
         write(out, args, argv, runs)
+    return 0
+
+
+def merge(out: str, files: list[str]) -> int:
+    """Write `out` with every run of `files`, which must come from the same command but --recipes
+    and --out (the recipes trained side by side, one process each)."""
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    configs = [{k: v for k, v in p["config"].items() if k not in ("recipes", "out")} for p in parts]
+    if any(c != configs[0] for c in configs):
+        raise SystemExit("error: the files were made with different settings: " + ", ".join(files))
+    runs = sorted((r for p in parts for r in p["runs"]), key=lambda r: r["fp8"] != "none")
+    steps = min(len(r["losses"]) for r in runs)  # runs cut short are compared over the steps all made
+    runs = [r if len(r["losses"]) == steps else
+            summary(r["fp8"], r["losses"][:steps], r["grad_norms"][:steps], r["skipped_steps"], r["seconds"])
+            for r in runs]
+    args = argparse.Namespace(**parts[0]["config"])
+    args.recipes = [r["fp8"] for r in runs]
+    write(out, args, ["--recipes", *args.recipes, "(one process per recipe, merged with --merge)"], runs)
     return 0
 
 
@@ -136,7 +164,7 @@ def write(out: str, args, argv, runs: list[dict]) -> None:
     r = runs[-1]
     print(f"{r['fp8']:>10}: mean loss of the last 100 steps {r['mean_loss_last_100']:.4f}"
           + (f" ({100 * r['relative_to_bf16']:+.3f} % of bf16, bound {100 * r['bound']:.2f} %)"
-             if "relative_to_bf16" in r else "") + f", {r['skipped_steps']} skipped, {r['seconds']:.0f} s", flush=True)
+             if "relative_to_bf16" in r else "") + f", {r['skipped_steps']} skipped, {len(r['losses'])} steps in {r['seconds']:.0f} s", flush=True)
     payload = {"what": "loss curves of bf16 and FP8 recipes, same seed, weights and batches",
                "command": " ".join(["python bench/fp8_numerics.py", *(argv if argv is not None else sys.argv[1:])]),
                "model": "Qwen2-0.5B architecture, vocabulary 4096 (the project's tokenizer)",

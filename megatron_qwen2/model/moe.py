@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from megatron_qwen2 import ops
 from megatron_qwen2.config import ModelConfig
 from megatron_qwen2.model.mlp import MLP
-from megatron_qwen2.ops.fp8 import Fp8, Fp8Tensor, gemm, pad_rows, quantize_pair
+from megatron_qwen2.ops.fp8 import Fp8, Fp8Tensor, grouped_gemm, grouped_weight_gemm, quantize_pair
 from megatron_qwen2.parallel.cp import sum_over_cp
 from megatron_qwen2.parallel.expert_dispatch import TokenDispatcher, capacity_mask, expert_capacity
 from megatron_qwen2.parallel.mappings import gather_from_sp, scatter_to_sp
@@ -66,7 +66,7 @@ def _use_grouped_mm(x: torch.Tensor) -> bool:
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int], fp8: Optional[Fp8] = None) -> torch.Tensor:
     """Rows of x grouped by expert (counts[i] rows for expert i) times weight[i]^T: [M, in] -> [M, out].
 
-    In FP8 when `fp8` is given (one expert after another); else one grouped GEMM where available,
+    In FP8 when `fp8` is given (`_Fp8GroupedLinear`); else one grouped GEMM where available,
     else one matmul per expert (empty groups included, so that every weight stays in the graph);
     never a loop over tokens.
     """
@@ -82,48 +82,61 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int], fp8
 
 
 class _Fp8GroupedLinear(torch.autograd.Function):
-    """grouped_linear with each expert's forward, input-gradient and weight-gradient GEMMs in FP8
-    (ops/fp8.py), one expert after another; as _Fp8Linear (parallel/layers.py) per expert, whose
-    rows are padded to the recipe's multiple. Experts without rows take no GEMM and get no gradient."""
+    """grouped_linear with the forward, input-gradient and weight-gradient GEMMs in FP8 (ops/fp8.py).
+
+    Each expert's rows are padded with zero rows to the recipe's token multiple, so that every
+    group starts where a GEMM may start reading and no 1 x 128 tile along the tokens spans two
+    experts. Each operand is then quantised once for all experts, as a linear layer's is
+    (`_Fp8Linear`, parallel/layers.py): tensorwise and rowwise scales are those of all the layer's
+    rows (zero rows change no amax), 1 x 128 tiles lie within one expert. The products are
+    `grouped_gemm` and `grouped_weight_gemm`: one grouped GEMM where the recipe has one, else one
+    GEMM per expert. Experts without rows get no gradient.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, counts: list[int], fp8: Fp8):
         rcp = fp8.recipe
-        outs, saved, transposed = [], [], []
-        for e, chunk in enumerate(torch.split(x, counts)):
-            if counts[e] == 0:
-                outs.append(x.new_empty(0, weight.shape[1]))
-                continue
-            rows = pad_rows(chunk, rcp.token_multiple)
-            wq, wt = fp8.weights.get(weight, rcp, expert=e)
-            xq, xt = quantize_pair(rows, rcp.activation_tiling, rcp.input_dtype)
-            outs.append(gemm(xq, wq, x.dtype)[:counts[e]])
-            saved += [xt.data, xt.scale_inv]
-            transposed.append(wt)
-        ctx.save_for_backward(weight, *saved)
-        ctx.recipe, ctx.counts, ctx.weight_t = rcp, counts, transposed
-        return torch.cat(outs)
+        padded = [-(-c // rcp.token_multiple) * rcp.token_multiple for c in counts]
+        keep = _rows_kept(counts, padded, x.device)
+        wq, wt = fp8.weights.get(weight, rcp, experts=True)
+        xq, xt = quantize_pair(_pad_groups(x, keep, sum(padded)), rcp.activation_tiling, rcp.input_dtype)
+        y = _unpad_groups(grouped_gemm(xq, wq, padded, x.dtype, fp8.grouped_gemms), keep)
+        ctx.save_for_backward(weight, xt.data, xt.scale_inv, keep)
+        ctx.recipe, ctx.padded, ctx.weight_t, ctx.grouped = rcp, padded, wt, fp8.grouped_gemms
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        weight, *saved = ctx.saved_tensors
-        rcp, counts = ctx.recipe, ctx.counts
-        dxs, dws, k = [], [], 0
-        for e, chunk in enumerate(torch.split(dy, counts)):
-            if counts[e] == 0:
-                dxs.append(dy.new_empty(0, weight.shape[2]))
-                dws.append(None)
-                continue
-            rows = pad_rows(chunk, rcp.token_multiple)
-            dyq, dyt = quantize_pair(rows, rcp.activation_tiling, rcp.grad_dtype)
-            dxs.append(gemm(dyq, ctx.weight_t[k], dy.dtype)[:counts[e]])
-            dws.append(gemm(dyt, Fp8Tensor(saved[2 * k], saved[2 * k + 1], rcp.activation_tiling), torch.float32))
-            k += 1
-        return torch.cat(dxs), _expert_weight_grad(weight, dws), None, None
+        weight, xt_data, xt_scale, keep = ctx.saved_tensors
+        rcp, padded = ctx.recipe, ctx.padded
+        dyq, dyt = quantize_pair(_pad_groups(dy, keep, sum(padded)), rcp.activation_tiling, rcp.grad_dtype)
+        dx = _unpad_groups(grouped_gemm(dyq, ctx.weight_t, padded, dy.dtype, ctx.grouped), keep)
+        dws = grouped_weight_gemm(dyt, Fp8Tensor(xt_data, xt_scale, rcp.activation_tiling), padded, ctx.grouped)
+        return dx, _expert_weight_grad(weight, dws), None, None
+
+
+def _rows_kept(counts: list[int], padded: list[int], device: torch.device) -> Optional[torch.Tensor]:
+    """The indices of the real rows among the padded groups' (None when no group is padded)."""
+    if counts == padded:
+        return None
+    starts = [0]
+    for p in padded[:-1]:
+        starts.append(starts[-1] + p)
+    return torch.cat([torch.arange(s, s + c) for s, c in zip(starts, counts)]).to(device)
+
+
+def _pad_groups(x: torch.Tensor, keep: Optional[torch.Tensor], rows: int) -> torch.Tensor:
+    if keep is None:
+        return x
+    return x.new_zeros(rows, x.shape[1]).index_copy_(0, keep, x)
+
+
+def _unpad_groups(y: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    return y if keep is None else y.index_select(0, keep)
 
 
 def _expert_weight_grad(weight: torch.Tensor, dws: list[Optional[torch.Tensor]]) -> torch.Tensor:
-    """The gradient for a 3D expert weight from each expert's fp32 gradient (None: no rows): added to
+    """The gradient for a 3D expert weight from each expert's gradient (None: no rows): added to
     main_grad expert by expert where there is one (no full-size fp32 copy), else stacked."""
     if hasattr(weight, "main_grad"):
         main = weight.main_grad.view(weight.shape)

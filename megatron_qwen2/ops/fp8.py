@@ -92,7 +92,9 @@ class Fp8Tensor:
       "row"     [R, 1]              one per row
       "1x128"   [R, ceil(C/128)]    one per 128 columns of a row; column-major (stride (1, R))
       "128x128" [ceil(R/128), ceil(C/128)]  one per block, row-major
-    These are the layouts torch._scaled_mm takes for A, and (transposed) for B.
+    These are the layouts torch._scaled_mm takes for A, and (transposed) for B. The FP8 copies of
+    routed experts' 3D weights stack one such quantisation per expert: data [G, R, C] and scale_inv
+    with a leading G (`expert(e)` is expert e's).
     """
 
     data: torch.Tensor
@@ -108,6 +110,33 @@ class Fp8Tensor:
         elif self.tiling == "128x128":
             s = s.repeat_interleave(BLOCK, dim=0).repeat_interleave(BLOCK, dim=1)[:r, :c]
         return self.data.float() * s
+
+    def expert(self, e: int) -> "Fp8Tensor":
+        """Expert e's quantisation of a stacked 3D one."""
+        return Fp8Tensor(self.data[e], self.scale_inv[e], self.tiling)
+
+    def rows(self, start: int, end: int) -> "Fp8Tensor":
+        """Rows [start, end) of a 2D activation quantisation, in the layout the GEMMs take."""
+        s = self.scale_inv
+        if self.tiling == "row":
+            s = s[start:end]
+        elif self.tiling == "1x128":
+            s = s[start:end].t().contiguous().t()
+        elif self.tiling != "tensor":
+            raise ValueError(f"a {self.tiling} quantisation is not cut into rows")
+        return Fp8Tensor(self.data[start:end], s, self.tiling)
+
+    def cols(self, start: int, end: int) -> "Fp8Tensor":
+        """Columns [start, end) of a 2D activation quantisation along its rows: its own scales (one
+        per tensor or row, or those of the 1 x 128 tiles the columns cover, whole tiles only)."""
+        s = self.scale_inv
+        if self.tiling == "1x128":
+            if start % BLOCK:
+                raise ValueError(f"columns from {start} cut a 1x128 tile")
+            s = s[:, start // BLOCK:-(-end // BLOCK)].t().contiguous().t()
+        elif self.tiling not in ("tensor", "row"):
+            raise ValueError(f"a {self.tiling} quantisation is not cut into columns")
+        return Fp8Tensor(self.data[:, start:end].contiguous(), s, self.tiling)
 
     def t(self) -> "Fp8Tensor":
         """The transpose, quantised along the other dimension, where it is the same quantisation
@@ -230,6 +259,60 @@ def gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     return (a.dequantize() @ b.dequantize().t()).to(out_dtype)
 
 
+def _group_ends(counts: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+
+
+def _grouped_on_gpu(a: Fp8Tensor, out_dtype: torch.dtype, grouped: bool) -> bool:
+    """Whether one torch._scaled_grouped_mm serves a grouped product: CUDA, one scale per tensor or
+    row (Hopper has no grouped blockwise GEMM), a bf16 output."""
+    return (grouped and a.data.is_cuda and a.tiling in ("tensor", "row") and out_dtype == torch.bfloat16
+            and hasattr(torch, "_scaled_grouped_mm"))
+
+
+def _per_row(scale_inv: torch.Tensor, rows: int) -> torch.Tensor:
+    """One scale per row (of `rows`) from a tensorwise or rowwise scale_inv: the form of the grouped GEMM."""
+    return scale_inv.reshape(-1).expand(rows).contiguous() if scale_inv.numel() == 1 else scale_inv.reshape(-1)
+
+
+def grouped_gemm(a: Fp8Tensor, b: Fp8Tensor, counts: list[int], out_dtype: torch.dtype,
+                 grouped: bool = True) -> torch.Tensor:
+    """Rows of a [M, K] grouped by `counts` (each a multiple of GEMM_ALIGN), group g times b's expert
+    g [N, K]^T: [M, N]. One torch._scaled_grouped_mm where it serves (`_grouped_on_gpu`), else one
+    `gemm` per non-empty group (`grouped=False` asks for that: the baseline it is measured against)."""
+    g, n = b.data.shape[0], b.data.shape[1]
+    if _grouped_on_gpu(a, out_dtype, grouped):
+        scale_b = b.scale_inv.reshape(g, -1).expand(g, n).contiguous()
+        return torch._scaled_grouped_mm(a.data, b.data.transpose(1, 2), _per_row(a.scale_inv, a.data.shape[0]),
+                                        scale_b, offs=_group_ends(counts, a.data.device), out_dtype=out_dtype)
+    out, start = a.data.new_empty((a.data.shape[0], n), dtype=out_dtype), 0
+    for e, c in enumerate(counts):
+        if c:
+            out[start:start + c] = gemm(a.rows(start, start + c), b.expert(e), out_dtype)
+        start += c
+    return out
+
+
+def grouped_weight_gemm(a: Fp8Tensor, b: Fp8Tensor, counts: list[int],
+                        grouped: bool = True) -> list[Optional[torch.Tensor]]:
+    """The weight gradients of grouped rows: a [N, M] (dy^T) and b [K, M] (x^T), both quantised along
+    M, whose columns are grouped by `counts` (multiples of the recipe's token multiple); for group g
+    a[:, g] @ b[:, g]^T [N, K], None for an empty group. fp32 products one group after another; one
+    torch._scaled_grouped_mm (bf16 products) where it serves."""
+    n, k = a.data.shape[0], b.data.shape[0]
+    if _grouped_on_gpu(a, torch.bfloat16, grouped):
+        g = len(counts)
+        out = torch._scaled_grouped_mm(a.data, b.data.t(), _per_row(a.scale_inv, n).repeat(g),
+                                       _per_row(b.scale_inv, k).repeat(g), offs=_group_ends(counts, a.data.device),
+                                       out_dtype=torch.bfloat16)
+        return [out[e] if c else None for e, c in enumerate(counts)]
+    dws, start = [], 0
+    for c in counts:
+        dws.append(gemm(a.cols(start, start + c), b.cols(start, start + c), torch.float32) if c else None)
+        start += c
+    return dws
+
+
 def fp8_unsupported(device: torch.device) -> Optional[str]:
     """Why `device` cannot run these FP8 GEMMs, or None: they need a CUDA GPU of compute capability
     9.0 or newer (Hopper: every recipe, blockwise included); on the CPU they are emulated."""
@@ -248,6 +331,21 @@ def no_fp8_gemms(name: str, capability: tuple[int, int]) -> Optional[str]:
             "they need 9.0 or newer (Hopper)")
 
 
+def _quantize_experts(w: torch.Tensor, rcp: Fp8Recipe) -> tuple[Fp8Tensor, Fp8Tensor]:
+    """(W_e, W_e^T) of each expert e of w [G, out, in], stacked; written in place expert by expert,
+    so that no second copy of the whole is made."""
+    stacked = None
+    for e in range(w.shape[0]):
+        pair = quantize_pair(w[e], rcp.weight_tiling, rcp.weight_dtype)
+        if stacked is None:
+            stacked = [(q.data.new_empty((w.shape[0],) + q.data.shape),
+                        q.scale_inv.new_empty((w.shape[0],) + q.scale_inv.shape)) for q in pair]
+        for (data, scale), q in zip(stacked, pair):
+            data[e].copy_(q.data)
+            scale[e].copy_(q.scale_inv)
+    return tuple(Fp8Tensor(data, scale, rcp.weight_tiling) for data, scale in stacked)
+
+
 class Fp8Weights:
     """The FP8 copies of the weights of one model: W and W^T of each, made at their first use after
     `clear()`. The training step clears it when a step or a validation begins (the weights may have
@@ -255,22 +353,25 @@ class Fp8Weights:
     not once per micro-batch."""
 
     def __init__(self):
-        self._copies: dict[tuple[int, Optional[int]], tuple[torch.Tensor, Fp8Tensor, Fp8Tensor]] = {}
+        self._copies: dict[int, tuple[torch.Tensor, Fp8Tensor, Fp8Tensor]] = {}
 
     def clear(self) -> None:
         self._copies.clear()
 
-    def get(self, weight: torch.Tensor, rcp: Fp8Recipe, expert: Optional[int] = None) -> tuple[Fp8Tensor, Fp8Tensor]:
-        """(W, W^T) of `weight` viewed as [-1, in] (of `weight[expert]` for routed experts' 3D
-        weights), quantised for the forward and the input gradient."""
-        key = (id(weight), expert)
-        held = self._copies.get(key)
+    def get(self, weight: torch.Tensor, rcp: Fp8Recipe, experts: bool = False) -> tuple[Fp8Tensor, Fp8Tensor]:
+        """(W, W^T) of `weight` viewed as [-1, in], quantised for the forward and the input gradient;
+        with `experts`, of each expert of a routed experts' weight [G, out, in], stacked
+        (`Fp8Tensor.expert`)."""
+        held = self._copies.get(id(weight))
         if held is not None and held[0] is weight:
             return held[1], held[2]
         with torch.no_grad():
-            w = (weight if expert is None else weight[expert]).detach()
-            wq, wt = quantize_pair(w.reshape(-1, w.shape[-1]), rcp.weight_tiling, rcp.weight_dtype)
-        self._copies[key] = (weight, wq, wt)
+            w = weight.detach()
+            if experts:
+                wq, wt = _quantize_experts(w, rcp)
+            else:
+                wq, wt = quantize_pair(w.reshape(-1, w.shape[-1]), rcp.weight_tiling, rcp.weight_dtype)
+        self._copies[id(weight)] = (weight, wq, wt)
         return wq, wt
 
     def nbytes(self) -> int:
@@ -284,3 +385,6 @@ class Fp8:
 
     recipe: Fp8Recipe
     weights: Fp8Weights
+    # Routed experts' products as one grouped GEMM where the recipe has one on the device (else,
+    # and when False, one GEMM per expert: bench/fp8_grouped.py measures the two).
+    grouped_gemms: bool = True

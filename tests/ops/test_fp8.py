@@ -191,3 +191,39 @@ def test_blockwise_operands_are_padded_to_whole_groups_of_k_blocks(tiling):
     assert padded.scale_inv.stride() == ((1, 300) if tiling == "1x128" else (8, 1))  # the layouts scaled_mm takes
     back = padded.dequantize()
     assert torch.equal(back[:, :520], q.dequantize()) and torch.equal(back[:, 520:], torch.zeros(300, 504))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_experts_quantise_each_operand_once_for_all_experts(name):
+    """The experts' rows are quantised as one tensor (tensorwise and rowwise scales over all of
+    them), each expert's rows padded to the recipe's token multiple; the products are those of the
+    dequantised operands, expert by expert."""
+    from megatron_qwen2.model.moe import _pad_groups, _rows_kept
+
+    torch.manual_seed(5)
+    rcp, counts = recipe(name), [100, 0, 28, 200]
+    x = torch.randn(sum(counts), 256)
+    x[:100] *= 1000.0  # expert 0's rows set a tensorwise scale that expert 2's rows share
+    w = torch.randn(4, 128, 256) * 0.05
+    dy = torch.randn(sum(counts), 128)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = grouped_linear(xg, wg, counts, Fp8(rcp, Fp8Weights()))
+    y.backward(dy)
+    m = rcp.token_multiple
+    padded = [-(-c // m) * m for c in counts]
+    keep = _rows_kept(counts, padded, x.device)
+    xq = quantize(_pad_groups(x, keep, sum(padded)), rcp.activation_tiling).dequantize()
+    dyq = quantize(_pad_groups(dy, keep, sum(padded)), rcp.activation_tiling).dequantize()
+    xt = quantize(_pad_groups(x, keep, sum(padded)).t(), rcp.activation_tiling).dequantize()
+    dyt = quantize(_pad_groups(dy, keep, sum(padded)).t(), rcp.activation_tiling).dequantize()
+    start, ys, dxs = 0, [], []
+    for e, c in enumerate(counts):
+        we = quantize(w[e], rcp.weight_tiling).dequantize()
+        wte = quantize(w[e].t().contiguous(), rcp.weight_tiling).dequantize()
+        ys.append((xq[start:start + c] @ we.t()))
+        dxs.append(dyq[start:start + c] @ wte.t())
+        if c:
+            torch.testing.assert_close(wg.grad[e], dyt[:, start:start + padded[e]] @ xt[:, start:start + padded[e]].t())
+        start += padded[e]
+    torch.testing.assert_close(y, torch.cat(ys))
+    torch.testing.assert_close(xg.grad, torch.cat(dxs))
