@@ -10,9 +10,10 @@ that fits: none, then selective, then full recomputation of the first 1, 2, ... 
 chunk. The fitting layouts are ranked by recomputed FLOPs, then by planned step time. The attention
 layout stays the recipe's unless asked: the planner's step time counts the pipeline bubble and the
 MoE token exchanges, but not the cost of a larger tp, of cp's ring or of more interleaved chunks'
-sends, so it would favour them for free. The recipe itself is planned as it stands for comparison; `--baseline-tree`
-names a checkout of another commit (the layout before folding, say) whose `tools/plan.py` plans the
-recipe too, as it printed it.
+sends, so it would favour them for free. The given layout itself is planned too
+(`given_layout_folded`); `--baseline-tree` names the files of another commit (the layout before
+folding, say) whose `tools/plan.py` plans the given layout as well, with and without its
+recomputation (`recipe_before_folding`).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
                if (plan := least_recompute_plan(c, args.gpus, args.gpu)) is not None]
     fitting.sort(key=lambda plan: (plan.recompute_flops, plan.step_time_s))
     best = fitting[0] if fitting else None
-    print(f"recipe as it stands: {summary(recipe)}")
+    print(f"the given layout, folded: {summary(recipe)}")
     print(f"{len(fitting)} layouts fit; the least recomputation, then the fastest:")
     for plan in fitting[:args.top]:
         print(f"  {summary(plan)}")
@@ -157,8 +158,10 @@ def main(argv=None) -> int:
         "device": "planner (CPU)", "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         "gpus": args.gpus, "gpu": args.gpu,
-        "recipe_folded": summary(recipe), "best": None if best is None else summary(best),
+        "given_layout_folded": summary(recipe), "best": None if best is None else summary(best),
         "fitting_layouts": len(fitting), "top": [summary(p) for p in fitting[:args.top]],
+        "note": "step_time_s includes exchange_s, the MoE token exchanges at the planner's assumed bandwidth "
+                "(planner.py EXCHANGE_GBPS); a planner without them prints the step without that term",
     }
     if args.baseline_tree:
         result["recipe_before_folding"] = baseline(args.baseline_tree, args.baseline_commit, args.overrides,
