@@ -27,7 +27,7 @@ from megatron_qwen2.config import Config
 from megatron_qwen2.engine.pipeline import build_model_chunks, stage_layers
 from megatron_qwen2.engine.schedule import build_schedule, simulate, textbook_bubble_fraction
 from megatron_qwen2.model.flops import training_flops_per_token
-from megatron_qwen2.ops.fp8 import Fp8, Fp8Weights, recipe
+from megatron_qwen2.ops.fp8 import WGRAD_SLICE_ELEMENTS, Fp8, Fp8Weights, recipe
 from megatron_qwen2.parallel.shard import shard_of
 from megatron_qwen2.parallel.topology import Topology
 
@@ -83,14 +83,14 @@ def stage_parameters(cfg: Config) -> list[list[torch.nn.Parameter]]:
     return [[q for chunk in chunks for q in chunk.parameters()] for chunks in stage_chunks(cfg)]
 
 
-def fp8_weights(chunks: list[torch.nn.Module]) -> tuple[int, int]:
+def fp8_weights(chunks: list[torch.nn.Module]) -> tuple[int, int, int]:
     """(elements of the weights whose GEMMs run in FP8, elements of the largest weight gradient one
-    GEMM writes: a whole weight, or one expert's) in `chunks`: the weights of every module that
-    holds an `Fp8`."""
+    GEMM writes: a whole weight, or one expert's, elements of the largest such weight) in `chunks`:
+    the weights of every module that holds an `Fp8`."""
     weights = [w for chunk in chunks for m in chunk.modules() if getattr(m, "fp8", None) is not None
                for w in m.parameters(recurse=False) if w.dim() >= 2]
     per_gemm = [w.numel() // w.shape[0] if w.dim() == 3 else w.numel() for w in weights]
-    return sum(w.numel() for w in weights), max(per_gemm, default=0)
+    return sum(w.numel() for w in weights), max(per_gemm, default=0), max((w.numel() for w in weights), default=0)
 
 
 def _param_counts(params: list[torch.nn.Parameter]) -> dict[str, int]:
@@ -277,7 +277,7 @@ class RankPlan:
     mem: dict[str, float] = field(default_factory=dict)  # bytes, see `_rank_memory`
     context: float = 0.0  # the fixed CUDA context / NCCL allowance, bytes
 
-    STATE = ("weights", "main grads fp32", "optimizer (masters + Adam m, v)", "FP8 weight copies (W, W^T)")
+    STATE = ("weights", "main grads fp32", "optimizer (masters + Adam m, v)", "FP8 weight copies")
     BACKWARD = ("activations in flight", "pipeline messages held", "backward working set (one layer)",
                 "logits / loss buffers",
                 "grad transient (largest weight)")
@@ -342,7 +342,7 @@ class Plan:
 
 def _rank_memory(cfg: Config, dp: int, params: dict[str, int], largest: int, layer_ids: list[list[int]],
                  live: list[int], sends: int, is_last: bool, path: str,
-                 fp8: tuple[int, int] = (0, 0)) -> dict[str, float]:
+                 fp8: tuple[int, int, int] = (0, 0, 0)) -> dict[str, float]:
     """Bytes on one GPU of pipeline rank: model state, then the backward and step transients.
 
     largest: elements of the largest weight of the model on one GPU; fp8: `fp8_weights` of its chunks."""
@@ -361,8 +361,9 @@ def _rank_memory(cfg: Config, dp: int, params: dict[str, int], largest: int, lay
         "main grads fp32": 4 * n,
         "optimizer (masters + Adam m, v)": (master_b + 8) * opt_elems,
     }
-    if fp8[0]:  # ops/fp8.py Fp8Weights: W and W^T, 1 B each (their scales are a few per 128 values)
-        mem["FP8 weight copies (W, W^T)"] = 2 * fp8[0]
+    rowwise = t.fp8 == "rowwise"
+    if fp8[0]:  # ops/fp8.py Fp8Weights: W, and rowwise W^T, 1 B each (their scales are a few per 128 values)
+        mem["FP8 weight copies"] = (2 if rowwise else 1) * fp8[0]
     act = sum(k * chunk_activation_bytes(cfg, ids, path) for k, ids in zip(live, layer_ids))
     # Backward of a layer: its recomputed activations (when recomputing) plus gradients of the
     # same order of size live at once; one layer's full activations bound that.
@@ -391,8 +392,12 @@ def _rank_memory(cfg: Config, dp: int, params: dict[str, int], largest: int, lay
     step_transient = 0.0 if path == "kernels" else 4 * opt_elems
     # Backward: the .grad of a weight (compute dtype) exists until the hook adds it into main_grad
     # (the largest weight of the model: conservative on stages without the embedding or head).
-    # An FP8 weight gradient is an fp32 GEMM output added into main_grad afterwards.
-    grad_transient = max((2 if bf16 else 4) * largest, 4 * fp8[1])
+    # An FP8 weight gradient is an fp32 GEMM output added into main_grad afterwards, slice by
+    # slice (ops/fp8.py WGRAD_SLICE_ELEMENTS); beside it, W^T of one scale or square blocks is made
+    # for the input gradient (1 B per element of the largest FP8 weight).
+    grad_transient = max((2 if bf16 else 4) * largest, 4 * min(fp8[1], WGRAD_SLICE_ELEMENTS))
+    if fp8[0] and not rowwise:
+        grad_transient += fp8[2]
     mem["grad transient (largest weight)"] = grad_transient
     mem["optimizer step transient"] = step_transient
     return mem

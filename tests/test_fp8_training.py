@@ -163,9 +163,9 @@ def test_weights_are_quantised_again_after_each_update(root):
     weight = step.chunks[0].layers["0"].mlp.down.weight
     tokens = torch.randint(0, MODEL["vocab_size"], (4, 33), generator=torch.Generator().manual_seed(0))
     step(Batch(tokens=tokens), lr=1e-2)
-    used = step.fp8.weights.get(weight, step.fp8.recipe)[0]  # the copy the step's micro-batches used
+    used = step.fp8.weights.get(weight, step.fp8.recipe).w  # the copy the step's micro-batches used
     step.validation_loss(Batch(tokens=tokens))
-    now = step.fp8.weights.get(weight, step.fp8.recipe)[0]
+    now = step.fp8.weights.get(weight, step.fp8.recipe).w
     assert not torch.equal(used.data.view(torch.uint8), now.data.view(torch.uint8))  # the update is seen
     fresh = quantize(weight.detach(), "row")
     assert torch.equal(now.data.view(torch.uint8), fresh.data.view(torch.uint8))

@@ -98,11 +98,11 @@ class _Fp8GroupedLinear(torch.autograd.Function):
         rcp = fp8.recipe
         padded = [-(-c // rcp.token_multiple) * rcp.token_multiple for c in counts]
         keep = _rows_kept(counts, padded, x.device)
-        wq, wt = fp8.weights.get(weight, rcp, experts=True)
+        w8 = fp8.weights.get(weight, rcp, experts=True)
         xq, xt = quantize_pair(_pad_groups(x, keep, sum(padded)), rcp.activation_tiling, rcp.input_dtype)
-        y = _unpad_groups(grouped_gemm(xq, wq, padded, x.dtype, fp8.grouped_gemms), keep)
+        y = _unpad_groups(grouped_gemm(xq, w8.w, padded, x.dtype, fp8.grouped_gemms), keep)
         ctx.save_for_backward(weight, xt.data, xt.scale_inv, keep)
-        ctx.recipe, ctx.padded, ctx.weight_t, ctx.grouped = rcp, padded, wt, fp8.grouped_gemms
+        ctx.recipe, ctx.padded, ctx.weight8, ctx.grouped = rcp, padded, w8, fp8.grouped_gemms
         return y
 
     @staticmethod
@@ -110,7 +110,7 @@ class _Fp8GroupedLinear(torch.autograd.Function):
         weight, xt_data, xt_scale, keep = ctx.saved_tensors
         rcp, padded = ctx.recipe, ctx.padded
         dyq, dyt = quantize_pair(_pad_groups(dy, keep, sum(padded)), rcp.activation_tiling, rcp.grad_dtype)
-        dx = _unpad_groups(grouped_gemm(dyq, ctx.weight_t, padded, dy.dtype, ctx.grouped), keep)
+        dx = _unpad_groups(grouped_gemm(dyq, ctx.weight8.t(), padded, dy.dtype, ctx.grouped), keep)
         dws = grouped_weight_gemm(dyt, Fp8Tensor(xt_data, xt_scale, rcp.activation_tiling), padded, ctx.grouped)
         return dx, _expert_weight_grad(weight, dws), None, None
 

@@ -7,8 +7,9 @@ dimension the product reduces over. A linear layer y = x W^T runs three of them:
     input gradient  dx = dy  @ W        A = dy   [tokens, out], B = W^T  [in, out]
     weight gradient dW = dy^T @ x       A = dy^T [out, tokens], B = x^T  [in, tokens]
 
-so a weight is quantised twice (W along in, W^T along out: once per optimizer step, cached by
-`Fp8Weights`), and x and dy are quantised along their features and, transposed, along tokens.
+so a weight is quantised along in once per optimizer step (`Fp8Weights`) and its transpose, W^T
+along out, is that copy transposed (one scale, square blocks) or, rowwise, a second quantisation
+made with it; x and dy are quantised along their features and, transposed, along tokens.
 
 Recipes (current scaling: the scale comes from the amax of the very tensor being quantised):
 
@@ -139,13 +140,18 @@ class Fp8Tensor:
         return Fp8Tensor(self.data[:, start:end].contiguous(), s, self.tiling)
 
     def t(self) -> "Fp8Tensor":
-        """The transpose, quantised along the other dimension, where it is the same quantisation
-        (one scale, or square blocks); other tilings are quantised again from the source."""
+        """The transpose (of each expert's, when stacked), quantised along the other dimension,
+        where it is the same quantisation (one scale, or square blocks); other tilings are
+        quantised again from the source."""
         if self.tiling == "tensor":
-            return Fp8Tensor(self.data.t().contiguous(), self.scale_inv, "tensor")
+            return Fp8Tensor(self.data.transpose(-2, -1).contiguous(), self.scale_inv, "tensor")
         if self.tiling == "128x128":
-            return Fp8Tensor(self.data.t().contiguous(), self.scale_inv.t().contiguous(), "128x128")
+            return Fp8Tensor(self.data.transpose(-2, -1).contiguous(), self.scale_inv.transpose(-2, -1).contiguous(),
+                             "128x128")
         raise ValueError(f"a {self.tiling} quantisation does not transpose: quantise the transposed source")
+
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.scale_inv.nbytes
 
 
 def _scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -259,6 +265,20 @@ def gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     return (a.dequantize() @ b.dequantize().t()).to(out_dtype)
 
 
+# A weight gradient is an fp32 GEMM output added into main_grad; made in slices of output rows of at
+# most this many elements (128 MiB), it never exists whole (a 72B-width gate | up would be 1.8 GiB).
+WGRAD_SLICE_ELEMENTS = 32 * 2**20
+
+
+def weight_gemm_slices(dyt: Fp8Tensor, xt: Fp8Tensor):
+    """The weight gradient dy^T x [N, K] in fp32 from dy^T [N, M] and x^T [K, M], both quantised along
+    M: (first row, the slice's rows) for consecutive slices of at most WGRAD_SLICE_ELEMENTS."""
+    n, k = dyt.data.shape[0], xt.data.shape[0]
+    step = max(GEMM_ALIGN, WGRAD_SLICE_ELEMENTS // k // GEMM_ALIGN * GEMM_ALIGN)
+    for r in range(0, n, step):
+        yield r, gemm(dyt.rows(r, min(r + step, n)), xt, torch.float32)
+
+
 def _group_ends(counts: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
 
@@ -331,52 +351,70 @@ def no_fp8_gemms(name: str, capability: tuple[int, int]) -> Optional[str]:
             "they need 9.0 or newer (Hopper)")
 
 
-def _quantize_experts(w: torch.Tensor, rcp: Fp8Recipe) -> tuple[Fp8Tensor, Fp8Tensor]:
-    """(W_e, W_e^T) of each expert e of w [G, out, in], stacked; written in place expert by expert,
-    so that no second copy of the whole is made."""
+@dataclass(frozen=True)
+class Fp8Weight:
+    """A weight's FP8 copy along its inputs (`w`: the forward's B) and its copy along its outputs
+    (`t()`: the input gradient's B). With one scale or square blocks the latter is w transposed,
+    made when the backward asks and not kept: 1 B per parameter less held for the step; a rowwise
+    W^T is a quantisation of its own, made with w and kept (`rowwise_t`)."""
+
+    w: Fp8Tensor
+    rowwise_t: Optional[Fp8Tensor] = None
+
+    def t(self) -> Fp8Tensor:
+        return self.rowwise_t if self.rowwise_t is not None else self.w.t()
+
+    def nbytes(self) -> int:
+        return self.w.nbytes() + (0 if self.rowwise_t is None else self.rowwise_t.nbytes())
+
+
+def _quantize_weight(w: torch.Tensor, rcp: Fp8Recipe) -> Fp8Weight:
+    pair = quantize_pair(w.reshape(-1, w.shape[-1]), rcp.weight_tiling, rcp.weight_dtype,
+                         transpose=rcp.weight_tiling == "row")
+    return Fp8Weight(*pair)
+
+
+def _quantize_experts(w: torch.Tensor, rcp: Fp8Recipe) -> Fp8Weight:
+    """Each expert of w [G, out, in] quantised as `_quantize_weight`, stacked; written in place expert
+    by expert, so that no second copy of the whole is made."""
     stacked = None
     for e in range(w.shape[0]):
-        pair = quantize_pair(w[e], rcp.weight_tiling, rcp.weight_dtype)
+        q = _quantize_weight(w[e], rcp)
+        parts = [q.w] if q.rowwise_t is None else [q.w, q.rowwise_t]
         if stacked is None:
-            stacked = [(q.data.new_empty((w.shape[0],) + q.data.shape),
-                        q.scale_inv.new_empty((w.shape[0],) + q.scale_inv.shape)) for q in pair]
-        for (data, scale), q in zip(stacked, pair):
-            data[e].copy_(q.data)
-            scale[e].copy_(q.scale_inv)
-    return tuple(Fp8Tensor(data, scale, rcp.weight_tiling) for data, scale in stacked)
+            stacked = [(p.data.new_empty((w.shape[0],) + p.data.shape),
+                        p.scale_inv.new_empty((w.shape[0],) + p.scale_inv.shape)) for p in parts]
+        for (data, scale), p in zip(stacked, parts):
+            data[e].copy_(p.data)
+            scale[e].copy_(p.scale_inv)
+    return Fp8Weight(*(Fp8Tensor(data, scale, rcp.weight_tiling) for data, scale in stacked))
 
 
 class Fp8Weights:
-    """The FP8 copies of the weights of one model: W and W^T of each, made at their first use after
+    """The FP8 copies of the weights of one model (`Fp8Weight`), made at their first use after
     `clear()`. The training step clears it when a step or a validation begins (the weights may have
     changed since: an update, a checkpoint load), so a weight is quantised once per optimizer step,
     not once per micro-batch."""
 
     def __init__(self):
-        self._copies: dict[int, tuple[torch.Tensor, Fp8Tensor, Fp8Tensor]] = {}
+        self._copies: dict[int, tuple[torch.Tensor, Fp8Weight]] = {}
 
     def clear(self) -> None:
         self._copies.clear()
 
-    def get(self, weight: torch.Tensor, rcp: Fp8Recipe, experts: bool = False) -> tuple[Fp8Tensor, Fp8Tensor]:
-        """(W, W^T) of `weight` viewed as [-1, in], quantised for the forward and the input gradient;
-        with `experts`, of each expert of a routed experts' weight [G, out, in], stacked
-        (`Fp8Tensor.expert`)."""
+    def get(self, weight: torch.Tensor, rcp: Fp8Recipe, experts: bool = False) -> Fp8Weight:
+        """The FP8 copy of `weight` viewed as [-1, in]; with `experts`, of each expert of a routed
+        experts' weight [G, out, in], stacked (`Fp8Tensor.expert`)."""
         held = self._copies.get(id(weight))
         if held is not None and held[0] is weight:
-            return held[1], held[2]
+            return held[1]
         with torch.no_grad():
-            w = weight.detach()
-            if experts:
-                wq, wt = _quantize_experts(w, rcp)
-            else:
-                wq, wt = quantize_pair(w.reshape(-1, w.shape[-1]), rcp.weight_tiling, rcp.weight_dtype)
-        self._copies[id(weight)] = (weight, wq, wt)
-        return wq, wt
+            copy = (_quantize_experts if experts else _quantize_weight)(weight.detach(), rcp)
+        self._copies[id(weight)] = (weight, copy)
+        return copy
 
     def nbytes(self) -> int:
-        return sum(q.data.nbytes + q.scale_inv.nbytes + t.data.nbytes + t.scale_inv.nbytes
-                   for _, q, t in self._copies.values())
+        return sum(copy.nbytes() for _, copy in self._copies.values())
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron_qwen2.ops.fp8 import Fp8, Fp8Tensor, gemm, pad_rows, quantize_pair
+from megatron_qwen2.ops.fp8 import Fp8, Fp8Tensor, gemm, pad_rows, quantize_pair, weight_gemm_slices
 from megatron_qwen2.parallel.mappings import (copy_to_tp, gather_from_sp, reduce_from_tp,
                                               reduce_scatter_to_sp)
 from megatron_qwen2.parallel.shard import KvReplica, Shard, set_shard, shard_of
@@ -107,7 +107,7 @@ def add_weight_grad(weight: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
 class _Fp8Linear(torch.autograd.Function):
     """y = x W^T + b with the forward, input-gradient and weight-gradient GEMMs in FP8 (ops/fp8.py).
 
-    W and W^T come quantised from the model's `Fp8Weights`. Saved for backward: x^T quantised
+    W and W^T come from the model's `Fp8Weights`. Saved for backward: x^T quantised
     along the tokens (FP8, half the bytes of a bf16 x). The token rows are padded with zeros to
     the recipe's multiple when they are not one (the weight gradient reduces over them).
     """
@@ -118,13 +118,13 @@ class _Fp8Linear(torch.autograd.Function):
         x2 = x.reshape(-1, weight.shape[-1])
         rows = x2.shape[0]
         x2 = pad_rows(x2, rcp.token_multiple)
-        wq, wt = fp8.weights.get(weight, rcp)
+        w8 = fp8.weights.get(weight, rcp)
         xq, xt = quantize_pair(x2, rcp.activation_tiling, rcp.input_dtype)
-        y = gemm(xq, wq, x.dtype)[:rows]
+        y = gemm(xq, w8.w, x.dtype)[:rows]
         if bias is not None:
             y = y + bias
         ctx.save_for_backward(xt.data, xt.scale_inv, weight)
-        ctx.recipe, ctx.weight_t, ctx.x_shape, ctx.has_bias = rcp, wt, x.shape, bias is not None
+        ctx.recipe, ctx.weight8, ctx.x_shape, ctx.has_bias = rcp, w8, x.shape, bias is not None
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -133,10 +133,18 @@ class _Fp8Linear(torch.autograd.Function):
         rcp, rows = ctx.recipe, dy.numel() // dy.shape[-1]
         dy2 = pad_rows(dy.reshape(rows, dy.shape[-1]), rcp.token_multiple)
         dyq, dyt = quantize_pair(dy2, rcp.activation_tiling, rcp.grad_dtype)
-        dx = gemm(dyq, ctx.weight_t, dy.dtype)[:rows].view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        dw = gemm(dyt, Fp8Tensor(xt_data, xt_scale, rcp.activation_tiling), torch.float32)
+        dx = gemm(dyq, ctx.weight8.t(), dy.dtype)[:rows].view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        xt = Fp8Tensor(xt_data, xt_scale, rcp.activation_tiling)
+        if hasattr(weight, "main_grad"):  # slice by slice into main_grad: no fp32 copy of the whole
+            main = weight.main_grad.view(dyt.data.shape[0], xt.data.shape[0])
+            for r, dw in weight_gemm_slices(dyt, xt):
+                main[r:r + dw.shape[0]].add_(dw)
+            weight.wgrad_in_main_grad = True
+            grad = torch.empty_like(weight)
+        else:
+            grad = add_weight_grad(weight, gemm(dyt, xt, torch.float32))
         db = dy2.sum(0) if ctx.has_bias else None
-        return dx, add_weight_grad(weight, dw), db, None
+        return dx, grad, db, None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -153,14 +153,35 @@ def test_weights_are_quantised_once_until_cleared():
     w = torch.randn(128, 256)
     weights, r = Fp8Weights(), recipe("rowwise")
     first = weights.get(w, r)
-    assert weights.get(w, r)[0] is first[0]
+    assert weights.get(w, r) is first
     w.mul_(2.0)
-    assert weights.get(w, r)[0] is first[0]  # the copy of this step, until the step ends
+    assert weights.get(w, r) is first  # the copy of this step, until the step ends
     weights.clear()
     again = weights.get(w, r)
-    assert again[0] is not first[0]
-    torch.testing.assert_close(again[0].dequantize(), first[0].dequantize() * 2.0)
+    assert again is not first
+    torch.testing.assert_close(again.w.dequantize(), first.w.dequantize() * 2.0)
     assert weights.nbytes() == 2 * w.numel() + (128 + 256) * 4  # W and W^T, one fp32 scale per row each
+
+
+@pytest.mark.parametrize("name", ["tensorwise", "blockwise"])
+def test_transposable_weights_keep_one_copy(name):
+    """One scale or square blocks: W^T is W's copy transposed, made when asked, not kept."""
+    w = torch.randn(256, 384)
+    weights, r = Fp8Weights(), recipe(name)
+    copy = weights.get(w, r)
+    assert copy.rowwise_t is None and weights.nbytes() == w.numel() + copy.w.scale_inv.nbytes
+    assert torch.equal(copy.t().dequantize(), quantize(w.t().contiguous(), r.weight_tiling).dequantize())
+
+
+def test_weight_gradient_slices_cover_the_whole_product(monkeypatch):
+    import megatron_qwen2.ops.fp8 as fp8
+
+    monkeypatch.setattr(fp8, "WGRAD_SLICE_ELEMENTS", 48 * 256)  # slices of 48 rows of 256
+    for tiling in ("tensor", "row", "1x128"):
+        dyt, xt = quantize(torch.randn(200, 512), tiling), quantize(torch.randn(256, 512), tiling)
+        slices = list(fp8.weight_gemm_slices(dyt, xt))
+        assert [r for r, _ in slices] == [0, 48, 96, 144, 192]
+        torch.testing.assert_close(torch.cat([dw for _, dw in slices]), gemm(dyt, xt, torch.float32))
 
 
 @pytest.mark.parametrize("name", RECIPES)
