@@ -12,8 +12,8 @@ one pipeline stage, numbered by their stage rank s = tp_rank + tp * (cp_rank + c
 cut again, innermost first, into etp (expert-tensor parallel: the ranks that split each expert's
 FFN), ep (the ranks that hold different experts) and expert_dp (the ranks that hold the same
 expert shard): etp_rank = s % etp, ep_rank = (s // etp) % ep, expert_dp_rank = s // (etp * ep).
-The ranks of an ep group are etp apart, so with etp = 1 an ep group of size up to tp is a tp group
-(the all-to-all stays on the fastest links). The attention layout (tp, cp, dp) and the expert
+The ranks of an ep group are etp apart, so with etp = 1 and ep <= tp an ep group lies inside a tp
+group (the all-to-all stays on the fastest links). The attention layout (tp, cp, dp) and the expert
 layout share no constraint but ep * etp dividing tp * cp * dp; with tp = cp = 1 the expert grid is
 ep carved out of dp.
 
