@@ -264,9 +264,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=None,
                     help="result JSON (default: bench/results/train_throughput_<model>_<device>.json)")
     args = ap.parse_args(argv)
+    return check_batch_args(ap, args, ("seq", "mbs", "gbs", "steps"))
+
+
+def check_batch_args(ap: argparse.ArgumentParser, args: argparse.Namespace, positive: tuple[str, ...]):
+    """--gbs defaulted to 8 x --mbs, each of `positive` > 0, --warmup >= 0, --gbs a multiple of --mbs
+    (ap.error otherwise); returns args."""
     if args.gbs is None:
         args.gbs = 8 * args.mbs
-    for name in ("seq", "mbs", "gbs", "steps"):
+    for name in positive:
         if getattr(args, name) <= 0:
             ap.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -276,16 +282,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def pick_device(args: argparse.Namespace) -> torch.device:
+    """The device of --device (auto: CUDA when there is one); sets args.device to cuda or cpu."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA device is available")
+    return torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ["MEGATRON_QWEN2_OPS"] = args.ops  # read by the op doors at their first call
     from megatron_qwen2.model.flops import training_flops_per_token
 
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but no CUDA device is available")
-    device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    device = pick_device(args)
     mcfg = model_config(args.model, args.layers)
     if args.seq > mcfg.max_position_embeddings:
         raise SystemExit(f"--seq {args.seq} exceeds model.max_position_embeddings={mcfg.max_position_embeddings}")

@@ -20,6 +20,11 @@ from typing import Any, Optional, Union
 from megatron_qwen2.errors import ConfigError
 
 
+# data.format: pretraining token files, SFT conversations, DPO preference pairs.
+DATA_FORMATS = ("pretrain", "sft", "preference")
+# dpo.loss: the objectives of engine/dpo.py.
+DPO_LOSSES = ("sigmoid", "ipo")
+
 # train.fp8: the recipes of ops/fp8.py ("none": every GEMM in train.dtype).
 FP8_RECIPES = ("none", "tensorwise", "rowwise", "blockwise")
 
@@ -223,9 +228,10 @@ class DataConfig:
     cache_dir: Optional[str] = None  # where tokenised corpora are cached; None: ~/.cache/megatron_qwen2
     max_files: Optional[int] = None  # cap on the number of corpus files (None: all)
     # Datasets instead of the corpus: [prefix, ...], [w1, prefix1, w2, prefix2, ...] or [{path, weight}, ...].
-    # format 'pretrain': .bin/.idx prefixes (tools/preprocess_data.py); 'sft': chat jsonl files.
+    # format 'pretrain': .bin/.idx prefixes (tools/preprocess_data.py); 'sft': chat jsonl files;
+    # 'preference': preference pairs in jsonl (data/preference.py), trained with DPO (DpoConfig).
     paths: Optional[list[Any]] = None
-    format: str = "pretrain"  # pretrain | sft
+    format: str = "pretrain"  # pretrain | sft | preference
     split: list[float] = field(default_factory=lambda: [1.0, 0.0])  # train, valid weights (by document)
     reset_position_ids: bool = False  # positions restart at 0 at each document inside a sample
     reset_attention_mask: bool = False  # attention stays inside each document (block-diagonal causal mask)
@@ -233,28 +239,41 @@ class DataConfig:
     # data.format=sft: pack several conversations per row (each attends within itself, positions
     # restart per conversation) instead of one padded conversation per row.
     sft_packing: bool = False
+    # data.format=preference: pack several whole pairs per row (two documents each) instead of one per row.
+    preference_packing: bool = False
 
     def validate(self) -> "DataConfig":
         _finite(self, "data")
         _require(bool(self.corpus), "data.corpus must name 'stdlib' or a path/glob of text files")
         if self.max_files is not None:
             _require(self.max_files > 0, f"data.max_files must be > 0, got {self.max_files}")
-        _require(self.format in ("pretrain", "sft"), f"data.format must be 'pretrain' or 'sft', got {self.format!r}")
+        _require(self.format in DATA_FORMATS,
+                 f"data.format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
         _require(len(self.split) == 2 and all(w >= 0 for w in self.split) and self.split[0] > 0,
                  f"data.split must be [train, valid] weights, train > 0 and valid >= 0, got {list(self.split)}")
         if self.paths is not None:
             from megatron_qwen2.data.builder import parse_data_paths  # the one parser of the accepted forms
 
             parse_data_paths(self.paths)
-        _require(self.format == "pretrain" or self.paths is not None,
+        _require(self.format != "sft" or self.paths is not None,
                  "data.format=sft needs data.paths naming chat jsonl files")
+        _require(self.format != "preference" or self.paths is not None,
+                 "data.format=preference needs data.paths naming preference jsonl files "
+                 '(lines {"prompt": ..., "chosen": ..., "rejected": ...})')
         if self.format == "sft":
             _require(not (self.reset_position_ids or self.reset_attention_mask or self.eod_mask_loss),
                      "data.reset_position_ids / reset_attention_mask / eod_mask_loss do not apply to data.format=sft "
                      "(loss on assistant turns; with data.sft_packing=true every conversation of a row attends "
                      "within itself and its positions restart)")
+        if self.format == "preference":
+            _require(not (self.reset_position_ids or self.reset_attention_mask or self.eod_mask_loss),
+                     "data.reset_position_ids / reset_attention_mask / eod_mask_loss do not apply to "
+                     "data.format=preference (a row holds one pair: chosen and rejected each attend within "
+                     "themselves and their positions restart)")
         _require(self.format == "sft" or not self.sft_packing,
                  f"data.sft_packing=true needs data.format=sft, got data.format={self.format!r}")
+        _require(self.format == "preference" or not self.preference_packing,
+                 f"data.preference_packing=true needs data.format=preference, got data.format={self.format!r}")
         return self
 
 
@@ -323,6 +342,34 @@ class TrainConfig:
 
 
 @dataclass
+class DpoConfig:
+    """Direct preference optimisation (data.format=preference; engine/dpo.py, docs/architecture.md "DPO")."""
+
+    # The frozen reference: a native checkpoint directory (or its checkpoints/ with `latest`);
+    # None: the weights the policy starts from (train.init_from, else the seeded initialisation).
+    reference: Optional[str] = None
+    # true: the reference's log-probabilities are computed once, in one forward-only pass before
+    # training, and kept in RUN_DIR/dpo_reference_logps.pt, so training holds one model.
+    precompute_reference: bool = False
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    beta: float = 0.1  # the KL weight: rewards are beta * (log pi - log pi_ref)
+    label_smoothing: float = 0.0  # sigmoid only: the probability that a pair's preference is flipped (cDPO)
+
+    def validate(self) -> "DpoConfig":
+        _finite(self, "dpo")
+        _require(self.loss in DPO_LOSSES, f"dpo.loss must be one of {', '.join(DPO_LOSSES)}, got {self.loss!r}")
+        _require(self.beta > 0, f"dpo.beta must be > 0, got {self.beta}")
+        _require(0 <= self.label_smoothing < 0.5,
+                 f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        _require(self.loss == "sigmoid" or self.label_smoothing == 0,
+                 f"dpo.label_smoothing={self.label_smoothing} applies to dpo.loss=sigmoid only; "
+                 f"set it to 0 for dpo.loss={self.loss}")
+        _require(self.reference is None or bool(str(self.reference)),
+                 "dpo.reference must name a checkpoint directory or be null")
+        return self
+
+
+@dataclass
 class WandbConfig:
     """wandb logging; offline unless WANDB_API_KEY is set or mode says otherwise."""
 
@@ -340,8 +387,14 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     device: str = "cpu"
+
+    @property
+    def is_dpo(self) -> bool:
+        """Preference data trains with the DPO objective; every other format with the token loss."""
+        return self.data.format == "preference"
 
     def validate(self, world_size: int = 1) -> "Config":
         self.model.validate()
@@ -349,6 +402,7 @@ class Config:
         self.optim.validate()
         self.data.validate()
         self.train.validate()
+        self.dpo.validate()
         _require(self.device in ("cpu", "cuda"), f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.model.tie_word_embeddings is None:
             raise ValueError("model.tie_word_embeddings must be true or false")
@@ -452,12 +506,12 @@ def resolve_config(cfg, world_size: int | None = None) -> Config:
 # ---------------------------------------------------------------------------------------------
 # Resuming: which fields a checkpoint and the run that continues it must share
 
-# Fields that define the model, the data order or the batch: a run may continue a checkpoint only
+# Fields that define the model, the data order, the batch or the DPO objective: a run may continue a checkpoint only
 # when they are equal (train.resume=force overrides). Patterns over dotted names; RESUME_MAY_CHANGE
 # lists the exceptions. Every other field (steps, intervals, logging, eval, checkpointing, the
 # optimizer, precision, the parallel layout, wandb) may change on resume.
 RESUME_MUST_MATCH = ("model.*", "data.*", "train.seq_length", "train.micro_batch_size", "train.global_batch_size",
-                     "train.seed")
+                     "train.seed", "dpo.*")
 RESUME_MAY_CHANGE = ("model.name", "data.cache_dir")
 
 

@@ -43,11 +43,13 @@ WANDB_GROUPS = {
 
 
 def wandb_name(key: str) -> str:
-    """The grouped wandb name of a metrics.jsonl key (moe_* -> moe/*, anything else -> train/*)."""
+    """The grouped wandb name of a metrics.jsonl key (moe_* -> moe/*, dpo_* -> dpo/*, anything else -> train/*)."""
     if key in WANDB_GROUPS:
         return WANDB_GROUPS[key]
     if key.startswith("moe_"):
         return "moe/" + key[4:]
+    if key.startswith("dpo_"):
+        return "dpo/" + key[4:]
     return "train/" + key
 
 
@@ -94,7 +96,8 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
 class MetricsLogger:
     """One JSON object per step; only the rank that owns logging (rank 0) constructs one."""
 
-    CONSOLE = (("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("lr", "lr {:.3e}"),
+    CONSOLE = (("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("dpo_margin", "margin {:.3f}"),
+               ("dpo_accuracy", "acc {:.2f}"), ("lr", "lr {:.3e}"),
                ("grad_norm", "gnorm {:.3f}"), ("aux_loss", "aux {:.4f}"), ("tokens_per_s", "{:,.0f} tok/s"),
                ("data_time_s", "data {:.3f}s"),
                ("mfu", "mfu {:.1%}"), ("mem_peak_gib", "mem {:.1f} GiB"), ("mem_rss_gib", "rss {:.2f} GiB"),

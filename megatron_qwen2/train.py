@@ -27,7 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from megatron_qwen2.checkpoint import expected_native_shapes, load_model_config, resolve_checkpoint_dir
+from megatron_qwen2.checkpoint import checkpoint_for, expected_native_shapes
 from megatron_qwen2.checkpoint.distributed import (RUN_CONFIG_FILE, CheckpointError, CheckpointSaver,
                                                    find_resume_checkpoint, load_training_checkpoint, point_latest,
                                                    read_latest, remove_partial_saves, set_aside)
@@ -35,6 +35,8 @@ from megatron_qwen2.config import (Config, check_overrides, format_differences, 
                                    resume_differences)
 from megatron_qwen2.data import build_datasets
 from megatron_qwen2.data.loader import BatchPrefetcher, read_on_every_rank
+from megatron_qwen2.data.preference import preference_parts
+from megatron_qwen2.dpo_reference import prepare_reference, reference_source
 from megatron_qwen2.engine.launch import init_distributed
 from megatron_qwen2.engine.step import TrainingStep
 from megatron_qwen2.errors import (EXIT_CONFIG, EXIT_HANG, EXIT_INTERNAL, EXIT_IO, EXIT_NONFINITE, EXIT_OK,
@@ -223,6 +225,8 @@ def _train(cfg: Config, run_dir: Path, world_size: int, rank: int, device: torch
         if train_set.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"the tokenizer has {train_set.vocab_size} tokens but model.vocab_size="
                               f"{cfg.model.vocab_size}; pick a larger model.vocab_size or another tokenizer")
+        if cfg.is_dpo:
+            reference_source(cfg)  # the reference checkpoint exists and holds this architecture
         return train_set, valid_set
 
     dataset, valid_dataset = all_ranks_agree(datasets)
@@ -235,6 +239,8 @@ def _train(cfg: Config, run_dir: Path, world_size: int, rank: int, device: torch
         print(f"model {cfg.model.name}: {count_parameters(cfg.model) / 1e6:.2f}M parameters; {len(dataset)} samples "
               f"of {t.seq_length} tokens per epoch; tp={topo.tp} pp={topo.pp} vpp={topo.vpp} dp={topo.dp} "
               f"cp={topo.cp} sp={topo.sequence_parallel}{fp8}; run dir {run_dir}", flush=True)
+    if cfg.is_dpo:
+        prepare_reference(cfg, trainer, preference_parts(dataset) + preference_parts(valid_dataset), run_dir, say)
 
     ckpt_root = run_dir / "checkpoints"
     start_step = restore(cfg, ckpt_root, chunks, optimizer, topo, say)
@@ -329,6 +335,8 @@ def _train(cfg: Config, run_dir: Path, world_size: int, rank: int, device: torch
                 achieved = flops_per_token * metrics["tokens_per_s"] / topo.world_size
                 metrics["tflops_per_device"] = achieved / 1e12
                 metrics["mfu"] = achieved / peak
+            if outcome.dpo is not None:
+                metrics.update(outcome.dpo.as_metrics())
             metrics.update(memory_metrics(device))
             if cfg.model.is_moe:
                 metrics["aux_loss"] = outcome.aux_loss
@@ -413,12 +421,7 @@ def restore(cfg: Config, ckpt_root: Path, chunks, optimizer, topo: Topology, say
             f"in {time.perf_counter() - began:.1f}s, its checksums verified in {verified_s:.1f}s")
         return step
     if t.init_from:
-        src = resolve_checkpoint_dir(t.init_from)  # follows `latest`
-        theirs, ours = dataclasses.asdict(load_model_config(src)), dataclasses.asdict(cfg.model)
-        differ = [f"model.{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours
-                  if k != "name" and theirs[k] != ours[k]]
-        if differ:
-            raise ValueError(f"train.init_from={t.init_from} holds another architecture: " + "; ".join(differ))
+        src = checkpoint_for(t.init_from, cfg.model, "train.init_from")  # follows `latest`
         load_training_checkpoint(src, chunks, optimizer, topo, weights_only=True)
         say(f"initialised the weights from {src} (optimizer state starts afresh)")
     return 0

@@ -120,7 +120,7 @@ def tokenizer_source(ckpt_dir: Path, run_config: Optional[dict], tokenizer: Opti
 
 def _trained_on_chat(run_config: Optional[dict]) -> bool:
     data = (run_config or {}).get("data")
-    return isinstance(data, dict) and data.get("format") == "sft"
+    return isinstance(data, dict) and data.get("format") in ("sft", "preference")  # rendered with the chat template
 
 
 def _cast(tensors: dict[str, torch.Tensor], dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:

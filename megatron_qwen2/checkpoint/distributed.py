@@ -754,6 +754,28 @@ def load_training_checkpoint(ckpt_dir: PathLike, chunks, optimizer, topo, weight
     return train_state
 
 
+@torch.no_grad()
+def load_weights(ckpt_dir: PathLike, chunks, topo, verify: bool = True) -> None:
+    """Load a checkpoint's weights into this rank's pieces of `chunks` (a model without an optimizer,
+    such as the DPO reference), from a training or native checkpoint of any layout. Every rank must call it."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / MODEL_DIR).is_dir():
+        raise CheckpointError(f"{ckpt_dir} is not a checkpoint (it needs {MODEL_DIR}/)")
+    if verify:
+        verify_checkpoint(ckpt_dir, weights_only=True)
+    wanted: dict = {}
+    loaded = []
+    for name, p in ((n, p) for chunk in chunks for n, p in chunk.named_parameters()):
+        spec = param_shard_spec(p, topo)
+        full = torch.empty(p.numel(), dtype=torch.float32, device=p.device)
+        for pc in flat_pieces(spec, tuple(p.shape), 0, p.numel()):
+            wanted.setdefault(name, (spec.global_shape, []))[1].append((pc.global_offsets, pc.view(full, 0)))
+        loaded.append((p, full))
+    _dcp_load(wanted, ckpt_dir / MODEL_DIR)
+    for p, full in loaded:
+        p.copy_(full.view(p.shape))
+
+
 def _restore_rng(ckpt_dir: Path, train_state: dict, topo) -> None:
     """Per-rank RNG states, when the world size is the one they were saved under."""
     if train_state.get("layout", {}).get("world_size") != topo.world_size:

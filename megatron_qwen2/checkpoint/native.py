@@ -403,6 +403,17 @@ def load_model_config(ckpt_dir: PathLike) -> ModelConfig:
     return ModelConfig(**fields).validate()
 
 
+def checkpoint_for(ckpt_dir: PathLike, model: ModelConfig, field: str) -> Path:
+    """The checkpoint directory a config field names (`latest` followed), checked to hold the
+    architecture of `model` (every field but the name); ValueError naming `field` otherwise."""
+    src = resolve_checkpoint_dir(ckpt_dir)
+    theirs, ours = dataclasses.asdict(load_model_config(src)), dataclasses.asdict(model)
+    differ = [f"model.{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours if k != "name" and theirs[k] != ours[k]]
+    if differ:
+        raise ValueError(f"{field}={ckpt_dir} holds another architecture: " + "; ".join(differ))
+    return src
+
+
 def load_native_state(ckpt_dir: PathLike) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """All tensors of a checkpoint (full, on the CPU) and its ModelConfig; `latest` is followed.
 

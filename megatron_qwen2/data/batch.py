@@ -1,7 +1,7 @@
 """`Batch`: token rows plus what the loss and the attention need to know about them.
 
 A row holds s + 1 tokens: the model reads tokens[:, :-1] and predicts tokens[:, 1:]. The
-optional fields are per input position ([b, s]); None means the plain case (every label counts,
+optional fields are per input position ([b, s]; `reference_logps` per row); None means the plain case (every label counts,
 positions 0..s-1, one causal sequence per row): a batch of bare token rows is that plain case.
 """
 
@@ -20,6 +20,13 @@ class Batch:
     loss_mask: Optional[torch.Tensor] = None  # [b, s] float, 1 where label tokens[:, j+1] counts; None: all
     position_ids: Optional[torch.Tensor] = None  # [b, s] int64; None: 0..s-1 in every row
     document_ids: Optional[torch.Tensor] = None  # [b, s] int64, row-local; attention stays inside a document
+    # Preference rows (data/preference.py, engine/dpo.py) hold pairs in K slots: `pairs` [b, K] bool,
+    # slot k of the row holds a pair; `pair_side` [b, s] int64, per label 2k+1 where it counts for the
+    # chosen response of slot k, 2k+2 for the rejected one, 0 elsewhere; `reference_logps` [b, K, 2]
+    # float64, the reference model's log-probabilities of each slot's chosen and rejected response.
+    pairs: Optional[torch.Tensor] = None
+    pair_side: Optional[torch.Tensor] = None
+    reference_logps: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

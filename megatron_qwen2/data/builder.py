@@ -7,6 +7,8 @@
   (tools/preprocess_data.py, indexed.py) or Megatron-LM's (megatron_indexed.py), told apart by the
   index's magic; each split by document and packed (packed.py), blended by weight when there are several.
 - `data.format=sft`: `data.paths` names chat jsonl files (sft.py), split by conversation and blended.
+- `data.format=preference`: `data.paths` names preference jsonl files (preference.py), split by pair
+  and blended.
 
 `data.paths` is `[prefix]`, `[w1, prefix1, w2, prefix2, ...]` (Megatron's form) or a list of
 `{path: ..., weight: ...}`; without weights, each dataset weighs as many samples as it holds.
@@ -24,13 +26,15 @@ import numpy as np
 from megatron_qwen2.data.batch import Batch, documents_from_eod, make_batch
 from megatron_qwen2.data.indexed import check_prefix_readable, open_indexed
 from megatron_qwen2.data.packed import DocumentPackedDataset, split_documents
+from megatron_qwen2.data.preference import PreferenceDataset, load_pairs
 from megatron_qwen2.data.sampler import BlendedDataset, SampleDataset
 from megatron_qwen2.data.sft import SFTDataset, ensure_chat_tokens, load_conversations
 from megatron_qwen2.data.text_dataset import PackedDataset, _corpus_tokens
 from megatron_qwen2.data.tokenizer import eod_token_id, load_tokenizer
 from megatron_qwen2.errors import DataError
 
-FORMATS = ("pretrain", "sft")
+# data.format -> (one of its files, what data.paths names) for messages.
+JSONL_FORMATS = {"sft": ("SFT file", "chat jsonl files"), "preference": ("preference file", "preference jsonl files")}
 
 
 def parse_data_paths(paths: Sequence[Any]) -> list[tuple[Optional[float], str]]:
@@ -94,17 +98,18 @@ def _blend(parts: list[SampleDataset], weights: list[Optional[float]]) -> Sample
 
 
 def check_data_path(path: str, data_format: str) -> None:
-    """DataError naming `path` when the data it names (a .bin/.idx prefix, a chat jsonl file) cannot be read."""
-    if data_format != "sft":
+    """DataError naming `path` when the data it names (a .bin/.idx prefix, a jsonl file) cannot be read."""
+    if data_format not in JSONL_FORMATS:
         check_prefix_readable(path)
         return
+    what, hint = JSONL_FORMATS[data_format]
     file = Path(path).expanduser()
     if not file.exists():
-        raise DataError(f"data.paths: no SFT file {file}; give chat jsonl files (data.format=sft)")
+        raise DataError(f"data.paths: no {what} {file}; give {hint} (data.format={data_format})")
     if not file.is_file():
-        raise DataError(f"data.paths: SFT path {file} is not a file; give chat jsonl files (data.format=sft)")
+        raise DataError(f"data.paths: {what} {file} is not a file; give {hint} (data.format={data_format})")
     if not os.access(file, os.R_OK):
-        raise DataError(f"data.paths: SFT file {file} cannot be read (permission denied); fix its permissions")
+        raise DataError(f"data.paths: {what} {file} cannot be read (permission denied); fix its permissions")
 
 
 def build_datasets(data_cfg, seq_length: int, seed: int) -> tuple[SampleDataset, Optional[SampleDataset]]:
@@ -123,7 +128,7 @@ def build_datasets(data_cfg, seq_length: int, seed: int) -> tuple[SampleDataset,
     for _, path in entries:  # every path, before reading any of them
         check_data_path(path, data_cfg.format)
     tok = load_tokenizer(data_cfg.tokenizer)
-    if data_cfg.format == "sft":
+    if data_cfg.format in JSONL_FORMATS:
         ensure_chat_tokens(tok)
     eod, vocab_size = eod_token_id(tok), tok.get_vocab_size()
     train_parts, valid_parts = [], []
@@ -133,6 +138,12 @@ def build_datasets(data_cfg, seq_length: int, seed: int) -> tuple[SampleDataset,
             ranges = split_documents(len(convs), split, path)
             make = lambda r, k: SFTDataset(convs[r[0]:r[1]], seq_length, [seed, i, k], eod, vocab_size,  # noqa: E731
                                            pack=data_cfg.sft_packing)
+        elif data_cfg.format == "preference":
+            pairs = load_pairs(Path(path).expanduser(), tok)
+            ranges = split_documents(len(pairs), split, path)
+            make = lambda r, k: PreferenceDataset(pairs[r[0]:r[1]], seq_length, [seed, i, k], eod,  # noqa: E731
+                                                  vocab_size, pack=data_cfg.preference_packing,
+                                                  name=f"{path} ({('train', 'valid')[k]})")
         else:
             data = open_indexed(path)
             ranges = split_documents(len(data), split, path)

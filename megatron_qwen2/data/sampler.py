@@ -14,6 +14,7 @@ from typing import Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from megatron_qwen2.data.batch import Batch
 
@@ -100,6 +101,13 @@ def concat_batches(parts: Sequence[Batch]) -> Batch:
         out.document_ids = torch.cat([p.document_ids if p.document_ids is not None
                                       else torch.zeros(p.tokens.shape[0], p.tokens.shape[1] - 1, dtype=torch.long)
                                       for p in parts])
+    if all(p.pair_side is not None for p in parts):  # preference rows: slots padded to the most of any part
+        slots = max(p.pairs.shape[1] for p in parts)
+        out.pair_side = torch.cat([p.pair_side for p in parts])
+        out.pairs = torch.cat([F.pad(p.pairs, (0, slots - p.pairs.shape[1])) for p in parts])
+        if all(p.reference_logps is not None for p in parts):
+            out.reference_logps = torch.cat([F.pad(p.reference_logps, (0, 0, 0, slots - p.pairs.shape[1]))
+                                             for p in parts])
     return out
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer
@@ -82,9 +82,9 @@ def render_chat(messages: Sequence[dict], tok: Tokenizer, system_prompt: Optiona
     return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
 
 
-def load_conversations(path: Path, tok: Tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Every conversation of a chat jsonl file, rendered and tokenised, in file order."""
-    convs = []
+def jsonl_records(path: Path, what: str) -> Iterator[tuple[str, object]]:
+    """(where, record) of each non-blank line of a jsonl file, where = "PATH:LINE"; a DataError names
+    the line that is not JSON, or the file (`what`: "SFT file", ...) when it cannot be read as text."""
     try:
         with open(path, encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
@@ -95,14 +95,20 @@ def load_conversations(path: Path, tok: Tokenizer) -> list[tuple[np.ndarray, np.
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-                if not isinstance(record, dict) or "messages" not in record:
-                    raise DataError(f'{where}: expected an object {{"messages": [{{"role": ..., "content": ...}}, '
-                                    '...]}')
-                convs.append(render_chat(record["messages"], tok, where=where))
+                yield where, record
     except OSError as err:
-        raise DataError(f"SFT file {path}: cannot be read ({err.strerror or err}); correct data.paths") from None
+        raise DataError(f"{what} {path}: cannot be read ({err.strerror or err}); correct data.paths") from None
     except UnicodeDecodeError as err:
-        raise DataError(f"SFT file {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise DataError(f"{what} {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def load_conversations(path: Path, tok: Tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every conversation of a chat jsonl file, rendered and tokenised, in file order."""
+    convs = []
+    for where, record in jsonl_records(path, "SFT file"):
+        if not isinstance(record, dict) or "messages" not in record:
+            raise DataError(f'{where}: expected an object {{"messages": [{{"role": ..., "content": ...}}, ...]}}')
+        convs.append(render_chat(record["messages"], tok, where=where))
     if not convs:
         raise DataError(f"{path}: holds no conversations")
     return convs

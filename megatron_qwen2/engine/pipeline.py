@@ -21,6 +21,10 @@ Context parallelism: each cp rank runs every micro-batch on its share of the seq
 and 2cp-1-r of each row, parallel/cp.py). The runner cuts inputs, labels, loss mask, positions
 (global, or reset per document) and document ids the same way before the first stage, so the
 hidden states between stages are [s/cp(/tp), b, h].
+
+Preference rows (DPO, engine/dpo.py): the last stage sums each row's token losses into its chosen
+and rejected response's log-probability (summed over cp) and, given a DpoConfig, the micro-batch's
+objective is the sum of its pairs' losses / the pairs of the global batch, instead of the token loss.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from megatron_qwen2.config import ModelConfig, ParallelConfig
+from megatron_qwen2.config import DpoConfig, ModelConfig, ParallelConfig
 from megatron_qwen2.data.batch import Batch, as_batch
+from megatron_qwen2.engine.dpo import pair_terms, response_logps
 from megatron_qwen2.engine.schedule import Action, build_schedule
 from megatron_qwen2.model import Qwen2Model
 from megatron_qwen2.model.moe import MoELoad, add_moe_stats, z_loss_term
@@ -72,6 +77,11 @@ class StepResult:
     # This rank's MoE layers (every stage's), by global layer index: load, drops and z-loss summed
     # over this rank's micro-batches, each counted once.
     moe_load: dict[int, MoELoad] = field(default_factory=dict)
+    # Preference rows, last stage: each micro-batch's response log-probabilities [mbs, slots, 2]
+    # (chosen, rejected; detached) by micro-batch index, and with a DpoConfig the sums of its pairs' rewards and
+    # right rankings ([3], PairTerms.metric_sums) over this rank's micro-batches (on cp rank 0 only).
+    sequence_logps: dict[int, torch.Tensor] = field(default_factory=dict)
+    dpo_sums: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -84,6 +94,10 @@ class LocalMicroBatch:
     document_ids: Optional[torch.Tensor]
     loss_mask: Optional[torch.Tensor]
     counted: Union[int, torch.Tensor]  # labels of the whole micro-batch (all cp shares) that count in the loss
+    # Preference rows (Batch.pairs, .pair_side, .reference_logps): only pair_side is cut over cp.
+    pairs: Optional[torch.Tensor]
+    pair_side: Optional[torch.Tensor]
+    reference_logps: Optional[torch.Tensor]
 
 
 def local_microbatch(mb: Batch, cp: int, cp_rank: int) -> LocalMicroBatch:
@@ -94,7 +108,8 @@ def local_microbatch(mb: Batch, cp: int, cp_rank: int) -> LocalMicroBatch:
     return LocalMicroBatch(inputs=share(mb.tokens[:, :-1]), labels=share(mb.tokens[:, 1:]),
                            positions=share(mb.positions()), document_ids=share(mb.document_ids),
                            loss_mask=share(mb.loss_mask),
-                           counted=mb.loss_mask.sum() if mb.loss_mask is not None else mb.tokens[:, 1:].numel())
+                           counted=mb.loss_mask.sum() if mb.loss_mask is not None else mb.tokens[:, 1:].numel(),
+                           pairs=mb.pairs, pair_side=share(mb.pair_side), reference_logps=mb.reference_logps)
 
 
 class PipelineRunner:
@@ -171,7 +186,8 @@ class PipelineRunner:
         return total / counted * loss_scale
 
     def run(self, microbatches: Sequence[Union[Batch, torch.Tensor]], loss_scale: float, aux_coef: float,
-            num_tokens: Optional[int] = None, forward_only: bool = False) -> StepResult:
+            num_tokens: Optional[int] = None, forward_only: bool = False, dpo: Optional[DpoConfig] = None,
+            num_pairs: int = 1) -> StepResult:
         """Forward and backward of every micro-batch (a Batch, or bare [mbs, s+1] token rows) on this rank.
 
         A micro-batch's objective is its token-loss term + loss_scale * aux_coef * aux loss, and on
@@ -180,6 +196,10 @@ class PipelineRunner:
         unmasked labels of the whole global batch) is given, so every counted token of the global
         batch weighs the same however the micro-batches and ranks cut it (Megatron's
         normalisation); without num_tokens it is loss_scale * the micro-batch's masked mean.
+
+        With `dpo` (preference rows with reference_logps) the token-loss term is replaced by the sum of
+        the micro-batch's pair losses / num_pairs (the pairs of the whole global batch); every cp rank
+        computes it from the cp-summed log-probabilities, and loss_sum counts it on cp rank 0.
         """
         cp, cp_rank = self.topo.cp, self.topo.cp_rank
         microbatches = [local_microbatch(as_batch(mb), cp, cp_rank) for mb in microbatches]
@@ -190,6 +210,8 @@ class PipelineRunner:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         moe_load: dict[int, MoELoad] = {}
+        sequence_logps: dict[int, torch.Tensor] = {}
+        dpo_sums = torch.zeros(3, dtype=torch.float64, device=self.device) if dpo is not None else None
         self._pending = []
         self.max_pending_activations = 0  # the most activation sends outstanding at once in this step
         for a in schedule:
@@ -212,8 +234,21 @@ class PipelineRunner:
                 # Each cp rank's z-losses are means over its share of the tokens: each adds 1/cp of them.
                 z_loss = z_loss_term(out.moe_stats, self.cfg.moe_z_loss_coef, loss_scale / cp)
                 if stage == self.last_stage:
-                    loss = self._token_loss_term(out.token_loss, mb.loss_mask, loss_scale, num_tokens, mb.counted)
-                    loss_sum += loss.detach() / loss_scale
+                    logps = None
+                    if mb.pair_side is not None:
+                        logps = response_logps(out.token_loss, mb.pair_side, mb.pairs.shape[1], self.topo.groups.cp.pg)
+                        sequence_logps[a.microbatch] = logps.detach()
+                    if dpo is not None:
+                        if logps is None or mb.reference_logps is None:
+                            raise ValueError("a DPO step needs preference rows with the reference's log-probabilities")
+                        terms = pair_terms(logps, mb.reference_logps, mb.pairs, dpo)
+                        loss = terms.losses.sum() / num_pairs
+                        if cp_rank == 0:  # every cp rank computed the same pair losses: count them once
+                            loss_sum += loss.detach() / loss_scale
+                            dpo_sums += terms.metric_sums()
+                    else:
+                        loss = self._token_loss_term(out.token_loss, mb.loss_mask, loss_scale, num_tokens, mb.counted)
+                        loss_sum += loss.detach() / loss_scale
                     if out.aux_loss is not None:
                         # Every cp rank computes the whole micro-batch's aux loss (router sums summed
                         # over cp, model/moe.py) and back-propagates it into its own tokens; count it once.
@@ -242,10 +277,13 @@ class PipelineRunner:
         for work, _, _ in self._pending:
             work.wait()
         self._pending = []
-        return StepResult(loss_sum=loss_sum, aux_sum=aux_sum, moe_load=moe_load)
+        return StepResult(loss_sum=loss_sum, aux_sum=aux_sum, moe_load=moe_load, sequence_logps=sequence_logps,
+                          dpo_sums=dpo_sums)
 
     @torch.no_grad()
     def forward_only(self, microbatches: Sequence[Union[Batch, torch.Tensor]], loss_scale: float, aux_coef: float,
-                     num_tokens: Optional[int] = None) -> StepResult:
-        """The losses of `run` without gradients or backward (validation)."""
-        return self.run(microbatches, loss_scale, aux_coef, num_tokens=num_tokens, forward_only=True)
+                     num_tokens: Optional[int] = None, dpo: Optional[DpoConfig] = None,
+                     num_pairs: int = 1) -> StepResult:
+        """The losses of `run` without gradients or backward (validation, the DPO reference)."""
+        return self.run(microbatches, loss_scale, aux_coef, num_tokens=num_tokens, forward_only=True, dpo=dpo,
+                        num_pairs=num_pairs)

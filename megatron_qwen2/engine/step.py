@@ -5,12 +5,17 @@ buffers, the (distributed) optimizer and the pipeline runner — and runs one gl
 them: micro-batches forward and backward, gradients reduced, the loss summed over the ranks, a
 clipped AdamW update unless the loss or the gradient norm is not finite. `train.py` loops over it;
 `bench/train_throughput.py` times the very same step.
+
+With preference data (data.format=preference) the step trains with DPO: each micro-batch gets the
+reference model's response log-probabilities (from the frozen `ReferenceModel`, or precomputed and
+carried by the batch) and the objective is the mean pair loss of the global batch (engine/dpo.py).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -18,9 +23,11 @@ import torch.distributed as dist
 from megatron_qwen2.config import Config
 from megatron_qwen2.data.batch import Batch
 from megatron_qwen2.engine.distributed_optimizer import MixedPrecisionOptimizer
+from megatron_qwen2.engine.dpo import DpoMetrics
 from megatron_qwen2.engine.grad_buffer import GradBuffer, grad_of
 from megatron_qwen2.engine.pipeline import PipelineRunner, build_model_chunks
 from megatron_qwen2.engine.reductions import GradientReductions
+from megatron_qwen2.engine.reference import ReferenceModel
 from megatron_qwen2.engine.tp_grads import sync_tp_grads
 from megatron_qwen2.errors import ConfigError
 from megatron_qwen2.model.moe import MoELoad
@@ -38,6 +45,7 @@ class StepOutcome:
     # This rank's MoE layers, by global layer index: load, drops and z-loss of this rank's micro-batches
     # (metrics: model.moe.moe_load_metrics sums them over dp x cp).
     moe_load: dict[int, MoELoad] = field(default_factory=dict)
+    dpo: Optional[DpoMetrics] = None  # DPO steps: rewards and accuracy over the global batch's pairs
 
 
 def sum_tied_embedding_grads(params: list[torch.nn.Parameter], group: Group) -> None:
@@ -87,6 +95,9 @@ class TrainingStep:
             chunk.set_recompute(t.recompute, t.recompute_num_layers)
         self.total_micro = t.global_batch_size // t.micro_batch_size  # over all dp ranks
         self.local_samples = t.global_batch_size // topo.dp
+        # DPO: the frozen reference in the same layout, unless its log-probabilities come with the data.
+        self.reference = (ReferenceModel(cfg, topo, device, self.dtype, init_on_device)
+                          if cfg.is_dpo and not cfg.dpo.precompute_reference else None)
 
     def _weights_changed(self) -> None:
         """The weights may differ from those of the last forward (an update, a checkpoint load):
@@ -95,19 +106,35 @@ class TrainingStep:
             self.fp8.weights.clear()
 
     def _microbatches(self, batch: Batch) -> list[Batch]:
-        """This dp rank's rows, on the device, cut into micro-batches."""
+        """This dp rank's rows, on the device, cut into micro-batches (with the reference model's
+        log-probabilities under DPO)."""
         if len(batch) != self.local_samples:
             raise ValueError(f"a step takes this data-parallel rank's {self.local_samples} rows of the global "
                              f"batch (SampleDataset.local_batch), got {len(batch)}")
-        return batch.to(self.device).split(self.cfg.train.micro_batch_size)
+        micro = batch.to(self.device).split(self.cfg.train.micro_batch_size)
+        if self.reference is not None:
+            with torch.profiler.record_function("reference_forward"):
+                micro = self.reference.with_reference_logps(micro)
+        return micro
 
-    def _global_loss_tokens(self, batch: Batch) -> int:
-        """Counted labels of the whole global batch: this rank's rows' count summed over the dp ranks
-        (the tp, cp and pp ranks of one dp rank hold the same rows)."""
+    def _losses(self, micro: list[Batch], batch: Batch, forward_only: bool, aux_coef: float):
+        """The runner over this rank's micro-batches and the count its mean is over: the DPO objective
+        over the global batch's pairs for preference rows, else the mean over its counted labels."""
+        run = self.runner.forward_only if forward_only else self.runner.run
+        if self.cfg.is_dpo:
+            num_pairs = self._global_count(int(batch.pairs.sum()))
+            return run(micro, loss_scale=1.0 / self.total_micro, aux_coef=aux_coef, dpo=self.cfg.dpo,
+                       num_pairs=num_pairs), num_pairs
+        num_tokens = self._global_count(batch.num_loss_tokens())
+        return run(micro, loss_scale=1.0 / self.total_micro, aux_coef=aux_coef, num_tokens=num_tokens), num_tokens
+
+    def _global_count(self, local: int) -> int:
+        """A count over this rank's rows (counted labels, pairs) summed over the dp ranks: the whole
+        global batch's (the tp, cp and pp ranks of one dp rank hold the same rows)."""
         dp = self.topo.groups.dp
         if dp.pg is None:
-            return batch.num_loss_tokens()
-        count = torch.tensor([batch.num_loss_tokens()], dtype=torch.int64, device=self.device)
+            return local
+        count = torch.tensor([local], dtype=torch.int64, device=self.device)
         dist.all_reduce(count, group=dp.pg)
         return int(count.item())
 
@@ -120,34 +147,51 @@ class TrainingStep:
         return sums
 
     def validation_loss(self, batch: Batch) -> float:
-        """Mean token loss of a global batch, forwards only (no gradients, no update); `batch` holds
-        this dp rank's rows of it, as in __call__."""
+        """Mean token loss (DPO: mean pair loss) of a global batch, forwards only (no gradients, no
+        update); `batch` holds this dp rank's rows of it, as in __call__."""
         self._weights_changed()
-        result = self.runner.forward_only(self._microbatches(batch), loss_scale=1.0 / self.total_micro, aux_coef=0.0,
-                                          num_tokens=self._global_loss_tokens(batch))
+        result, _ = self._losses(self._microbatches(batch), batch, forward_only=True, aux_coef=0.0)
         return self._sum_over_ranks(result.loss_sum.reshape(1)).item() / self.total_micro
+
+    @torch.no_grad()
+    def global_response_logps(self, batch: Batch) -> torch.Tensor:
+        """[global_batch_size, 2] float64 on the CPU of every rank: the log-probabilities of the chosen and
+        rejected response of each row of a global batch of preference rows of one pair each
+        (PreferenceDataset.pair_rows) under the current weights; `batch` holds this dp rank's rows of it
+        (as in __call__). Forwards only."""
+        self._weights_changed()
+        t, topo = self.cfg.train, self.topo
+        micro = batch.to(self.device).split(t.micro_batch_size)
+        result = self.runner.forward_only(micro, loss_scale=1.0 / self.total_micro, aux_coef=0.0)
+        out = torch.zeros(t.global_batch_size, 2, dtype=torch.float64, device=self.device)
+        if result.sequence_logps and topo.tp_rank == 0 and topo.cp_rank == 0:  # one copy of each row: the last stage's
+            out[topo.dp_rank * self.local_samples:(topo.dp_rank + 1) * self.local_samples] = torch.cat(
+                [result.sequence_logps[i][:, 0] for i in range(len(micro))])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(out)
+        return out.cpu()
 
     def __call__(self, batch: Batch, lr: float) -> StepOutcome:
         """One optimizer step on a global batch; `batch` holds this dp rank's rows of it ([gbs/dp, s+1]:
         SampleDataset.local_batch), the same on its tp, cp and pp ranks."""
         self._weights_changed()
         total_micro = self.total_micro
-        num_tokens = self._global_loss_tokens(batch)  # the loss is a mean over the global batch's counted labels
         micro = self._microbatches(batch)
         self.grads.start_step(len(micro))
         # Every micro-batch of the global batch weighs 1/total_micro, whichever rank runs it.
         with torch.profiler.record_function("forward_backward"):
-            result = self.runner.run(micro, loss_scale=1.0 / total_micro, aux_coef=self.cfg.model.aux_loss_coef,
-                                     num_tokens=num_tokens)
+            result, count = self._losses(micro, batch, forward_only=False, aux_coef=self.cfg.model.aux_loss_coef)
         with torch.profiler.record_function("grad_finish"):
             self.grads.finish(before_deferred=lambda ps: sum_tied_embedding_grads(ps, self.reductions.tied_embedding))
             sync_tp_grads(self.params, self.reductions.tp.pg)
             # Summed over the ranks before the update, so that a NaN can stop it.
-            sums = self._sum_over_ranks(torch.stack([result.loss_sum, result.aux_sum])).cpu()
-        loss_finite = bool(torch.isfinite(sums).all())  # the same on every rank
+            sums = [result.loss_sum, result.aux_sum] + (list(result.dpo_sums) if result.dpo_sums is not None else [])
+            sums = self._sum_over_ranks(torch.stack(sums)).cpu()
+        loss_finite = bool(torch.isfinite(sums[:2]).all())  # the same on every rank
         with torch.profiler.record_function("optimizer"):
             # A non-finite loss or grad norm leaves weights and Adam state as they were.
             grad_norm = self.optimizer.step(lr, skip_nonfinite=True) if loss_finite else self.optimizer.grad_norm()
         return StepOutcome(loss=sums[0].item() / total_micro, aux_loss=sums[1].item() / total_micro,
                            grad_norm=grad_norm, skipped=not (loss_finite and math.isfinite(grad_norm)),
-                           moe_load=result.moe_load)
+                           moe_load=result.moe_load,
+                           dpo=DpoMetrics.of(sums[2:], count) if self.cfg.is_dpo else None)
