@@ -146,7 +146,8 @@ class ParallelConfig:
     pp: int = 1
     vpp: int = 1
     cp: int = 1
-    ep: int = 1
+    ep: int = 1  # experts split over ep ranks of the tp x cp x dp ranks of a stage (folded: topology.py)
+    etp: int = 1  # expert-tensor parallel: each expert's FFN split over etp ranks
     sequence_parallel: Optional[bool] = None  # None: on when tp > 1
     pp_layout: Optional[list[int]] = None  # layers per pipeline stage (None: even split)
     distributed_optimizer: bool = False  # shard fp32 masters and Adam state over dp (ZeRO-1)
@@ -173,7 +174,7 @@ class ParallelConfig:
         return [num_layers // stages] * stages
 
     def validate(self) -> "ParallelConfig":
-        _positive(self, "tp", "pp", "vpp", "cp", "ep", "bucket_size", prefix="parallel")
+        _positive(self, "tp", "pp", "vpp", "cp", "ep", "etp", "bucket_size", prefix="parallel")
         self.sequence_parallel = self.sequence_parallel_on
         return self
 
@@ -432,10 +433,7 @@ class Config:
                      f"train.seq_length={t.seq_length} is not divisible by parallel.tp={p.tp} "
                      "(sequence parallelism cuts the sequence across tp ranks)")
         p.layer_counts(m.num_layers)
-        _require(dp % p.ep == 0, f"parallel.ep={p.ep} does not divide the data-parallel size {dp}")
-        if m.is_moe:
-            _require(m.num_experts % p.ep == 0,
-                     f"model.num_experts={m.num_experts} is not divisible by parallel.ep={p.ep}")
+        self._validate_expert_layout(dp)
         # global = micro x accumulation x dp: the accumulation steps are derived, and must be whole.
         _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
                  f"train.global_batch_size={t.global_batch_size} is not divisible by "
@@ -445,6 +443,25 @@ class Config:
         if t.fp8 != "none":
             self._validate_fp8()
         return self
+
+    def _validate_expert_layout(self, dp: int) -> None:
+        """The expert grid (etp x ep x expert-dp) folds over the tp x cp x dp ranks of a stage."""
+        m, p, t = self.model, self.parallel, self.train
+        stage = p.tp * p.cp * dp
+        _require(stage % (p.ep * p.etp) == 0,
+                 f"parallel.ep={p.ep} x parallel.etp={p.etp} = {p.ep * p.etp} does not divide the {stage} ranks of a "
+                 f"pipeline stage, tp*cp*dp = {p.tp}*{p.cp}*{dp} (the expert grid folds over them); choose ep and "
+                 f"etp whose product divides {stage}")
+        if not m.is_moe:
+            return
+        _require(m.num_experts % p.ep == 0,
+                 f"model.num_experts={m.num_experts} is not divisible by parallel.ep={p.ep}")
+        _require(m.moe_ffn_hidden_size % p.etp == 0,
+                 f"model.moe_ffn_hidden_size={m.moe_ffn_hidden_size} is not divisible by parallel.etp={p.etp}")
+        tokens = t.seq_length // p.cp * t.micro_batch_size
+        _require(p.tp == 1 or tokens % p.tp == 0,
+                 f"train.seq_length/parallel.cp x train.micro_batch_size = {tokens} tokens per micro-batch and cp rank "
+                 f"are not divisible by parallel.tp={p.tp} (each tp rank routes its share of them to the experts)")
 
     def fp8_gemm_dims(self) -> list[tuple[str, int]]:
         """(name, size) of every K and N the FP8 GEMMs of one rank see: the projections' local
@@ -458,7 +475,7 @@ class Config:
         if dense:
             dims.append(("model.ffn_hidden_size / parallel.tp", m.ffn_hidden_size // tp))
         if m.is_moe:
-            dims.append(("model.moe_ffn_hidden_size", m.moe_ffn_hidden_size))
+            dims.append(("model.moe_ffn_hidden_size / parallel.etp", m.moe_ffn_hidden_size // self.parallel.etp))
             if m.shared_expert_ffn_hidden_size > 0:
                 dims.append(("model.shared_expert_ffn_hidden_size / parallel.tp", m.shared_expert_ffn_hidden_size // tp))
         return dims

@@ -17,6 +17,7 @@ it is exact for tensors, not for allocator fragmentation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -49,6 +50,12 @@ DEFAULT_EFFICIENCY = 0.457
 # bf16 step time by it. The slice's bf16 vocabulary head is a third of its FLOPs, so for a full-depth
 # model this understates the gain.
 FP8_STEP_SPEEDUP = {"tensorwise": 1.113, "rowwise": 1.148, "blockwise": 1.052}
+# The MoE token exchanges (all-to-all over ep, gather / reduce-scatter over etp) are counted as
+# exposed time at an assumed bandwidth per GPU, not a measured one: NVLink 4 inside a node of 8
+# GPUs (450 GB/s a direction, of which an all-to-all reaches about 80 %) and one 400 Gb/s
+# InfiniBand NIC per GPU across nodes (about 80 % of 50 GB/s).
+GPUS_PER_NODE = 8
+EXCHANGE_GBPS = {"nvlink": 360.0, "infiniband": 40.0}
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -57,12 +64,15 @@ def stage_chunks(cfg: Config) -> list[list[torch.nn.Module]]:
     """Per pipeline rank: the model chunks one GPU of that rank holds, as `build_model_chunks` makes
     them for the layout (with train.fp8), on the meta device (shapes and shards, no memory)."""
     p = cfg.parallel
-    world = p.tp * p.cp * p.ep * p.pp  # dp = ep: the parameters depend on dp only through the ep split
+    # The parameters depend on dp only through the expert grid folded over tp x cp x dp: the
+    # smallest dp that holds ep x etp gives every rank its share.
+    dp = p.ep * p.etp // math.gcd(p.ep * p.etp, p.tp * p.cp)
+    stage = p.tp * p.cp * dp
     rcp = recipe(cfg.train.fp8)
     fp8 = None if rcp is None else Fp8(rcp, Fp8Weights())
     out = []
     for r in range(p.pp):
-        topo = Topology.plan(p, world, rank=r * p.tp * p.cp * p.ep)  # tp, cp, dp rank 0 of stage r
+        topo = Topology.plan(p, stage * p.pp, rank=r * stage)  # the first rank of stage r
         with torch.device("meta"):
             out.append(build_model_chunks(cfg.model, p, topo, fp8))
     return out
@@ -153,16 +163,19 @@ def layer_activation_tensors(cfg: Config, moe: bool, path: str = "kernels") -> l
             out.append(("silu(gate)", a * T * f))
         out.append(("swiglu output = down input [s,b,f]", x8 * T * f))
         return out
-    k, fe, e = m.moe_top_k, m.moe_ffn_hidden_size, m.num_experts
+    k, fe, e = m.moe_top_k, m.moe_ffn_hidden_size // p.etp, m.num_experts
+    # Each tp rank routes its T/tp tokens; with balanced experts a rank receives T k / tp rows over
+    # ep and runs its etp slice of the FFN (fe / etp) on the rows of its etp group (etp times as many).
+    sent, rows = T * k / tp, T * k / tp * p.etp
     out.append(("MoE tokens (gathered over sp) [s,b,h]", a * T * h))
     out.append(("router probs fp32 [T,E]", 4 * T * e))
     out.append(("routing ids, row map (int64), top-k weights", 28 * T * k))
-    out.append(("routed rows [T k, h]", x8 * T * k * h))
-    out.append(("expert gate_up output [T k, 2 fe]", a * T * k * 2 * fe))
+    out.append(("routed rows [T k etp/tp, h]", x8 * rows * h))
+    out.append(("expert gate_up output [T k etp/tp, 2 fe/etp]", a * rows * 2 * fe))
     if ref:
-        out.append(("expert silu(gate)", a * T * k * fe))
-    out.append(("expert swiglu output [T k, fe]", x8 * T * k * fe))
-    out.append(("expert outputs before combine [T k, h]", a * T * k * h))
+        out.append(("expert silu(gate)", a * rows * fe))
+    out.append(("expert swiglu output [T k etp/tp, fe/etp]", x8 * rows * fe))
+    out.append(("expert outputs before combine [T k/tp, h]", a * sent * h))
     fs = m.shared_expert_ffn_hidden_size // tp
     if fs:
         if fp8:  # its FP8 copy of the tokens; in bf16 it keeps the block's own
@@ -316,6 +329,7 @@ class Plan:
     step_time_s: float
     mfu: float
     recompute_flops: float = 0.0  # run in backward on top of the model FLOPs
+    exchange_s: float = 0.0  # MoE token exchanges of the busiest stage per step (`moe_exchange_seconds`)
 
     @property
     def worst(self) -> RankPlan:
@@ -340,9 +354,10 @@ def _rank_memory(cfg: Config, dp: int, params: dict[str, int], largest: int, lay
     bf16 = t.dtype == "bf16"
     n_dense, n_expert = params["dense"], params["expert"]
     n = n_dense + n_expert
-    # The distributed optimizer shards over dp x cp (the parameters are replicated over cp too).
+    # The distributed optimizer shards over dp x cp (the parameters are replicated over cp too), the
+    # experts over expert-dp (the tp x cp x dp ranks of a stage over ep x etp).
     shard_dense = dp * p.cp if p.distributed_optimizer else 1
-    shard_expert = dp // p.ep * p.cp if p.distributed_optimizer else 1
+    shard_expert = p.tp * p.cp * dp // (p.ep * p.etp) if p.distributed_optimizer else 1
     master_b = 4 if bf16 else 0  # fp32 masters; with fp32 params the master is the parameter itself
     opt_elems = n_dense / shard_dense + n_expert / shard_expert
     mem = {
@@ -430,9 +445,35 @@ def make_plan(cfg: Config, world_size: int, gpu: str = "h100-80gb", efficiency: 
     tokens = t.global_batch_size * t.seq_length
     recompute = recompute_flops_per_token(cfg) * tokens
     compute_s = (flops + recompute) / world_size / (efficiency * peak)
-    step = compute_s / (1 - sim) / FP8_STEP_SPEEDUP.get(t.fp8, 1.0)
+    exchange = max(moe_exchange_seconds(cfg, [i for c in range(p.vpp) for i in stages[c * p.pp + r]], nmb)
+                   for r in range(p.pp))
+    step = compute_s / (1 - sim) / FP8_STEP_SPEEDUP.get(t.fp8, 1.0) + exchange
     mfu = flops / world_size / step / peak
-    return Plan(cfg, world_size, gpu, dp, nmb, ranks, flops, sim, book, efficiency, step, mfu, recompute)
+    return Plan(cfg, world_size, gpu, dp, nmb, ranks, flops, sim, book, efficiency, step, mfu, recompute, exchange)
+
+
+def moe_exchange_seconds(cfg: Config, layer_ids: list[int], num_microbatches: int) -> float:
+    """Seconds one GPU spends per step moving routed tokens for the MoE layers `layer_ids`.
+
+    Per MoE layer and micro-batch a tp rank sends its T k / tp token copies (T: its cp rank's tokens)
+    over ep and gets them back (the (ep-1)/ep that leave the rank), and with etp > 1 sends the rows it
+    received to its etp - 1 peers and their partial outputs back; each exchange runs once in forward,
+    once in backward and again in a fully recomputed layer's backward. An ep x etp block of up to
+    `GPUS_PER_NODE` ranks is inside a node (NVLink), a larger one crosses nodes (InfiniBand).
+    """
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if not m.is_moe or p.ep * p.etp == 1:
+        return 0.0
+    a = 2 if t.dtype == "bf16" else 4
+    copies = t.seq_length // p.cp * t.micro_batch_size * m.moe_top_k / p.tp
+    per_exchange = a * m.hidden_size * copies * ((p.ep - 1) / p.ep + (p.etp - 1))  # bytes out, one way
+    link = "nvlink" if p.ep * p.etp <= GPUS_PER_NODE else "infiniband"
+    passes = 0
+    for j, i in enumerate(layer_ids):
+        if m.is_moe_layer(i):
+            recomputed = t.recompute == "full" and (t.recompute_num_layers is None or j < t.recompute_num_layers)
+            passes += 2 * (3 if recomputed else 2)  # there and back, forward + backward (+ recomputation)
+    return passes * num_microbatches * per_exchange / (EXCHANGE_GBPS[link] * 1e9)
 
 
 def _gib(x: float) -> str:
@@ -443,7 +484,8 @@ def format_plan(plan: Plan) -> str:
     """A readable table: the most loaded rank in full, every stage in one line each."""
     cfg, p, t = plan.cfg, plan.cfg.parallel, plan.cfg.train
     w = plan.worst
-    lines = [f"model {cfg.model.name}: tp {p.tp} x pp {p.pp} (vpp {p.vpp}) x dp {plan.dp} (ep {p.ep}, cp {p.cp}) "
+    lines = [f"model {cfg.model.name}: tp {p.tp} x pp {p.pp} (vpp {p.vpp}) x dp {plan.dp} (cp {p.cp}; experts: "
+             f"etp {p.etp} x ep {p.ep} x expert-dp {p.tp * p.cp * plan.dp // (p.ep * p.etp)}) "
              f"on {plan.world_size} x {plan.gpu}; seq {t.seq_length}, micro-batch {t.micro_batch_size}, "
              f"global batch {t.global_batch_size} -> {plan.num_microbatches} micro-batches per step; "
              f"{t.dtype}{'' if t.fp8 == 'none' else f' with fp8 {t.fp8}'}, recompute {t.recompute}, "
@@ -480,6 +522,7 @@ def format_plan(plan: Plan) -> str:
               f"{plan.bubble_textbook:.1%}",
               f"assumed efficiency {plan.efficiency:.1%} of {GPUS[plan.gpu]['peak_tflops']:.0f} TFLOP/s"
               + ("" if t.fp8 == "none" else f", FP8 step {FP8_STEP_SPEEDUP[t.fp8]:.2f}x faster (measured)")
+              + ("" if not plan.exchange_s else f", + MoE token exchanges {plan.exchange_s:.2f} s (assumed bandwidth)")
               + f" -> step {plan.step_time_s:.2f} s, MFU {plan.mfu:.1%}, "
               f"{t.global_batch_size * t.seq_length / plan.step_time_s:,.0f} tokens/s"]
     return "\n".join(lines)

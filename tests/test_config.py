@@ -92,6 +92,14 @@ def test_layout_checks_against_model():
     with pytest.raises(ValueError, match=r"model.num_experts=64 is not divisible by parallel.ep=3"):
         load("model=qwen2_57b_a14b", "parallel.ep=3", "train.micro_batch_size=1", "train.global_batch_size=3",
              world_size=3)
+    # 57B-A14B's expert FFN is 2560: etp 3 does not split it.
+    with pytest.raises(ValueError, match=r"model.moe_ffn_hidden_size=2560 is not divisible by parallel.etp=3"):
+        load("model=qwen2_57b_a14b", "parallel.etp=3", "train.micro_batch_size=1", "train.global_batch_size=3",
+             world_size=3)
+    # tp 2 without sequence parallelism: each tp rank routes half of the 3 x 1 tokens.
+    with pytest.raises(ValueError, match=r"= 3 tokens per micro-batch and cp rank are not divisible by parallel.tp=2"):
+        load("model=tiny_moe", "parallel.tp=2", "parallel.sequence_parallel=false", "train.seq_length=3",
+             "train.micro_batch_size=1", "train.global_batch_size=1", world_size=2)
 
 
 def test_tensor_parallel_layout_checks():

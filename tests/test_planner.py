@@ -220,3 +220,29 @@ def test_cli_exit_codes(capsys):
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert main(["+experiment=72b", "--gpus", "100"]) == 2
     assert "world size 100 is not divisible by tp*pp*cp = 8*4*1 = 32" in capsys.readouterr().out
+
+
+def test_folded_expert_layout_in_the_plan():
+    """Experts per GPU follow ep x etp, their optimizer state expert-dp, and the token exchanges cross
+    nodes only when the ep x etp block is larger than a node."""
+    from tools.plan import compose
+
+    from megatron_qwen2.planner import EXCHANGE_GBPS, moe_exchange_seconds
+
+    def plan(**par):
+        overrides = ["+experiment=57b_a14b", "train.recompute=none"] + [f"parallel.{k}={v}" for k, v in par.items()]
+        return make_plan(compose(overrides, 64), 64)
+
+    ep4, ep8, etp2 = plan(pp=4, ep=4), plan(pp=4, ep=8), plan(pp=4, ep=4, etp=2)
+    assert ep4.ranks[0].params_expert == 2 * ep8.ranks[0].params_expert == 2 * etp2.ranks[0].params_expert
+    for p, expert_dp in ((ep4, 4), (ep8, 2), (etp2, 2)):  # dense over dp 8; experts: tp 2 x dp 8 over ep x etp
+        r = p.ranks[0]
+        assert r.mem["optimizer (masters + Adam m, v)"] == pytest.approx(
+            12 * (r.params_dense / 8 + r.params_expert / expert_dp))
+    cfg = ep8.cfg
+    layers = list(range(cfg.model.num_layers))
+    assert moe_exchange_seconds(plan(pp=4, ep=1).cfg, layers, 8) == 0.0  # ep 1: nothing leaves the GPU
+    inside, across = moe_exchange_seconds(cfg, layers, 8), moe_exchange_seconds(plan(pp=2, ep=16).cfg, layers, 8)
+    ratio = EXCHANGE_GBPS["nvlink"] / EXCHANGE_GBPS["infiniband"] * (15 / 16) / (7 / 8)
+    assert across / inside == pytest.approx(ratio)
+    assert ep8.step_time_s > ep8.exchange_s > 0

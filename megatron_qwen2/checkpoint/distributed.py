@@ -526,7 +526,7 @@ def _prepare_save(ckpt_root, step, chunks, optimizer, topo, model_cfg, train_sta
     meta = None
     if rank == 0:
         layout = {"world_size": topo.world_size, "tp": topo.tp, "pp": topo.pp, "vpp": topo.vpp, "dp": topo.dp,
-                  "cp": topo.cp, "ep": topo.ep, "distributed_optimizer": sharded}
+                  "cp": topo.cp, "ep": topo.ep, "etp": topo.etp, "distributed_optimizer": sharded}
         meta = {CONFIG_FILE: dataclasses.asdict(model_cfg), RUN_CONFIG_FILE: run_config,
                 TRAIN_STATE_FILE: dict(train_state, step=step, optimizer_step=state["step"], layout=layout,
                                        format=FORMAT_VERSION, torch=torch.__version__)}

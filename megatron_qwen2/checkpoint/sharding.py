@@ -4,7 +4,8 @@ A parameter's local tensor is described by `param_shard_spec`: the global shape 
 rectangular regions, each mapping a box of the local tensor to a box of the global tensor, and
 saying whether this rank is the one that writes it (replicated data is written once). It reads the
 parameter's `Shard` (parallel/shard.py): the global shape, this rank's offsets, explicit tp rows
-(kv heads replicated when tp > kv heads; the rows another tp rank owns are not written here), and
+(kv heads replicated when tp > kv heads, an expert's gate and up rows under etp; the rows another
+tp rank owns are not written here), and
 whether this rank owns the values at all (not for a replicated parameter on tp ranks but the first,
 nor for the last stage's copy of a tied embedding, which is read like the original).
 
@@ -84,7 +85,8 @@ def param_shard_spec(p: torch.Tensor, topo) -> ShardSpec:
     """The global shape of parameter `p` and the regions of it that this rank holds."""
     shard = shard_of(p)
     shape = tuple(p.shape)
-    tp_rank, tp = topo.groups.tp.rank, topo.groups.tp.size
+    tensor = shard.tensor_group(topo.groups.tp, topo.groups.etp)  # etp for experts (parallel/shard.py)
+    tp_rank, tp = tensor.rank, tensor.size
     gshape = shard.global_shape(shape, tp, topo.groups.ep.size)
     goff = shard.offsets(shape, tp_rank, topo.groups.ep.rank)
     writer = shard.owns(tp_rank)

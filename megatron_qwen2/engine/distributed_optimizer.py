@@ -5,15 +5,16 @@ copy and their fp32 main-grad view. Without sharding each parameter is one fragm
 `distributed=True`, a rank owns 1/dp of every gradient bucket (the range the bucket's
 reduce-scatter leaves summed on it), keeps master weights and Adam moments for that range
 only, updates it, and the buffers all-gather the updated parameters afterwards. Expert
-parameters (sharded over ep) sit in buckets of the expert-dp group, so their shards are 1/expert_dp
-of those buckets; each bucket says which group it belongs to. With context parallelism the
-buffer's groups are dp x cp and expert_dp x cp (the parameters are replicated over cp), so a
-shard is 1/(dp*cp) of a bucket.
+parameters (sharded over ep and etp) sit in buckets of the expert-dp group, so their shards are
+1/expert_dp of those buckets; each bucket says which group it belongs to. With context parallelism
+the dense buffer's group is dp x cp (the parameters are replicated over cp), so a shard is
+1/(dp*cp) of a bucket; expert-dp already spans the cp ranks that hold the same experts.
 
 Gradient norm: partial sums of squares are added over the groups that hold different pieces
-(the buffer's group when sharded, ep for experts), then over the model-parallel group tp x cp x pp.
-The cp ranks of that group hold the same gradients, so only cp rank 0 brings its sum to it
-(engine/reductions.py names the groups).
+(the buffer's group when sharded; ep and etp for experts), then over the model-parallel group
+tp x cp x pp. The cp ranks of that group hold the same dense gradients, so only cp rank 0 brings
+their sum to it; the expert sum is by then the whole stage's on every rank of the stage, so only
+tp rank 0 and cp rank 0 bring it (engine/reductions.py names the groups).
 """
 
 from __future__ import annotations
@@ -46,15 +47,14 @@ class MixedPrecisionOptimizer:
     def __init__(self, buffer: GradBuffer, cfg: OptimConfig):
         self.buffer, self.cfg = buffer, cfg
         reductions = buffer.reductions
-        # The tp place decides which elements this rank counts in the grad norm (parallel/shard.py).
-        self.tp_rank, self.tp_size = reductions.tp.rank, reductions.tp.size
-        # cp ranks hold the same (reduced) gradients; only the first counts them in the norm.
-        self.cp_rank = reductions.cp.rank
+        # cp ranks hold the same (reduced) dense gradients; only the first counts them in the norm.
+        # The stage's expert sum is on every rank of the stage; tp rank 0 of cp rank 0 counts it.
+        self.cp_rank, self.tp_rank = reductions.cp.rank, reductions.tp.rank
         # Groups over which squared-norm partial sums are added (engine/reductions.py): the
         # model-parallel group last; before it, for dense parameters the buffer's group when sharded,
-        # for expert parameters ep (each ep rank holds other experts) and the expert group when sharded.
+        # for expert parameters ep and etp (they hold other pieces) and the expert group when sharded.
         dense = [reductions.dense] if buffer.shard else []
-        expert = [reductions.ep] + ([reductions.expert] if buffer.shard else [])
+        expert = [reductions.ep, reductions.etp] + ([reductions.expert] if buffer.shard else [])
         self.norm_groups = [g.pg for g in [reductions.norm] if g.pg is not None]
         self.dense_norm_groups = [g.pg for g in dense if g.pg is not None]
         self.expert_norm_groups = [g.pg for g in expert if g.pg is not None]
@@ -85,7 +85,10 @@ class MixedPrecisionOptimizer:
                     continue
                 flat = p.detach().view(-1)[s:e]
                 master = flat if p.dtype == torch.float32 else flat.float()
-                mask = shard_of(p).norm_mask(p.shape, self.tp_rank, self.tp_size, p.device)[s:e]
+                shard = shard_of(p)
+                # The tensor-group place decides which elements this rank counts (parallel/shard.py).
+                tensor = shard.tensor_group(self.buffer.reductions.tp, self.buffer.reductions.etp)
+                mask = shard.norm_mask(p.shape, tensor.rank, tensor.size, p.device)[s:e]
                 frags.append(Fragment(p, s, e, master, mask, expert=bucket.expert, counts_all=bool(mask.all())))
         return frags
 
@@ -117,6 +120,8 @@ class MixedPrecisionOptimizer:
         # of the other stages only after each stage has summed them over its ep group.
         if self.cp_rank != 0:  # its sums equal cp rank 0's: the model-parallel sum counts them once
             sq.zero_()
+        elif self.tp_rank != 0:  # the stage's expert sum equals tp rank 0's
+            sq[1:] = 0
         for group in self.norm_groups:
             dist.all_reduce(sq, group=group)
         return sq.sum().sqrt().item()

@@ -16,7 +16,7 @@ from megatron_qwen2.config import ModelConfig
 from megatron_qwen2.model.mlp import MLP
 from megatron_qwen2.ops.fp8 import Fp8, Fp8Tensor, grouped_gemm, grouped_weight_gemm, quantize_pair
 from megatron_qwen2.parallel.cp import sum_over_cp
-from megatron_qwen2.parallel.expert_dispatch import TokenDispatcher
+from megatron_qwen2.parallel.expert_dispatch import TokenDispatcher, capacity_mask, expert_capacity
 from megatron_qwen2.parallel.mappings import gather_from_sp, scatter_to_sp
 from megatron_qwen2.parallel.shard import Shard, set_shard
 from megatron_qwen2.parallel.topology import Topology
@@ -162,25 +162,43 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 class Experts(nn.Module):
-    """This ep rank's routed experts as 3D weights [E/ep, ...], cut over ep along dimension 0.
+    """This rank's routed experts as 3D weights [E/ep, ...], cut over ep along dimension 0 and, with
+    expert-tensor parallelism, over etp along the FFN dimension.
 
-    Expert e of the model lives on ep rank e // (E/ep) as local expert e % (E/ep); the
-    weights are replicated over tp. Input rows arrive grouped by local expert.
+    Expert e of the model lives on ep rank e // (E/ep) as local expert e % (E/ep). Each expert's
+    gate and up rows are column-split over etp (etp rank r holds rows r*f/etp ... of the gate and
+    the same rows of the up projection, as [gate | up] of f/etp rows each) and its down projection
+    row-split, so an etp rank's output is a partial sum over etp. Input rows arrive grouped by
+    local expert.
     """
 
     def __init__(self, cfg: ModelConfig, topo: Topology, fp8: Optional[Fp8] = None):
         super().__init__()
         self.fp8 = fp8
         e, h, f = cfg.num_experts // topo.ep, cfg.hidden_size, cfg.moe_ffn_hidden_size
-        self.gate_up_weight = nn.Parameter(torch.empty(e, 2 * f, h))  # per expert [gate | up] rows
-        self.down_weight = nn.Parameter(torch.empty(e, h, f))
-        for p in (self.gate_up_weight, self.down_weight):
-            set_shard(p, Shard(ep_dim=0))
+        fl = f // topo.etp
+        self.gate_up_weight = nn.Parameter(torch.empty(e, 2 * fl, h))  # per expert [gate | up] rows
+        self.down_weight = nn.Parameter(torch.empty(e, h, fl))
+        if topo.etp == 1:
+            set_shard(self.gate_up_weight, Shard(ep_dim=0))
+            set_shard(self.down_weight, Shard(ep_dim=0))
+        else:
+            r = topo.etp_rank
+            rows = tuple(range(r * fl, (r + 1) * fl)) + tuple(range(f + r * fl, f + (r + 1) * fl))
+            set_shard(self.gate_up_weight, Shard(ep_dim=0, tp_dim=1, tp_rows=rows, tp_dim_size=2 * f))
+            set_shard(self.down_weight, Shard(ep_dim=0, tp_dim=2))
 
     def forward(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """rows [M, h] grouped by local expert (counts[i] rows each) -> expert outputs [M, h]."""
         hidden = ops.swiglu(grouped_linear(rows, self.gate_up_weight, counts, self.fp8))
         return grouped_linear(hidden, self.down_weight, counts, self.fp8)
+
+
+def _share(t: torch.Tensor, tp_group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """This tp rank's contiguous 1/tp of the rows of `t` (not differentiable: routing decisions)."""
+    if tp_group is None:
+        return t
+    return t.chunk(dist.get_world_size(tp_group))[dist.get_rank(tp_group)]
 
 
 class MoEStats(NamedTuple):
@@ -204,11 +222,18 @@ def z_loss_term(stats: Mapping[int, MoEStats], coef: float, scale: float) -> Opt
 class MoEBlock(nn.Module):
     """out = sum_k w_k expert_k(x) + sigmoid(shared_expert_gate(x)) * shared_expert(x).
 
-    Router, gate and shared expert are replicated over tp (the shared expert is tp-sharded like
-    a dense MLP) and see every token: under sequence parallelism the block gathers the sequence
-    on entry (its backward only splits, since every rank computes the same thing) and keeps its
-    own shard on exit. The routed experts are sharded over ep; `TokenDispatcher` moves token
-    copies to them and back.
+    Router, gate and shared expert stay in the attention layout: replicated over tp (the shared
+    expert is tp-sharded like a dense MLP) and see every token: under sequence parallelism the block
+    gathers the sequence on entry (its backward only splits, since every rank computes the same
+    thing) and keeps its own shard on exit. The routed experts live in the expert layout (etp x ep
+    x expert-dp folded over the same ranks, parallel/topology.py): each tp rank routes only its
+    1/tp share of the tokens (its sequence-parallel shard; without sequence parallelism the same
+    contiguous slice), so every token of a stage reaches its experts once, and `TokenDispatcher`
+    moves the copies to the ranks of their experts and back. The routed output of the share is
+    then this rank's shard under sequence parallelism, and is all-gathered over tp without it. The
+    split's backward all-gathers and the gather's backward splits, so the router and the shared
+    expert see the full gradient on every tp rank, as the replicated computation they are. A
+    capacity limit is decided over all the tokens of the micro-batch before they are split.
 
     Aux loss: the router sums [2, E] cover exactly one micro-batch (all of its sequence, gathered
     over tp and summed over cp), which is Megatron's `aux_loss` statistic over the tp x cp group
@@ -234,7 +259,9 @@ class MoEBlock(nn.Module):
         self.cp_group, self.cp = topo.groups.cp.pg, topo.cp
         self.router = Router(cfg)
         self.experts = Experts(cfg, topo, fp8)
-        self.dispatcher = TokenDispatcher(cfg.num_experts, topo.groups.ep.pg, cfg.moe_capacity_factor)
+        self.tp_group = topo.groups.tp.pg
+        self.num_experts, self.capacity_factor = cfg.num_experts, cfg.moe_capacity_factor
+        self.dispatcher = TokenDispatcher(cfg.num_experts, topo.groups.ep.pg, topo.groups.etp.pg)
         self.z_loss_coef = cfg.moe_z_loss_coef
         self.overlap_shared_expert = True
         self._stream = None
@@ -266,19 +293,30 @@ class MoEBlock(nn.Module):
         if self.shared_expert is not None:
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                 shared = torch.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
-        rows, counts, state = self.dispatcher.dispatch(tokens, weights, experts)
-        out = self.dispatcher.combine(self.experts(rows, counts), state)
+        keep, dropped = None, 0
+        if self.capacity_factor is not None:  # decided over the whole micro-batch (this cp rank's tokens)
+            cap = expert_capacity(tokens.shape[0], experts.shape[-1], self.num_experts, self.capacity_factor)
+            keep = capacity_mask(experts, weights, self.num_experts, cap)
+            dropped = int((~keep).sum())
+            keep = _share(keep, self.tp_group)
+        rows, counts, state = self.dispatcher.dispatch(
+            scatter_to_sp(tokens, self.tp_group), scatter_to_sp(weights, self.tp_group),
+            _share(experts, self.tp_group), keep)
+        routed = self.dispatcher.combine(self.experts(rows, counts), state)  # this tp rank's share
+        if self.sp_group is None:
+            routed = gather_from_sp(routed, self.tp_group, grad_is_partial=False)
         if shared is not None:
             if side is not None:
                 torch.cuda.current_stream().wait_stream(side)
                 shared.record_stream(torch.cuda.current_stream())
-            out = out + shared
+            shared = scatter_to_sp(shared, self.sp_group)
+        out = routed if shared is None else routed + shared
         z_loss = torch.logsumexp(logits.float(), dim=-1).square().mean() if self.z_loss_coef > 0 else None
         tokens_per_expert = sums[0].detach()  # this rank's tokens (the logged load sums over dp x cp)
         if self.cp_group is not None:
             sums = sum_over_cp(sums, self.cp_group) / self.cp
-        stats = MoEStats(router_sums=sums, tokens_per_expert=tokens_per_expert, dropped=state.dropped, z_loss=z_loss)
-        return scatter_to_sp(out.view(shape), self.sp_group), stats
+        stats = MoEStats(router_sums=sums, tokens_per_expert=tokens_per_expert, dropped=dropped, z_loss=z_loss)
+        return out.view((-1,) + tuple(shape[1:])), stats
 
 
 @dataclass(frozen=True)

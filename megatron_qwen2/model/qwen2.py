@@ -149,9 +149,10 @@ class Qwen2Model(nn.Module):
                 # rank of that device type, whatever the layout.
                 gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                 shard = shard_of(p)
-                shape = shard.global_shape(p.shape, topo.tp, topo.ep)
+                tensor = shard.tensor_group(topo.groups.tp, topo.groups.etp)
+                shape = shard.global_shape(p.shape, tensor.size, topo.ep)
                 full = torch.empty(shape, device=p.device).normal_(0.0, self.cfg.init_std, generator=gen)
-                p.copy_(shard.local_part(full, topo.tp, topo.tp_rank, topo.ep, topo.ep_rank))
+                p.copy_(shard.local_part(full, tensor.size, tensor.rank, topo.ep, topo.ep_rank))
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, *, document_ids: Optional[torch.Tensor] = None):

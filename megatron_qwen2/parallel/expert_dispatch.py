@@ -1,7 +1,8 @@
-"""Token dispatch for the routed experts, with or without expert parallelism.
+"""Token dispatch for the routed experts, with or without expert (and expert-tensor) parallelism.
 
     route -> permute (token copies grouped by expert) -> [capacity: drop the overflow]
           -> all-to-all over ep (row counts per rank) -> regroup by local expert
+          -> [etp > 1: all-gather the rows over etp, regroup by local expert]
           -> grouped expert GEMM (the caller) -> the way back -> unpermute weighted by the router.
 
 Counts may be uneven and zero anywhere: an expert with no tokens is a zero-length group, a rank
@@ -11,14 +12,19 @@ integers before the tokens go out; the tokens' split sizes need them on the host
 Expert parameters are sharded over the ep group along their expert dimension (their `Shard`'s
 `ep_dim`, parallel/shard.py): on ep rank r (its rank in the ep group, `topo.groups.ep`) they hold
 the r-th of ep equal contiguous chunks of the global tensor along it (local experts r*E/ep ...
-(r+1)*E/ep - 1); `gather_ep_full` reassembles the global tensor. Experts are replicated over tp
-(no expert-tensor parallelism).
+(r+1)*E/ep - 1); `gather_ep_full` reassembles the global tensor. With expert-tensor parallelism
+(etp > 1) each expert's FFN is split over the etp group (model/moe.py `Experts`): the rows that
+reach any rank of an etp group are all-gathered over it (every etp rank runs its slice of the FFN
+on all of them), and the partial outputs come back summed over etp, each rank receiving those of
+its own rows (a reduce-scatter). Both are all-to-alls with uneven row counts, so that neither
+pads: the gather sends a rank's rows to every etp peer, the reduce-scatter sends each peer its
+rows' partial outputs and adds what arrives.
 
 Permutation goes through the door: `ops.permute(x, expert_ids, E)` -> (rows sorted by expert, stable
 in token order; row_map [T, k], the sorted row of token t's j-th copy; counts [E]) and
 `ops.unpermute(rows, row_map, probs)` (out[t] = sum_j probs[t, j] rows[row_map[t, j]], fp32 sums).
-With a capacity limit the dropped copies sort into an extra bin past the last expert, are cut off
-before the exchange, and come back as zero rows before unpermute.
+With a capacity limit (`keep`, from `capacity_mask`) the dropped copies sort into an extra bin past
+the last expert, are cut off before the exchange, and come back as zero rows before unpermute.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_qwen2 import ops
-from megatron_qwen2.parallel.mappings import all_to_all
+from megatron_qwen2.parallel.mappings import _all_gather_single, all_to_all
 from megatron_qwen2.parallel.shard import shard_of
 
 
@@ -96,7 +102,7 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
 
 @dataclass
 class DispatchState:
-    """What the way back needs: permutation, exchange sizes and the regrouping index."""
+    """What the way back needs: permutation, exchange sizes and the regrouping indices."""
 
     row_map: torch.Tensor
     probs: torch.Tensor
@@ -106,6 +112,9 @@ class DispatchState:
     output_splits: Optional[list[int]] = None
     regroup: Optional[torch.Tensor] = None  # rows in [source rank][expert] order -> [expert][source rank]
     regroup_inverse: Optional[torch.Tensor] = None
+    etp_splits: Optional[list[int]] = None  # rows of each etp rank (all-gathered over etp)
+    etp_regroup: Optional[torch.Tensor] = None  # gathered rows [etp rank][expert] -> [expert][etp rank]
+    etp_regroup_inverse: Optional[torch.Tensor] = None
 
 
 class TokenDispatcher:
@@ -113,24 +122,25 @@ class TokenDispatcher:
 
     `dispatch` returns the rows for this rank's local experts, grouped by local expert, with the
     row count of each and the state of the way back (`state.dropped`: the copies the capacity limit
-    dropped); `combine` takes the expert outputs in that same order.
+    dropped); `combine` takes the expert outputs (partial sums over etp) in that same order.
     """
 
     def __init__(self, num_experts: int, ep_group: Optional[dist.ProcessGroup],
-                 capacity_factor: Optional[float] = None):
+                 etp_group: Optional[dist.ProcessGroup] = None):
         self.num_experts = num_experts
         self.group = ep_group
         self.ep = 1 if ep_group is None else dist.get_world_size(ep_group)
+        self.etp_group = etp_group
+        self.etp = 1 if etp_group is None else dist.get_world_size(etp_group)
         self.num_local = num_experts // self.ep
-        self.capacity_factor = capacity_factor
 
-    def dispatch(self, x: torch.Tensor, probs: torch.Tensor, expert_ids: torch.Tensor):
-        """x [T, h], probs/expert_ids [T, k] -> (rows [M, h], counts per local expert, state)."""
-        e, k = self.num_experts, expert_ids.shape[-1]
-        ids, drop = expert_ids, self.capacity_factor is not None
+    def dispatch(self, x: torch.Tensor, probs: torch.Tensor, expert_ids: torch.Tensor,
+                 keep: Optional[torch.Tensor] = None):
+        """x [T, h], probs/expert_ids [T, k], keep [T, k] bool or None (dropless)
+        -> (rows [M, h], counts per local expert, state)."""
+        e = self.num_experts
+        ids, drop = expert_ids, keep is not None
         if drop:
-            cap = expert_capacity(x.shape[0], k, e, self.capacity_factor)
-            keep = capacity_mask(expert_ids, probs, e, cap)
             ids = expert_ids.masked_fill(~keep, e)  # the dropped sort into a bin past the last expert
         rows, row_map, counts = ops.permute(x, ids, e + drop)  # row_map [T, k]: sorted row of copy (t, j)
         state = DispatchState(row_map=row_map, probs=probs, num_tokens=x.shape[0])
@@ -138,21 +148,37 @@ class TokenDispatcher:
             state.dropped = int(counts[e])
             counts = counts[:e]
             rows = rows[:rows.shape[0] - state.dropped]
-        if self.group is None:
-            return rows, counts.tolist(), state
-        # Counts per (destination rank, its local expert) out; per (source rank, my expert) in.
-        send = counts.view(self.ep, self.num_local)
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send.contiguous(), group=self.group)
-        state.input_splits = send.sum(1).tolist()
-        state.output_splits = recv.sum(1).tolist()
-        rows = all_to_all(rows, self.group, state.output_splits, state.input_splits)
-        state.regroup = _regroup_index(recv)
-        state.regroup_inverse = inverse_permutation(state.regroup)
-        return gather_rows(rows, state.regroup, state.regroup_inverse), recv.sum(0).tolist(), state
+        if self.group is not None:
+            # Counts per (destination rank, its local expert) out; per (source rank, my expert) in.
+            send = counts.view(self.ep, self.num_local)
+            recv = torch.empty_like(send)
+            dist.all_to_all_single(recv, send.contiguous(), group=self.group)
+            state.input_splits = send.sum(1).tolist()
+            state.output_splits = recv.sum(1).tolist()
+            rows = all_to_all(rows, self.group, state.output_splits, state.input_splits)
+            state.regroup = _regroup_index(recv)
+            state.regroup_inverse = inverse_permutation(state.regroup)
+            rows, counts = gather_rows(rows, state.regroup, state.regroup_inverse), recv.sum(0)
+        if self.etp_group is not None:
+            # Every etp rank runs its slice of the FFN on the rows of the whole etp group.
+            per_rank = counts.new_empty(self.etp * counts.numel())
+            _all_gather_single(per_rank, counts.contiguous(), group=self.etp_group)
+            per_rank = per_rank.view(self.etp, -1)  # [etp rank, local expert]
+            state.etp_splits = per_rank.sum(1).tolist()
+            mine = [rows.shape[0]] * self.etp
+            rows = all_to_all(torch.cat([rows] * self.etp), self.etp_group, state.etp_splits, mine)
+            state.etp_regroup = _regroup_index(per_rank)
+            state.etp_regroup_inverse = inverse_permutation(state.etp_regroup)
+            rows, counts = gather_rows(rows, state.etp_regroup, state.etp_regroup_inverse), per_rank.sum(0)
+        return rows, counts.tolist(), state
 
     def combine(self, out: torch.Tensor, state: DispatchState) -> torch.Tensor:
         """Expert outputs [M, h] in dispatch order -> [T, h], weighted by the router probabilities."""
+        if self.etp_group is not None:  # each etp rank gets its rows' partial outputs, summed over etp
+            out = gather_rows(out, state.etp_regroup_inverse, state.etp_regroup)
+            mine = state.etp_splits[dist.get_rank(self.etp_group)]
+            out = all_to_all(out, self.etp_group, [mine] * self.etp, state.etp_splits)
+            out = out.view(self.etp, mine, out.shape[-1]).sum(0)
         if self.group is not None:
             out = gather_rows(out, state.regroup_inverse, state.regroup)
             out = all_to_all(out, self.group, state.input_splits, state.output_splits)

@@ -9,7 +9,10 @@ sums, the gradient buffer's expert buckets and the planner.
 A parameter is cut over tp along `tp_dim` into equal contiguous chunks (tp rank r holds chunk r),
 or, when `tp_rows` is given, holds those global rows along `tp_dim` (of `tp_dim_size`), which may
 overlap other ranks' rows: the fused QKV weight when tp exceeds the number of kv heads. Expert
-weights are cut over ep along `ep_dim` into equal contiguous chunks (ep rank r holds chunk r).
+weights are cut over ep along `ep_dim` into equal contiguous chunks (ep rank r holds chunk r), and
+their `tp_dim` / `tp_rows` are cut over the expert-tensor-parallel group etp instead of tp
+(`Shard.tensor_group`): the expert grid is folded over the attention ranks (parallel/topology.py),
+so an expert is never replicated over tp.
 Every value of the model has one owner rank, which writes it to checkpoints and counts it in the
 gradient norm; the other ranks that hold it are copies.
 """
@@ -44,7 +47,8 @@ class KvReplica:
 class Shard:
     """The layout of one parameter over tp, ep and pipeline stages (the default: replicated).
 
-    tp_dim: the dimension cut over tp (None: replicated over tp).
+    tp_dim: the dimension cut over the parameter's tensor group (`tensor_group`: tp, or etp for an
+        expert weight; None: replicated over it).
     tp_rows / tp_dim_size: the global indices along tp_dim that this rank holds, and the global
         size of tp_dim, when they are not this rank's contiguous chunk.
     grad_needs_tp_sum: replicated over tp, but each tp rank sees only its own tokens (sequence
@@ -77,6 +81,11 @@ class Shard:
     def is_expert(self) -> bool:
         """Cut over ep, hence replicated over expert-dp rather than dp."""
         return self.ep_dim is not None
+
+    def tensor_group(self, tp, etp):
+        """Which of the two groups cuts tp_dim: etp for an expert weight, tp for every other parameter.
+        The Shard methods' `tp` / `tp_rank` arguments are its size and this rank's place in it."""
+        return etp if self.is_expert else tp
 
     def global_shape(self, local_shape: Sequence[int], tp: int, ep: int) -> tuple[int, ...]:
         """The shape of the full tensor of which a local tensor of `local_shape` is this rank's part."""

@@ -5,22 +5,26 @@ Rank grid order, innermost first: tp, cp, dp, pp (rank = tp_rank + tp * (cp_rank
 every layer on activations and must stay on the fastest links (NVLink inside a node);
 context parallelism next, since its ring exchanges K/V every layer too; data parallelism
 reduces gradients once per step and tolerates slower links; pipeline is outermost because it
-only sends activations between neighbouring stages. Expert parallelism is carved out of the dp
-dimension as in Megatron: consecutive blocks of ep data-parallel ranks form an ep group, and
-ranks at the same place in different blocks form the expert-data-parallel group. So the ep
-rank is dp_rank % ep, the ranks of one ep group are tp*cp apart (neighbours in dp, on the same
-node as far as the grid allows: the all-to-all runs every MoE layer), and expert_dp (dp / ep
-ranks, ep*tp*cp apart) reduces expert gradients once per step. Experts are replicated over tp
-(no expert-tensor parallelism): every tp rank of an ep group holds and runs the same experts.
+only sends activations between neighbouring stages.
+
+The expert grid is folded over the same ranks (MoE parallel folding): the tp x cp x dp ranks of
+one pipeline stage, numbered by their stage rank s = tp_rank + tp * (cp_rank + cp * dp_rank), are
+cut again, innermost first, into etp (expert-tensor parallel: the ranks that split each expert's
+FFN), ep (the ranks that hold different experts) and expert_dp (the ranks that hold the same
+expert shard): etp_rank = s % etp, ep_rank = (s // etp) % ep, expert_dp_rank = s // (etp * ep).
+The ranks of an ep group are etp apart, so with etp = 1 and ep <= tp an ep group lies inside a tp
+group (the all-to-all stays on the fastest links). The attention layout (tp, cp, dp) and the expert
+layout share no constraint but ep * etp dividing tp * cp * dp; with tp = cp = 1 the expert grid is
+ep carved out of dp.
 
 Groups (`topo.groups`, one `Group` per kind: its ranks, this rank's place, the communicator):
-tp, cp, dp, pp (one per grid axis), ep and expert_dp (inside dp), mp (model parallel: every rank
-of one model replica, tp x cp x pp) and embedding (first and last pipeline stage, which share the
-tied embedding). Context parallelism splits the sequence, not
-the parameters: every cp rank holds the same parameters and sees other tokens, so gradients are
-summed (and the distributed optimizer shards) over dp_cp (dp x cp, Megatron's data-parallel group
-with context parallelism), expert gradients over expert_dp_cp (expert_dp x cp). With cp = 1 these
-are the dp and expert_dp groups themselves (the same communicators).
+tp, cp, dp, pp (one per grid axis), etp, ep and expert_dp (the expert grid), mp (model parallel:
+every rank of one model replica, tp x cp x pp) and embedding (first and last pipeline stage, which
+share the tied embedding). Context parallelism splits the sequence, not the parameters: every cp
+rank holds the same parameters and sees other tokens, so dense gradients are summed (and the
+distributed optimizer shards) over dp_cp (dp x cp, Megatron's data-parallel group with context
+parallelism); with cp = 1 it is the dp group itself (the same communicator). Expert gradients are
+summed over expert_dp, which already spans whatever tp, cp and dp ranks hold the same expert shard.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch.distributed as dist
 from megatron_qwen2.config import ParallelConfig
 
 
-GROUP_KINDS = ("tp", "cp", "dp", "pp", "ep", "expert_dp", "dp_cp", "expert_dp_cp", "mp", "embedding")
+GROUP_KINDS = ("tp", "cp", "dp", "pp", "etp", "ep", "expert_dp", "dp_cp", "mp", "embedding")
 
 
 @dataclass(frozen=True)
@@ -63,10 +67,10 @@ class Groups:
     cp: Group = Group("cp")
     dp: Group = Group("dp")
     pp: Group = Group("pp")
+    etp: Group = Group("etp")
     ep: Group = Group("ep")
     expert_dp: Group = Group("expert_dp")
     dp_cp: Group = Group("dp_cp")
-    expert_dp_cp: Group = Group("expert_dp_cp")
     mp: Group = Group("mp")
     embedding: Group = Group("embedding")
 
@@ -80,6 +84,7 @@ class Topology:
     cp: int = 1
     dp: int = 1
     ep: int = 1
+    etp: int = 1
     vpp: int = 1
     rank: int = 0
     sequence_parallel: bool = False
@@ -92,9 +97,19 @@ class Topology:
     p2p: dict[tuple[int, int], dist.ProcessGroup] = field(default_factory=dict)
 
     @property
+    def stage_rank(self) -> int:
+        """This rank's place among the tp x cp x dp ranks of its pipeline stage."""
+        return self.tp_rank + self.tp * (self.cp_rank + self.cp * self.dp_rank)
+
+    @property
+    def etp_rank(self) -> int:
+        """This rank's place in its etp group (which slice of each local expert's FFN it holds)."""
+        return self.stage_rank % self.etp
+
+    @property
     def ep_rank(self) -> int:
         """This rank's place in its ep group (which chunk of the experts it holds)."""
-        return self.dp_rank % self.ep
+        return self.stage_rank // self.etp % self.ep
 
     @property
     def world_size(self) -> int:
@@ -115,7 +130,7 @@ class Topology:
         cp_rank = (rank // cfg.tp) % cfg.cp
         dp_rank = (rank // (cfg.tp * cfg.cp)) % dp
         pp_rank = rank // (cfg.tp * cfg.cp * dp)
-        topo = cls(tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, dp=dp, ep=cfg.ep, vpp=cfg.vpp, rank=rank,
+        topo = cls(tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, dp=dp, ep=cfg.ep, etp=cfg.etp, vpp=cfg.vpp, rank=rank,
                    sequence_parallel=sp, tp_rank=tp_rank, cp_rank=cp_rank, dp_rank=dp_rank, pp_rank=pp_rank)
         topo.groups = Groups(**{kind: topo._group(kind, None) for kind in GROUP_KINDS})
         return topo
@@ -146,25 +161,23 @@ class Topology:
             lists.append([base + o for o in inside])
         return lists
 
+    def _expert_ranks_along(self, dim: str) -> list[list[int]]:
+        """All rank lists that vary only along `dim` of the expert grid (etp, ep, expert_dp) of each stage."""
+        stage = self.tp * self.cp * self.dp
+        sizes = {"etp": self.etp, "ep": self.ep, "expert_dp": stage // (self.etp * self.ep)}
+        strides = {"etp": 1, "ep": self.etp, "expert_dp": self.etp * self.ep}
+        firsts = [s for s in range(stage) if (s // strides[dim]) % sizes[dim] == 0]
+        return [[pp_rank * stage + s + i * strides[dim] for i in range(sizes[dim])]
+                for pp_rank in range(self.pp) for s in firsts]
+
     def rank_lists(self, name: str) -> list[list[int]]:
         """Every group of kind `name` as lists of global ranks (the partition of the world)."""
         if name in ("tp", "cp", "dp", "pp"):
             return self._ranks_along(name)
-        if name in ("ep", "expert_dp"):
-            lists = []
-            for dp_ranks in self._ranks_along("dp"):
-                blocks = [dp_ranks[i:i + self.ep] for i in range(0, self.dp, self.ep)]
-                lists += blocks if name == "ep" else [list(col) for col in zip(*blocks)]
-            return lists
+        if name in ("etp", "ep", "expert_dp"):
+            return self._expert_ranks_along(name)
         if name == "dp_cp":
             return self._ranks_along("cp", "dp")
-        if name == "expert_dp_cp":  # the expert_dp groups of the cp ranks that share tp, ep and pp ranks
-            merged: dict[tuple[int, int, int], list[int]] = {}
-            for ranks in self.rank_lists("expert_dp"):
-                r = ranks[0]
-                key = (r % self.tp, (r // (self.tp * self.cp)) % self.dp, r // (self.tp * self.cp * self.dp))
-                merged.setdefault(key, []).extend(ranks)
-            return [sorted(ranks) for ranks in merged.values()]
         if name == "mp":
             replicas: dict[int, list[int]] = {}
             for r in range(self.world_size):
@@ -199,12 +212,11 @@ class Topology:
 
     def _make_communicators(self) -> Groups:
         # new_group must be called by every rank for every group, in the same order. With cp = 1,
-        # dp_cp and expert_dp_cp are the dp and expert_dp groups: the same communicators.
+        # dp_cp is the dp group: the same communicator.
         made: dict[str, Optional[dist.ProcessGroup]] = {}
-        same_without_cp = {"dp_cp": "dp", "expert_dp_cp": "expert_dp"}
         for kind in GROUP_KINDS:
-            if self.cp == 1 and kind in same_without_cp:
-                made[kind] = made[same_without_cp[kind]]
+            if self.cp == 1 and kind == "dp_cp":
+                made[kind] = made["dp"]
                 continue
             for ranks in self.rank_lists(kind):
                 pg = dist.new_group(ranks) if len(ranks) > 1 else None

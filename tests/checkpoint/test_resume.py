@@ -108,6 +108,10 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, cache, reference):
     (None, 4, dict(pp=2, distributed_optimizer=True), dict()),  # pp 2 x dp 2, masters and Adam state sharded
     (None, 4, dict(tp=4), dict()),  # 2 kv heads replicated over 4 tp ranks: each written once
     (MOE, 2, dict(ep=2, distributed_optimizer=True), dict()),  # experts sharded over ep 2
+    # Parallel folding: etp 2 over the tp pair x ep 2 over dp -> ep 4 over tp 2 x dp 2, and ep 4 over
+    # cp 2 x dp 2 -> one process (master weights and Adam state of experts split over etp and ep)
+    (MOE, 4, dict(tp=2, ep=2, etp=2, distributed_optimizer=True), dict(tp=2, ep=4, sequence_parallel=False)),
+    (MOE, 4, dict(cp=2, ep=4, distributed_optimizer=True), dict()),
 ])
 def test_resume_under_another_layout(tmp_path, cache, tmp_root, model, world, first, second):
     reference = reference_run(cache, tmp_root, model)

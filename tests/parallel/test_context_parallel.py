@@ -35,9 +35,9 @@ def test_gradient_groups_span_dp_and_cp():
     assert topo.rank_lists("cp")[0] == [0, 2]
     assert topo.rank_lists("dp_cp")[:2] == [[0, 2, 4, 6], [1, 3, 5, 7]]
     assert topo.rank_lists("mp")[0] == [0, 1, 2, 3, 8, 9, 10, 11]  # tp x cp x pp
-    topo = Topology.plan(ParallelConfig(cp=2, ep=2), 8, rank=0)  # dp 4: ep groups inside dp, per cp rank
-    assert topo.rank_lists("ep")[:2] == [[0, 2], [4, 6]]
-    assert topo.rank_lists("expert_dp_cp") == [[0, 1, 4, 5], [2, 3, 6, 7]]  # the ranks holding the same experts
+    topo = Topology.plan(ParallelConfig(cp=2, ep=2), 8, rank=0)  # dp 4: the expert grid folds over cp x dp
+    assert topo.rank_lists("ep")[:2] == [[0, 1], [2, 3]]
+    assert topo.rank_lists("expert_dp") == [[0, 2, 4, 6], [1, 3, 5, 7]]  # the ranks holding the same experts
 
 
 

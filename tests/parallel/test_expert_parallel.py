@@ -8,7 +8,7 @@ import torch
 from megatron_qwen2.config import ModelConfig
 from megatron_qwen2.model.moe import Experts, MoEBlock, z_loss_term
 from megatron_qwen2 import ops
-from megatron_qwen2.parallel.expert_dispatch import TokenDispatcher, capacity_mask, gather_ep_full
+from megatron_qwen2.parallel.expert_dispatch import TokenDispatcher, capacity_mask, expert_capacity, gather_ep_full
 from megatron_qwen2.parallel.topology import Topology
 from tests.distributed import run_distributed
 from megatron_qwen2.train import train
@@ -37,8 +37,9 @@ def _inputs(rank: int):
     return x, probs, ids
 
 
-def _moe_forward(x, probs, ids, dispatcher, experts):
-    rows, counts, state = dispatcher.dispatch(x, probs, ids)
+def _moe_forward(x, probs, ids, dispatcher, experts, capacity=None):
+    keep = None if capacity is None else capacity_mask(ids, probs, E, expert_capacity(x.shape[0], K, E, capacity))
+    rows, counts, state = dispatcher.dispatch(x, probs, ids, keep)
     return dispatcher.combine(experts(rows, counts), state), state.dropped
 
 
@@ -67,7 +68,7 @@ def _dispatch_worker(rank, world):
         x, probs, ids = _inputs(rank)
         x.requires_grad_()
         probs.requires_grad_()
-        out, _ = _moe_forward(x, probs, ids, TokenDispatcher(E, topo.groups.ep.pg, capacity), experts)
+        out, _ = _moe_forward(x, probs, ids, TokenDispatcher(E, topo.groups.ep.pg), experts, capacity)
         (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
         grads = [gather_ep_full(p, p.grad, topo.groups.ep.pg) for p in experts.parameters()]
         results.append((out.detach(), x.grad, probs.grad, grads))
@@ -81,12 +82,12 @@ def test_dispatcher_matches_one_process():
     for c, capacity in enumerate(CAPACITIES):
         results = [r[c] for r in per_rank]
         experts = _make_experts(cfg, Topology.single())
-        dispatcher = TokenDispatcher(E, None, capacity)
+        dispatcher = TokenDispatcher(E, None)
         for rank, (out, dx, dprobs, _) in enumerate(results):
             x, probs, ids = _inputs(rank)
             x.requires_grad_()
             probs.requires_grad_()
-            ref, dropped = _moe_forward(x, probs, ids, dispatcher, experts)
+            ref, dropped = _moe_forward(x, probs, ids, dispatcher, experts, capacity)
             (ref * torch.arange(ref.numel(), dtype=ref.dtype).view_as(ref)).sum().backward()
             torch.testing.assert_close(out, ref.detach(), rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(dx, x.grad, rtol=1e-12, atol=1e-12)
@@ -152,7 +153,13 @@ MODELS["moe4_ep"] = dict(MODELS["moe4"], num_experts=8)
 EP_CASES = [
     # (model, tied, world size, parallel config)
     ("moe_ep", False, 2, dict(ep=2, distributed_optimizer=True)),  # ep = dp: expert-dp of size 1
-    ("moe_ep", True, 4, dict(tp=2, ep=2, sequence_parallel=True)),  # ep on top of tp + sp
+    ("moe_ep", True, 4, dict(tp=2, ep=2, sequence_parallel=True)),  # ep folded over tp + sp, expert-dp over dp
+    # Parallel folding (parallel/topology.py): the expert grid over the attention ranks.
+    ("moe_ep", False, 4, dict(tp=2, ep=4, sequence_parallel=False)),  # ep 4 over tp 2 x dp 2, tokens replicated over tp
+    # etp 2 over the tp pair (tokens replicated over tp), ep 2 over dp, dropping, sharded optimizer
+    ("moe_ep_cap", False, 4, dict(tp=2, ep=2, etp=2, sequence_parallel=False, distributed_optimizer=True)),
+    ("moe4_ep", True, 4, dict(tp=2, pp=2, ep=2)),  # each stage's ep 2 over its tp pair
+    ("moe_ep", False, 4, dict(cp=2, ep=4, distributed_optimizer=True)),  # ep 4 over cp 2 x dp 2
     ("moe_ep_cap", False, 4, dict(ep=2, distributed_optimizer=True)),  # expert-dp 2 (sharded), dropping
     ("moe4_ep", True, 4, dict(ep=4, overlap_grad_reduce=False)),
     ("moe4_ep", False, 4, dict(pp=2, ep=2, pp_layout=[1, 3])),  # a stage whose only layer is dense

@@ -129,7 +129,14 @@ def expected_shard(name: str, cfg: ModelConfig, topo: Topology, first_stage: boo
     if name.endswith("router.weight") or name.endswith("shared_expert_gate.weight"):
         return REPLICATED
     if ".experts." in name:
-        return Shard(ep_dim=0)
+        if topo.etp == 1:
+            return Shard(ep_dim=0)
+        if name.endswith("down_weight"):  # row-split over etp
+            return Shard(ep_dim=0, tp_dim=2)
+        f, r = cfg.moe_ffn_hidden_size, topo.etp_rank  # gate rows r*f/etp.. and the same up rows
+        n = f // topo.etp
+        rows = tuple(range(r * n, (r + 1) * n)) + tuple(range(f + r * n, f + (r + 1) * n))
+        return Shard(ep_dim=0, tp_dim=1, tp_rows=rows, tp_dim_size=2 * f)
     if name.endswith("gate_up.weight") or name.endswith("down.weight") or name.endswith("attention.out.weight"):
         return Shard(tp_dim=1)
     if name == "output.weight":
@@ -142,7 +149,8 @@ def expected_shard(name: str, cfg: ModelConfig, topo: Topology, first_stage: boo
     (tiny(**MOE), ParallelConfig(tp=2, ep=2), 4),
     (tiny(), ParallelConfig(tp=4), 4),
     (tiny(tie_word_embeddings=True, **MOE), ParallelConfig(pp=2, ep=2), 4),
-], ids=["dense-tp2", "moe-tp2-ep2", "dense-tp4-kv-replica", "moe-pp2-ep2-tied"])
+    (tiny(**MOE), ParallelConfig(tp=2, ep=2, etp=2), 4),
+], ids=["dense-tp2", "moe-tp2-ep2", "dense-tp4-kv-replica", "moe-pp2-ep2-tied", "moe-tp2-ep2-etp2"])
 def test_every_parameter_has_its_shard(model, par, world):
     par.validate()
     full = dict(Qwen2Model(model).named_parameters())  # one process: the global tensors
@@ -158,20 +166,22 @@ def test_every_parameter_has_its_shard(model, par, world):
             shard = shard_of(p)
             assert shard == expected_shard(name, model, topo, first), (rank, name)
             # Initialised as this rank's part of the one-process model, which the shard locates.
-            assert shard.global_shape(p.shape, topo.tp, topo.ep) == full[name].shape, (rank, name)
-            assert torch.equal(p, shard.local_part(full[name], topo.tp, topo.tp_rank, topo.ep, topo.ep_rank)), \
+            tensor = shard.tensor_group(topo.groups.tp, topo.groups.etp)
+            assert shard.global_shape(p.shape, tensor.size, topo.ep) == full[name].shape, (rank, name)
+            assert torch.equal(p, shard.local_part(full[name], tensor.size, tensor.rank, topo.ep, topo.ep_rank)), \
                 (rank, name)
 
 
 # ----------------------------------------------------------------------------- (c) planner vs real chunks
 
 # (model, parallel) on 4 ranks: kv heads replicated over tp 4 with a qkv bias and a tied head,
-# MoE at tp 2 x ep 2, MoE over pp 2 x ep 2 with a tied embedding, MoE at cp 2 x ep 2.
+# MoE at tp 2 x ep 2, MoE over pp 2 x ep 2 with a tied embedding, MoE at cp 2 x ep 2, MoE at etp 2 x ep 2.
 LAYOUTS = [
     (tiny(tie_word_embeddings=True), ParallelConfig(tp=4)),
     (tiny(**MOE), ParallelConfig(tp=2, ep=2)),
     (tiny(tie_word_embeddings=True, **MOE), ParallelConfig(pp=2, ep=2)),
     (tiny(**MOE), ParallelConfig(cp=2, ep=2)),
+    (tiny(**MOE), ParallelConfig(tp=2, ep=2, etp=2)),
 ]
 
 

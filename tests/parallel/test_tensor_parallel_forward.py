@@ -8,6 +8,7 @@ from megatron_qwen2.engine.tp_grads import sync_tp_grads
 from megatron_qwen2.model import Qwen2Model
 from megatron_qwen2.parallel import Topology
 from megatron_qwen2.parallel.layers import gather_full
+from megatron_qwen2.parallel.shard import shard_of
 from tests.distributed import run_distributed
 
 DENSE = dict(hidden_size=48, num_layers=2, num_attention_heads=4, num_kv_heads=2, ffn_hidden_size=64,
@@ -27,7 +28,12 @@ def _run(model_kwargs, topo, ids):
     sync_tp_grads(model.parameters(), topo.groups.tp.pg)
     grads = {}
     for name, p in model.named_parameters():
-        grads[name] = gather_full(p, p.grad, topo.groups.tp.pg)
+        if shard_of(p).is_expert:  # each tp rank routed its share of the tokens: summed over expert-dp
+            if topo.groups.expert_dp.pg is not None:
+                torch.distributed.all_reduce(p.grad, group=topo.groups.expert_dp.pg)
+            grads[name] = p.grad
+        else:
+            grads[name] = gather_full(p, p.grad, topo.groups.tp.pg)
     return logits.detach(), loss.detach(), grads
 
 

@@ -22,10 +22,21 @@ def test_rank_order_is_tp_cp_dp_pp():
     assert [(t.tp_rank, t.dp_rank, t.pp_rank) for t in coords] == [(0, 0, 0), (1, 2, 0), (1, 1, 1)]
 
 
-def test_expert_groups_split_dp_into_blocks():
-    topo = grid(16, tp=2, pp=2, ep=2)
-    assert topo.rank_lists("ep")[:2] == [[0, 2], [4, 6]]
-    assert topo.rank_lists("expert_dp")[:2] == [[0, 4], [2, 6]]
+def test_expert_grid_folds_over_the_ranks_of_a_stage():
+    """etp innermost, then ep, then expert-dp over the tp x cp x dp ranks of each pipeline stage."""
+    topo = grid(16, tp=2, pp=2, ep=2)  # stage ranks 0-7 and 8-15: ep over the tp pair
+    assert topo.rank_lists("ep")[:2] == [[0, 1], [2, 3]]
+    assert topo.rank_lists("expert_dp")[:2] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert topo.rank_lists("ep")[4] == [8, 9]
+    topo = grid(16, tp=2, pp=2, ep=2, etp=2)  # etp over the tp pair, ep across dp
+    assert topo.rank_lists("etp")[:2] == [[0, 1], [2, 3]]
+    assert topo.rank_lists("ep")[:2] == [[0, 2], [1, 3]]
+    assert topo.rank_lists("expert_dp")[:2] == [[0, 4], [1, 5]]
+    topo = grid(8, cp=2, ep=4)  # dp 4: ep spans cp and dp
+    assert topo.rank_lists("ep") == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert topo.rank_lists("expert_dp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    coords = [Topology.plan(ParallelConfig(tp=2, ep=2, etp=2), 8, r) for r in (0, 3, 6)]
+    assert [(t.etp_rank, t.ep_rank, t.groups.expert_dp.rank) for t in coords] == [(0, 0, 0), (1, 1, 0), (0, 1, 1)]
 
 
 def test_model_parallel_and_embedding_groups():
@@ -35,7 +46,8 @@ def test_model_parallel_and_embedding_groups():
     assert grid(4, tp=2).rank_lists("embedding")[0] == [0]  # one stage: nothing to tie across
 
 
-@pytest.mark.parametrize("degrees", [dict(tp=2, pp=2, ep=2), dict(tp=4, cp=2), dict(pp=4), dict(tp=1)])
+@pytest.mark.parametrize("degrees", [dict(tp=2, pp=2, ep=2), dict(tp=2, cp=2, ep=2, etp=2), dict(tp=4, cp=2),
+                                     dict(pp=4), dict(tp=1)])
 def test_every_group_kind_partitions_the_world(degrees):
     topo = grid(16, **degrees)
     for kind in GROUP_KINDS:
@@ -66,7 +78,7 @@ def test_a_middle_pipeline_stage_has_no_embedding_partner():
 
 def _built_groups(rank, world_size):
     import torch.distributed as dist
-    topo = Topology.build(ParallelConfig(tp=2, ep=2), world_size, rank)  # dp 2, ep 2
+    topo = Topology.build(ParallelConfig(tp=2, ep=2, etp=2), world_size, rank)  # dp 2, ep 2 over dp, etp 2 = tp
     out = {}
     for kind in GROUP_KINDS:
         g = getattr(topo.groups, kind)
