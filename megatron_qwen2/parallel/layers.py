@@ -15,7 +15,7 @@ Parameters that then see only this rank's tokens (the row-parallel bias) have a 
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -93,15 +93,18 @@ class _LinearMainGrad(torch.autograd.Function):
         return dx, torch.empty_like(weight), db
 
 
-def add_weight_grad(weight: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
-    """The gradient to hand autograd for `weight`, given its fp32 gradient dw: added to main_grad
-    where the gradient buffer gave it one (and a placeholder returned, as _LinearMainGrad does),
-    else dw itself in the weight's dtype and shape."""
+def add_weight_grad(weight: torch.Tensor, slices: Iterable[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """The gradient to hand autograd for `weight` viewed as [-1, in], given its fp32 gradient as
+    (first row, rows) slices: each added to main_grad where the gradient buffer gave it one (no fp32
+    copy of the whole; a placeholder returned, as _LinearMainGrad does), else the slices joined in
+    the weight's dtype and shape."""
     if hasattr(weight, "main_grad"):
-        weight.main_grad.view(dw.shape).add_(dw)
+        main = weight.main_grad.view(-1, weight.shape[-1])
+        for r, dw in slices:
+            main[r:r + dw.shape[0]].add_(dw)
         weight.wgrad_in_main_grad = True
         return torch.empty_like(weight)
-    return dw.to(weight.dtype).view(weight.shape)
+    return torch.cat([dw for _, dw in slices]).to(weight.dtype).view(weight.shape)
 
 
 class _Fp8Linear(torch.autograd.Function):
@@ -134,17 +137,9 @@ class _Fp8Linear(torch.autograd.Function):
         dy2 = pad_rows(dy.reshape(rows, dy.shape[-1]), rcp.token_multiple)
         dyq, dyt = quantize_pair(dy2, rcp.activation_tiling, rcp.grad_dtype)
         dx = gemm(dyq, ctx.weight8.t(), dy.dtype)[:rows].view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        xt = Fp8Tensor(xt_data, xt_scale, rcp.activation_tiling)
-        if hasattr(weight, "main_grad"):  # slice by slice into main_grad: no fp32 copy of the whole
-            main = weight.main_grad.view(dyt.data.shape[0], xt.data.shape[0])
-            for r, dw in weight_gemm_slices(dyt, xt):
-                main[r:r + dw.shape[0]].add_(dw)
-            weight.wgrad_in_main_grad = True
-            grad = torch.empty_like(weight)
-        else:
-            grad = add_weight_grad(weight, gemm(dyt, xt, torch.float32))
+        dw = add_weight_grad(weight, weight_gemm_slices(dyt, Fp8Tensor(xt_data, xt_scale, rcp.activation_tiling)))
         db = dy2.sum(0) if ctx.has_bias else None
-        return dx, grad, db, None
+        return dx, dw, db, None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
