@@ -68,6 +68,20 @@ def build_model_chunks(cfg: ModelConfig, par: ParallelConfig, topo: Topology,
     return chunks
 
 
+def seeded_chunks(cfg: ModelConfig, par: ParallelConfig, topo: Topology, seed: int, device: torch.device,
+                  dtype: torch.dtype, init_on_device: bool = False, fp8: Optional[Fp8] = None) -> list[Qwen2Model]:
+    """`build_model_chunks` with the weights initialised from `seed` on the CPU (the same model in
+    every layout), or on `device` with `init_on_device` (faster, another draw), then moved to
+    `device` in `dtype`."""
+    with torch.device(device if init_on_device else "cpu"):
+        chunks = build_model_chunks(cfg, par, topo, fp8)
+        for chunk in chunks:
+            chunk.init_weights(seed)
+    for chunk in chunks:
+        chunk.to(device=device, dtype=dtype)
+    return chunks
+
+
 @dataclass
 class StepResult:
     # Sum over this rank's micro-batches of each one's token-loss term / loss_scale (last stage only):

@@ -8,7 +8,7 @@ import torch
 
 from megatron_qwen2.config import Config
 from megatron_qwen2.data.batch import Batch
-from megatron_qwen2.engine.pipeline import PipelineRunner, build_model_chunks
+from megatron_qwen2.engine.pipeline import PipelineRunner, seeded_chunks
 from megatron_qwen2.parallel.topology import Topology
 
 
@@ -23,12 +23,8 @@ class ReferenceModel:
     def __init__(self, cfg: Config, topo: Topology, device: torch.device, dtype: torch.dtype,
                  init_on_device: bool = False):
         t = cfg.train
-        with torch.device(device if init_on_device else "cpu"):
-            self.chunks = build_model_chunks(cfg.model, cfg.parallel, topo)
-            for chunk in self.chunks:
-                chunk.init_weights(t.seed)
+        self.chunks = seeded_chunks(cfg.model, cfg.parallel, topo, t.seed, device, dtype, init_on_device)
         for chunk in self.chunks:
-            chunk.to(device=device, dtype=dtype)
             chunk.requires_grad_(False)
             chunk.eval()
         self.runner = PipelineRunner(self.chunks, cfg.model, topo, t.micro_batch_size, t.seq_length, dtype, device)

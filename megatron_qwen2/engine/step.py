@@ -25,7 +25,7 @@ from megatron_qwen2.data.batch import Batch
 from megatron_qwen2.engine.distributed_optimizer import MixedPrecisionOptimizer
 from megatron_qwen2.engine.dpo import DpoMetrics
 from megatron_qwen2.engine.grad_buffer import GradBuffer, grad_of
-from megatron_qwen2.engine.pipeline import PipelineRunner, build_model_chunks
+from megatron_qwen2.engine.pipeline import PipelineRunner, seeded_chunks
 from megatron_qwen2.engine.reductions import GradientReductions
 from megatron_qwen2.engine.reference import ReferenceModel
 from megatron_qwen2.engine.tp_grads import sync_tp_grads
@@ -75,12 +75,8 @@ class TrainingStep:
         if unsupported:
             raise ConfigError(f"train.fp8={t.fp8}: {unsupported}; use train.fp8=none")
         self.fp8 = None if fp8_recipe is None else Fp8(fp8_recipe, Fp8Weights())
-        with torch.device(device if init_on_device else "cpu"):
-            self.chunks = build_model_chunks(cfg.model, cfg.parallel, topo, self.fp8)
-            for chunk in self.chunks:
-                chunk.init_weights(t.seed)
-        for chunk in self.chunks:
-            chunk.to(device=device, dtype=self.dtype)
+        self.chunks = seeded_chunks(cfg.model, cfg.parallel, topo, t.seed, device, self.dtype, init_on_device,
+                                    self.fp8)
         self.params = [p for chunk in self.chunks for p in chunk.parameters()]
         tied = [p for chunk in self.chunks for n, p in chunk.named_parameters() if n == "embedding.weight"
                 and cfg.model.tie_word_embeddings and topo.pp > 1]
