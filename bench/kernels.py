@@ -276,6 +276,14 @@ def bench_fp8_quant(rows, ceiling, rounds, tokens=8192):
                         tiling=tiling, transpose=transpose, x_reads=passes)
         del x
         torch.cuda.empty_cache()
+    # The transpose of a weight's FP8 codes (W^T for tensorwise / blockwise backward products).
+    for shape in ((3584, 18944), (18944, 3584), (8192, 29568)):
+        w = torch.randn(shape, device="cuda").to(torch.float8_e4m3fn)
+        impls = {"kernel": {"transpose": lambda w=w: library.fp8_transpose(w)},
+                 "torch transpose": {"transpose": lambda w=w: w.t().contiguous()}}
+        measure(rows, ceiling, "fp8_transpose", impls, {"transpose": 2 * w.numel()}, rounds, shape=list(shape),
+                dtype="e4m3")
+        del w
 
 
 def _attention_flops(doc_lengths, hq, d, causal=True):
