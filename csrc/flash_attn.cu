@@ -37,9 +37,6 @@ namespace {
 using namespace mq2;
 using namespace mq2::fa;
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
 // ---------------------------------------------------------------------------------------------
 // Forward
 
@@ -489,13 +486,6 @@ __global__ void __launch_bounds__(kBwdThreads, 2) flash_bwd_kernel(const BwdPara
   }
 }
 
-template <typename F>
-void with_head_dim(int d, F f) {
-  if (d == 64) f(std::integral_constant<int, 64>{});
-  else if (d == 128) f(std::integral_constant<int, 128>{});
-  else TORCH_CHECK(false, "flash attention: head_dim must be 64 or 128, got ", d);
-}
-
 }  // namespace
 
 namespace {
@@ -508,13 +498,9 @@ const int* opt_int(const c10::optional<at::Tensor>& t) { return t ? t->data_ptr<
 
 }  // namespace
 
-// Validated by bindings.cpp: bf16 CUDA tensors q [b, sq, hq, d], k / v [b, sk, hkv, d] with a
-// contiguous last dimension and 16-byte aligned rows; out like q; lse fp32 [b, hq, sq] contiguous;
-// key_lo / key_hi int32 [b, sq] contiguous or both absent.
-void flash_attn_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                             at::Tensor& lse, const c10::optional<at::Tensor>& key_lo,
-                             const c10::optional<at::Tensor>& key_hi, bool causal, double scale) {
-  const c10::cuda::CUDAGuard guard(q.device());
+FwdParams mq2::fa::make_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                                   at::Tensor& lse, const c10::optional<at::Tensor>& key_lo,
+                                   const c10::optional<at::Tensor>& key_hi, bool causal, double scale) {
   FwdParams p{};
   p.q = cptr<bf16>(q);
   p.k = cptr<bf16>(k);
@@ -531,6 +517,17 @@ void flash_attn_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at:
   p.causal = causal;
   p.causal_offset = p.sk - p.sq;
   p.scale_log2 = static_cast<float>(scale) * kLog2e;
+  return p;
+}
+
+// Validated by bindings.cpp: bf16 CUDA tensors q [b, sq, hq, d], k / v [b, sk, hkv, d] with a
+// contiguous last dimension and 16-byte aligned rows; out like q; lse fp32 [b, hq, sq] contiguous;
+// key_lo / key_hi int32 [b, sq] contiguous or both absent.
+void flash_attn_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                             at::Tensor& lse, const c10::optional<at::Tensor>& key_lo,
+                             const c10::optional<at::Tensor>& key_hi, bool causal, double scale) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const FwdParams p = make_fwd_params(q, k, v, out, lse, key_lo, key_hi, causal, scale);
   auto stream = current_stream();
   with_head_dim(q.size(3), [&](auto dc) {
     constexpr int D = decltype(dc)::value;

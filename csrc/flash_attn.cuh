@@ -1,6 +1,6 @@
-// Building blocks of the flash-attention kernels (flash_attn.cu): tensor-core fragments
-// (mma.sync m16n8k16 bf16 -> fp32, ldmatrix), asynchronous 16-byte copies into swizzled shared
-// memory, and the parameter blocks of the launches.
+// Building blocks of the flash-attention kernels (flash_attn.cu, flash_attn_sm90.cu): tensor-core
+// fragments (mma.sync m16n8k16 bf16 -> fp32, ldmatrix), asynchronous 16-byte copies into swizzled
+// shared memory, and the parameter blocks of the launches with their host-side construction.
 #pragma once
 
 #include "common.cuh"
@@ -11,6 +11,9 @@ namespace mq2 {
 namespace fa {
 
 using bf16 = __nv_bfloat16;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 struct FwdParams {
   const bf16* q;
@@ -29,6 +32,20 @@ struct FwdParams {
   bool causal;
   float scale_log2;             // softmax_scale * log2(e)
 };
+
+// The forward's parameters from the launcher's tensors (validated by bindings.cpp): q [b, sq, hq, d],
+// k / v [b, sk, hkv, d], out like q, lse fp32 [b, hq, sq], key_lo / key_hi int32 [b, sq] or absent.
+FwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                          at::Tensor& lse, const c10::optional<at::Tensor>& key_lo,
+                          const c10::optional<at::Tensor>& key_hi, bool causal, double scale);
+
+// f(std::integral_constant<int, D>{}) for the supported head dims.
+template <typename F>
+void with_head_dim(int d, F f) {
+  if (d == 64) f(std::integral_constant<int, 64>{});
+  else if (d == 128) f(std::integral_constant<int, 128>{});
+  else TORCH_CHECK(false, "flash attention: head_dim must be 64 or 128, got ", d);
+}
 
 struct BwdParams {
   const bf16* q;
