@@ -21,16 +21,19 @@
 //   in shared memory as an MN-major (transposed) operand.
 // - intra-warpgroup overlap: S of tile j + 1 is issued before P V of tile j and its softmax runs while
 //   that product is in flight; O is rescaled once the product has completed.
+// - inter-warpgroup ping-pong: the two consumers issue their products in turns (named barriers), so
+//   the softmax of one overlaps the products of the other.
 // - epilogue: O normalised in registers, written (128-byte swizzled) over the warpgroup's own Q rows
 //   in shared memory and stored by TMA, which clips rows beyond sq; lse by plain stores.
-// Next steps not taken: ping-pong of the two consumers' softmax and GEMMs through named barriers, a
-// persistent grid that overlaps one tile's epilogue with the next tile's loads, three stages for d 64.
+// Next steps not taken: a persistent grid that overlaps one tile's epilogue with the next tile's
+// loads (packed documents make many short tiles), three stages for d 64.
 
 #include "flash_attn.cuh"
 #include "sm90.cuh"
 
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled (the driver entry point is looked up at run time)
 
+#include <algorithm>
 #include <climits>
 
 namespace {
@@ -245,14 +248,26 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
+  // Ping-pong of the two consumers: each issues its products only in its turn (barrier 3 + cw, with
+  // the other's 128 threads arriving), so one's softmax overlaps the other's products. Consumer 0
+  // goes first (consumer 1 arrives once up front); both take ntiles + 1 turns, and consumer 1 leaves
+  // out its last hand-over, which nobody waits for.
+  auto turn_begin = [&]() { named_barrier_sync(3 + cw, 256); };
+  auto turn_end = [&](bool last) {
+    if (!(last && cw == 1)) named_barrier_arrive(3 + (1 - cw), 256);
+  };
+
   if (ntiles > 0) {
+    if (cw == 1) named_barrier_arrive(3, 256);
     mbar_wait(q_full, 0);
     // tile 0: S, softmax, P (O is still zero)
     mbar_wait(k_full(0), 0);
     pin(o);
+    turn_begin();
     wgmma_fence();
     issue_qk(0);
     wgmma_commit();
+    turn_end(false);
     wgmma_wait<0>();
     pin(s);
     release(k_empty(0));
@@ -265,15 +280,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int next = it % kStages;
       const uint32_t next_phase = (it / kStages) & 1;
       mbar_wait(k_full(next), next_phase);
+      mbar_wait(v_full(stage), phase);
       pin(o);
       pin(pf);
+      turn_begin();
       wgmma_fence();
       issue_qk(next);  // S of tile it ...
       wgmma_commit();
-      mbar_wait(v_full(stage), phase);
-      wgmma_fence();  // (ptxas wants the fence in the basic block of the product)
       issue_pv(stage);  // ... while P V of tile it - 1 follows it
       wgmma_commit();
+      turn_end(false);
       wgmma_wait<1>();  // S done (groups complete in order)
       pin(s);
       release(k_empty(next));
@@ -291,9 +307,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_wait(v_full(stage), phase);
     pin(o);
     pin(pf);
+    turn_begin();
     wgmma_fence();
     issue_pv(stage);
     wgmma_commit();
+    turn_end(true);
     wgmma_wait<0>();
     pin(o);
     release(v_empty(stage));
@@ -358,11 +376,15 @@ CUtensorMap tile_map(const at::Tensor& t, int rows) {
   const int dim_of[3] = {1, 2, 0};  // map dimensions 1..3 are the view's s, heads, b
   cuuint64_t sizes[4] = {static_cast<cuuint64_t>(t.size(3)), 0, 0, 0};
   cuuint64_t strides[3];
+  cuuint64_t extent = t.size(3) * 2;  // bytes spanned by the dimensions of several elements
+  for (int dim = 0; dim < 3; ++dim)
+    if (t.size(dim) > 1) extent = std::max<cuuint64_t>(extent, static_cast<cuuint64_t>(t.stride(dim)) * 2 * t.size(dim));
   for (int i = 0; i < 3; ++i) {
     const int dim = dim_of[i];
     sizes[i + 1] = static_cast<cuuint64_t>(t.size(dim));
-    // a dimension of one element is never stepped along: any multiple of 16 bytes serves
-    strides[i] = t.size(dim) == 1 ? 16 : static_cast<cuuint64_t>(t.stride(dim)) * 2;
+    // a dimension of one element is never stepped along (its stride may be anything in the view):
+    // it is placed outside the others, 16-byte aligned
+    strides[i] = t.size(dim) == 1 ? (extent + 15) / 16 * 16 : static_cast<cuuint64_t>(t.stride(dim)) * 2;
   }
   const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(rows), 1, 1};
   const cuuint32_t steps[4] = {1, 1, 1, 1};

@@ -97,9 +97,13 @@ __device__ __forceinline__ void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 }
 
-// Barrier `id` (1..15; 0 is __syncthreads) over `threads` threads, a multiple of 32.
+// Barrier `id` (1..15; 0 is __syncthreads) over `threads` threads, a multiple of 32: sync waits for
+// the barrier to complete, arrive counts this warp in and goes on.
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // ---- Warpgroup MMA
