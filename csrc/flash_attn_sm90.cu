@@ -34,7 +34,6 @@
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled (the driver entry point is looked up at run time)
 
 #include <algorithm>
-#include <climits>
 
 namespace {
 
@@ -142,30 +141,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int row0 = m0 + 64 * cw;
 
-  // Visible keys of this thread's two rows: lo <= j < hi and j <= cap.
-  int lo_r[2], hi_r[2], cap_r[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = row0 + warp * 16 + g + 8 * i;
-    if (row < p.sq) {
-      lo_r[i] = ds ? ds[row] : 0;
-      hi_r[i] = de ? min(p.sk, de[row]) : p.sk;
-      cap_r[i] = p.causal ? row + p.causal_offset : INT_MAX;
-    } else {
-      lo_r[i] = 1;
-      hi_r[i] = 0;
-      cap_r[i] = -1;
-    }
-  }
+  // Visible keys of this thread's two rows.
+  const RowKeys rows[2] = {row_keys(p, ds, de, row0 + warp * 16 + g), row_keys(p, ds, de, row0 + warp * 16 + g + 8)};
   // Bounds under which a whole key tile is visible to every row of this warpgroup.
   const int lo_max = ds ? ds[min(row0 + 63, p.sq - 1)] : 0;
   const int hi_min = de ? min(p.sk, de[min(row0, p.sq - 1)]) : p.sk;
   const int diag = row0 + p.causal_offset;
 
-  float o[D / 2];
+  float o[D / 8][4];
 #pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-  float s[kBN / 2];
+  for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  float s[kBN / 8][4];  // scores, then probabilities
   uint32_t pf[kBN / 16][4];
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f}, alpha[2];
 
@@ -196,55 +182,23 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   auto mask = [&](int n0) {
     const bool full = n0 >= lo_max && n0 + kBN <= hi_min && (!p.causal || n0 + kBN - 1 <= diag);
-    if (!full) {
-#pragma unroll
-      for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = e >> 1, key = n0 + j * 8 + 2 * t + (e & 1);
-          if (key < lo_r[i] || key >= hi_r[i] || key > cap_r[i]) s[4 * j + e] = -INFINITY;
-        }
-    }
+    if (!full) mask_scores(s, n0, t, rows);
   };
-  // Online softmax of the tile in s (each quad of lanes shares a row): s becomes P, alpha the factor
-  // that brings the O accumulated so far to the new maximum.
   auto softmax = [&]() {
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float mx = row_max[i];
-#pragma unroll
-      for (int j = 0; j < kBN / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * i], s[4 * j + 2 * i + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float base_i = mx == -INFINITY ? 0.f : mx * p.scale_log2;
-      alpha[i] = exp2f(row_max[i] * p.scale_log2 - base_i);
-      row_max[i] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < kBN / 8; ++j) {
-        s[4 * j + 2 * i] = exp2f(fmaf(s[4 * j + 2 * i], p.scale_log2, -base_i));
-        s[4 * j + 2 * i + 1] = exp2f(fmaf(s[4 * j + 2 * i + 1], p.scale_log2, -base_i));
-        sum += s[4 * j + 2 * i] + s[4 * j + 2 * i + 1];
-      }
-      row_sum[i] = row_sum[i] * alpha[i] + sum;
-    }
+    for (int i = 0; i < 2; ++i) alpha[i] = softmax_row(s, i, row_max[i], row_sum[i], p.scale_log2);
   };
   auto to_p = [&]() {
 #pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      pf[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
-      pf[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
-      pf[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
-      pf[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
-    }
+    for (int kk = 0; kk < kBN / 16; ++kk) p_fragment(s, kk, pf[kk]);
   };
   auto rescale_o = [&]() {
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
-      o[4 * j + 0] *= alpha[0];
-      o[4 * j + 1] *= alpha[0];
-      o[4 * j + 2] *= alpha[1];
-      o[4 * j + 3] *= alpha[1];
+      o[j][0] *= alpha[0];
+      o[j][1] *= alpha[0];
+      o[j][2] *= alpha[1];
+      o[j][3] *= alpha[1];
     }
   };
 
@@ -252,7 +206,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   // the other's 128 threads arriving), so one's softmax overlaps the other's products. Consumer 0
   // goes first (consumer 1 arrives once up front); both take ntiles + 1 turns, and consumer 1 leaves
   // out its last hand-over, which nobody waits for.
-  auto turn_begin = [&]() { named_barrier_sync(3 + cw, 256); };
+  // A turn begins with O and P final in registers (pinned before the fence) and the fence.
+  auto turn_begin = [&]() {
+    pin(o);
+    pin(pf);
+    named_barrier_sync(3 + cw, 256);
+    wgmma_fence();
+  };
   auto turn_end = [&](bool last) {
     if (!(last && cw == 1)) named_barrier_arrive(3 + (1 - cw), 256);
   };
@@ -262,9 +222,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_wait(q_full, 0);
     // tile 0: S, softmax, P (O is still zero)
     mbar_wait(k_full(0), 0);
-    pin(o);
     turn_begin();
-    wgmma_fence();
     issue_qk(0);
     wgmma_commit();
     turn_end(false);
@@ -281,10 +239,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint32_t next_phase = (it / kStages) & 1;
       mbar_wait(k_full(next), next_phase);
       mbar_wait(v_full(stage), phase);
-      pin(o);
-      pin(pf);
       turn_begin();
-      wgmma_fence();
       issue_qk(next);  // S of tile it ...
       wgmma_commit();
       issue_pv(stage);  // ... while P V of tile it - 1 follows it
@@ -305,10 +260,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       phase = next_phase;
     }
     mbar_wait(v_full(stage), phase);
-    pin(o);
-    pin(pf);
     turn_begin();
-    wgmma_fence();
     issue_pv(stage);
     wgmma_commit();
     turn_end(true);
@@ -322,12 +274,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   float inv[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    float l = row_sum[i];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[i] = l > 0.f ? 1.f / l : 0.f;
+    float lse;
+    inv[i] = finish_row(row_sum[i], row_max[i], p.scale_log2, lse);
     const int row = row0 + warp * 16 + g + 8 * i;
-    if (t == 0 && row < p.sq) lse_row[row] = l > 0.f ? (row_max[i] * p.scale_log2 + __log2f(l)) * kLn2 : -INFINITY;
+    if (t == 0 && row < p.sq) lse_row[row] = lse;
   }
   unsigned char* so = smem + L::q + cw * L::kQHalf;
 #pragma unroll
@@ -336,7 +286,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < 2; ++i) {
       const int r = warp * 16 + g + 8 * i;  // r % 8 == g: the swizzle permutes 16-byte chunks by it
       const int off = (j / 8) * L::kQRows + r * 128 + (((j % 8) ^ g) << 4) + 4 * t;
-      *reinterpret_cast<uint32_t*>(so + off) = pack_bf16(o[4 * j + 2 * i] * inv[i], o[4 * j + 2 * i + 1] * inv[i]);
+      *reinterpret_cast<uint32_t*>(so + off) = pack_bf16(o[j][2 * i] * inv[i], o[j][2 * i + 1] * inv[i]);
     }
   }
   fence_proxy_async();

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from megatron_qwen2.ops import extension, reference
+from tests.ops.test_flash_attention import make_inputs as fa2_inputs
 from tests.ops.test_flash_attention import random_documents, rel
 
 attn = importlib.import_module("megatron_qwen2.ops.attention")
@@ -40,20 +41,16 @@ def _need_hopper_kernel():
 
 def make_inputs(b, sq, sk, hq, hkv, d, layout, gen):
     """q [b, sq, hq, d], k / v [b, sk, hkv, d] bf16 on CUDA. 'packed': views of one [b, s, hq + 2 hkv, d]
-    tensor (sq == sk); 'model': views of the model's [s, b, hkv, g + 2, d] projection (q a transposed
-    copy, k / v transposed views; sq == sk); 'contiguous': separate tensors."""
+    tensor; 'model' (the model's [s, b, ...] projection) and 'contiguous' as in test_flash_attention.py
+    (sq == sk); sq != sk: separate tensors."""
     if layout == "packed":
         qkv = torch.randn(b, sq, hq + 2 * hkv, d, generator=gen).to("cuda", BF16)
         return qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
-    if layout == "model":
-        g = hq // hkv
-        buf = torch.randn(sq, b, hkv, g + 2, d, generator=gen).to("cuda", BF16)
-        q = buf[:, :, :, :g].reshape(sq, b, hq, d).transpose(0, 1)
-        return q, buf[:, :, :, g].transpose(0, 1), buf[:, :, :, g + 1].transpose(0, 1)
+    if sq == sk:
+        return fa2_inputs(b, sq, hq, hkv, d, layout, gen)
     q = torch.randn(b, sq, hq, d, generator=gen).to("cuda", BF16)
-    k = torch.randn(b, sk, hkv, d, generator=gen).to("cuda", BF16)
-    v = torch.randn(b, sk, hkv, d, generator=gen).to("cuda", BF16)
-    return q, k, v
+    kv = torch.randn(2, b, sk, hkv, d, generator=gen).to("cuda", BF16)
+    return q, kv[0], kv[1]
 
 
 def ranges_for(b, sq, sk, docs, gen):
