@@ -294,7 +294,8 @@ def _attention_flops(doc_lengths, hq, d, causal=True):
 
 def bench_attention(rows, mm_ceiling, rounds, b=1):
     """Causal GQA attention (bf16, head_dim 128) at Qwen2-7B (28 / 4 heads) and Qwen2-72B (64 / 8)
-    heads, s 4096 / 8192, and one packed-documents shape; ours, the door, SDPA backends, flash-attn."""
+    heads, s 4096 / 8192, and one packed-documents shape; ours (and on Hopper ours_sm90), the door,
+    SDPA backends, flash-attn."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
 
@@ -305,6 +306,7 @@ def bench_attention(rows, mm_ceiling, rounds, b=1):
         from flash_attn import flash_attn_func as fa
     except Exception:  # noqa: BLE001 - not installed on the machine: the row is simply absent
         pass
+    sm90 = hasattr(extension.load(), "flash_attention_forward_sm90") and torch.cuda.get_device_capability() == (9, 0)
     d = 128
     shapes = [(4096, 28, 4, None), (8192, 28, 4, None), (4096, 64, 8, None), (8192, 64, 8, None),
               (8192, 28, 4, "packed")]
@@ -342,8 +344,10 @@ def bench_attention(rows, mm_ceiling, rounds, b=1):
                                                           is_causal=True, enable_gqa=not expand).transpose(1, 2)
             return run
 
-        cands = {"ours": lambda: library.flash_attention(q, k, v, True, scale, *ranges)[0],
-                 f"door({picked.split(':')[0]})": lambda: ops.attention(q, k, v, causal=True, document_ids=ids)}
+        cands = {"ours": lambda: library.flash_attention(q, k, v, True, scale, *ranges)[0]}
+        if sm90:  # the Hopper forward; its f+b row runs the backward of "ours" from its out and lse
+            cands["ours_sm90"] = lambda: library.flash_attention_sm90(q, k, v, True, scale, *ranges)[0]
+        cands[f"door({picked.split(':')[0]})"] = lambda: ops.attention(q, k, v, causal=True, document_ids=ids)
         if docs is None:
             cands["sdpa-cudnn(gqa)"] = sdpa(SDPBackend.CUDNN_ATTENTION, False)
             cands["sdpa-cudnn(kv repeated)"] = sdpa(SDPBackend.CUDNN_ATTENTION, True)

@@ -31,6 +31,9 @@ void ce_backward_cuda(const torch::Tensor& logits, const torch::Tensor& target, 
 void flash_attn_forward_cuda(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                              torch::Tensor& out, torch::Tensor& lse, const c10::optional<torch::Tensor>& key_lo,
                              const c10::optional<torch::Tensor>& key_hi, bool causal, double scale);
+void flash_attn_forward_sm90_cuda(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                  torch::Tensor& out, torch::Tensor& lse, const c10::optional<torch::Tensor>& key_lo,
+                                  const c10::optional<torch::Tensor>& key_hi, bool causal, double scale);
 void flash_attn_delta_cuda(const torch::Tensor& out, const torch::Tensor& dout,
                            const c10::optional<torch::Tensor>& dlse, torch::Tensor& delta);
 void flash_attn_backward_cuda(const torch::Tensor& dout, const torch::Tensor& q, const torch::Tensor& k,
@@ -318,11 +321,15 @@ void check_attn(const torch::Tensor& q, const torch::Tensor& k, const torch::Ten
   }
 }
 
-std::vector<torch::Tensor> flash_attention_forward(const torch::Tensor& q_in, const torch::Tensor& k_in,
-                                                   const torch::Tensor& v_in, bool causal, double scale,
-                                                   const c10::optional<torch::Tensor>& key_lo,
-                                                   const c10::optional<torch::Tensor>& key_hi) {
-  const char* op = "flash_attention_forward";
+using AttnForwardLauncher = void (*)(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, torch::Tensor&,
+                                     torch::Tensor&, const c10::optional<torch::Tensor>&,
+                                     const c10::optional<torch::Tensor>&, bool, double);
+
+// [out, lse] of one of the forward kernels (they share arguments, checks and results).
+std::vector<torch::Tensor> attention_forward(AttnForwardLauncher launch, const char* op, const torch::Tensor& q_in,
+                                             const torch::Tensor& k_in, const torch::Tensor& v_in, bool causal,
+                                             double scale, const c10::optional<torch::Tensor>& key_lo,
+                                             const c10::optional<torch::Tensor>& key_hi) {
   check_attn(q_in, k_in, v_in, key_lo, key_hi, q_in.size(1), scale, op);
   auto q = attn_rows(q_in), k = attn_rows(k_in), v = attn_rows(v_in);
   auto out = attn_empty_like(q);
@@ -333,8 +340,25 @@ std::vector<torch::Tensor> flash_attention_forward(const torch::Tensor& q_in, co
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
-  flash_attn_forward_cuda(q, k, v, out, lse, key_lo, key_hi, causal, scale);
+  launch(q, k, v, out, lse, key_lo, key_hi, causal, scale);
   return {out, lse};
+}
+
+std::vector<torch::Tensor> flash_attention_forward(const torch::Tensor& q, const torch::Tensor& k,
+                                                   const torch::Tensor& v, bool causal, double scale,
+                                                   const c10::optional<torch::Tensor>& key_lo,
+                                                   const c10::optional<torch::Tensor>& key_hi) {
+  return attention_forward(flash_attn_forward_cuda, "flash_attention_forward", q, k, v, causal, scale, key_lo,
+                           key_hi);
+}
+
+// The Hopper kernel (flash_attn_sm90.cu: TMA, wgmma, warp specialisation); same results, sm_90 only.
+std::vector<torch::Tensor> flash_attention_forward_sm90(const torch::Tensor& q, const torch::Tensor& k,
+                                                        const torch::Tensor& v, bool causal, double scale,
+                                                        const c10::optional<torch::Tensor>& key_lo,
+                                                        const c10::optional<torch::Tensor>& key_hi) {
+  return attention_forward(flash_attn_forward_sm90_cuda, "flash_attention_forward_sm90", q, k, v, causal, scale,
+                           key_lo, key_hi);
 }
 
 // dlse: the gradient arriving at lse (optional; context parallelism merges partial outputs with lse).
@@ -497,6 +521,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("logits"), pybind11::arg("target"), pybind11::arg("lse"), pybind11::arg("grad"));
   m.def("flash_attention_forward", &flash_attention_forward,
         "[out, lse] of causal / packed-document GQA attention on bf16 [b, s, heads, d] views",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("causal"), pybind11::arg("scale"),
+        pybind11::arg("key_lo"), pybind11::arg("key_hi"));
+  m.def("flash_attention_forward_sm90", &flash_attention_forward_sm90,
+        "flash_attention_forward by the Hopper kernel (TMA, wgmma, warp specialisation; compute capability 9.0)",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("causal"), pybind11::arg("scale"),
         pybind11::arg("key_lo"), pybind11::arg("key_hi"));
   m.def("flash_attention_backward", &flash_attention_backward,

@@ -37,9 +37,6 @@ namespace {
 using namespace mq2;
 using namespace mq2::fa;
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
 // ---------------------------------------------------------------------------------------------
 // Forward
 
@@ -73,21 +70,8 @@ __global__ void __launch_bounds__(kFwdThreads, 1) flash_fwd_kernel(const FwdPara
   const int lo_max = ds ? ds[m_last] : 0;
   const int hi_min = de ? min(p.sk, de[m0]) : p.sk;
 
-  // Visible keys of this thread's two rows: lo <= j < hi and j <= cap.
-  int lo_r[2], hi_r[2], cap_r[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = m0 + warp * 16 + g + 8 * i;
-    if (row < p.sq) {
-      lo_r[i] = ds ? ds[row] : 0;
-      hi_r[i] = de ? min(p.sk, de[row]) : p.sk;
-      cap_r[i] = p.causal ? row + p.causal_offset : INT_MAX;
-    } else {
-      lo_r[i] = 1;
-      hi_r[i] = 0;
-      cap_r[i] = -1;
-    }
-  }
+  // Visible keys of this thread's two rows.
+  const RowKeys rows[2] = {row_keys(p, ds, de, m0 + warp * 16 + g), row_keys(p, ds, de, m0 + warp * 16 + g + 8)};
 
   const bf16* qb = p.q + b * p.q_sb + h * p.q_sh;
   const bf16* kb = p.k + b * p.k_sb + hk * p.k_sh;
@@ -142,35 +126,12 @@ __global__ void __launch_bounds__(kFwdThreads, 1) flash_fwd_kernel(const FwdPara
     }
 
     const bool full = n0 >= lo_max && n0 + BN <= hi_min && (!p.causal || n0 + BN - 1 <= m0 + p.causal_offset);
-    if (!full) {
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = e >> 1, key = n0 + j * 8 + 2 * t + (e & 1);
-          if (key < lo_r[i] || key >= hi_r[i] || key > cap_r[i]) s[j][e] = -INFINITY;
-        }
-    }
+    if (!full) mask_scores(s, n0, t, rows);
 
     // Online softmax over the tile; each quad of lanes shares a row.
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      float mx = row_max[i];
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float base = mx == -INFINITY ? 0.f : mx * p.scale_log2;
-      const float alpha = exp2f(row_max[i] * p.scale_log2 - base);
-      row_max[i] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        s[j][2 * i] = exp2f(fmaf(s[j][2 * i], p.scale_log2, -base));
-        s[j][2 * i + 1] = exp2f(fmaf(s[j][2 * i + 1], p.scale_log2, -base));
-        sum += s[j][2 * i] + s[j][2 * i + 1];
-      }
-      row_sum[i] = row_sum[i] * alpha + sum;
+      const float alpha = softmax_row(s, i, row_max[i], row_sum[i], p.scale_log2);
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) {
         acc[j][2 * i] *= alpha;
@@ -182,10 +143,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1) flash_fwd_kernel(const FwdPara
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       uint32_t a[4];
-      a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      p_fragment(s, kk, a);
 #pragma unroll
       for (int dn = 0; dn < D / 16; ++dn) {
         uint32_t bfr[4];
@@ -201,12 +159,10 @@ __global__ void __launch_bounds__(kFwdThreads, 1) flash_fwd_kernel(const FwdPara
   float* lse_row = p.lse + ((int64_t)b * p.hq + h) * p.sq;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    float l = row_sum[i];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float lse;
+    const float inv = finish_row(row_sum[i], row_max[i], p.scale_log2, lse);
     const int row = m0 + warp * 16 + g + 8 * i;
-    if (t == 0 && row < p.sq) lse_row[row] = l > 0.f ? (row_max[i] * p.scale_log2 + __log2f(l)) * kLn2 : -INFINITY;
+    if (t == 0 && row < p.sq) lse_row[row] = lse;
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
       const int r = warp * 16 + g + 8 * i, c = j * 8 + 2 * t;
@@ -489,13 +445,6 @@ __global__ void __launch_bounds__(kBwdThreads, 2) flash_bwd_kernel(const BwdPara
   }
 }
 
-template <typename F>
-void with_head_dim(int d, F f) {
-  if (d == 64) f(std::integral_constant<int, 64>{});
-  else if (d == 128) f(std::integral_constant<int, 128>{});
-  else TORCH_CHECK(false, "flash attention: head_dim must be 64 or 128, got ", d);
-}
-
 }  // namespace
 
 namespace {
@@ -508,13 +457,9 @@ const int* opt_int(const c10::optional<at::Tensor>& t) { return t ? t->data_ptr<
 
 }  // namespace
 
-// Validated by bindings.cpp: bf16 CUDA tensors q [b, sq, hq, d], k / v [b, sk, hkv, d] with a
-// contiguous last dimension and 16-byte aligned rows; out like q; lse fp32 [b, hq, sq] contiguous;
-// key_lo / key_hi int32 [b, sq] contiguous or both absent.
-void flash_attn_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                             at::Tensor& lse, const c10::optional<at::Tensor>& key_lo,
-                             const c10::optional<at::Tensor>& key_hi, bool causal, double scale) {
-  const c10::cuda::CUDAGuard guard(q.device());
+FwdParams mq2::fa::make_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                                   at::Tensor& lse, const c10::optional<at::Tensor>& key_lo,
+                                   const c10::optional<at::Tensor>& key_hi, bool causal, double scale) {
   FwdParams p{};
   p.q = cptr<bf16>(q);
   p.k = cptr<bf16>(k);
@@ -531,6 +476,17 @@ void flash_attn_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at:
   p.causal = causal;
   p.causal_offset = p.sk - p.sq;
   p.scale_log2 = static_cast<float>(scale) * kLog2e;
+  return p;
+}
+
+// Validated by bindings.cpp: bf16 CUDA tensors q [b, sq, hq, d], k / v [b, sk, hkv, d] with a
+// contiguous last dimension and 16-byte aligned rows; out like q; lse fp32 [b, hq, sq] contiguous;
+// key_lo / key_hi int32 [b, sq] contiguous or both absent.
+void flash_attn_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                             at::Tensor& lse, const c10::optional<at::Tensor>& key_lo,
+                             const c10::optional<at::Tensor>& key_hi, bool causal, double scale) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const FwdParams p = make_fwd_params(q, k, v, out, lse, key_lo, key_hi, causal, scale);
   auto stream = current_stream();
   with_head_dim(q.size(3), [&](auto dc) {
     constexpr int D = decltype(dc)::value;

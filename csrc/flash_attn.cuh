@@ -1,16 +1,20 @@
-// Building blocks of the flash-attention kernels (flash_attn.cu): tensor-core fragments
-// (mma.sync m16n8k16 bf16 -> fp32, ldmatrix), asynchronous 16-byte copies into swizzled shared
-// memory, and the parameter blocks of the launches.
+// Building blocks of the flash-attention kernels (flash_attn.cu, flash_attn_sm90.cu): tensor-core
+// fragments (mma.sync m16n8k16 bf16 -> fp32, ldmatrix), asynchronous 16-byte copies into swizzled
+// shared memory, and the parameter blocks of the launches with their host-side construction.
 #pragma once
 
 #include "common.cuh"
 
+#include <climits>
 #include <cstdint>
 
 namespace mq2 {
 namespace fa {
 
 using bf16 = __nv_bfloat16;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 struct FwdParams {
   const bf16* q;
@@ -29,6 +33,20 @@ struct FwdParams {
   bool causal;
   float scale_log2;             // softmax_scale * log2(e)
 };
+
+// The forward's parameters from the launcher's tensors (validated by bindings.cpp): q [b, sq, hq, d],
+// k / v [b, sk, hkv, d], out like q, lse fp32 [b, hq, sq], key_lo / key_hi int32 [b, sq] or absent.
+FwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                          at::Tensor& lse, const c10::optional<at::Tensor>& key_lo,
+                          const c10::optional<at::Tensor>& key_hi, bool causal, double scale);
+
+// f(std::integral_constant<int, D>{}) for the supported head dims.
+template <typename F>
+void with_head_dim(int d, F f) {
+  if (d == 64) f(std::integral_constant<int, 64>{});
+  else if (d == 128) f(std::integral_constant<int, 128>{});
+  else TORCH_CHECK(false, "flash attention: head_dim must be 64 or 128, got ", d);
+}
 
 struct BwdParams {
   const bf16* q;
@@ -98,6 +116,77 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 template <int W>
 __device__ __forceinline__ int swz(int row, int col) {
   return row * W + ((((col >> 3) ^ row) & 7) | ((col >> 3) & ~7)) * 8 + (col & 7);
+}
+
+// ---- The forward's per-row pieces, shared by both kernels. A thread holds two rows of a score tile
+// in the mma / wgmma accumulator layout: s[j][e] is row i = e / 2 (its rows g and g + 8), column
+// 8 j + 2 t + e % 2 (t = lane % 4); the quad of lanes with one g shares the rows.
+
+// The keys a row may see: lo <= j < hi and j <= cap (a row beyond sq sees none).
+struct RowKeys {
+  int lo, hi, cap;
+};
+__device__ __forceinline__ RowKeys row_keys(const FwdParams& p, const int* key_lo, const int* key_hi, int row) {
+  if (row >= p.sq) return {1, 0, -1};
+  return {key_lo ? key_lo[row] : 0, key_hi ? min(p.sk, key_hi[row]) : p.sk,
+          p.causal ? row + p.causal_offset : INT_MAX};
+}
+
+// Scores of the keys n0 + column that a row may not see become -inf.
+template <int J>
+__device__ __forceinline__ void mask_scores(float (&s)[J][4], int n0, int t, const RowKeys (&rows)[2]) {
+#pragma unroll
+  for (int j = 0; j < J; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const RowKeys& r = rows[e >> 1];
+      const int key = n0 + j * 8 + 2 * t + (e & 1);
+      if (key < r.lo || key >= r.hi || key > r.cap) s[j][e] = -INFINITY;
+    }
+}
+
+// Online softmax of row i over the tile: its scores become exp2(scale_log2 * (s - max)) with the
+// running max (raw scores) moved on, row_sum (this thread's share) rescaled and added to. Returns
+// the factor that brings what was accumulated before to the new max.
+template <int J>
+__device__ __forceinline__ float softmax_row(float (&s)[J][4], int i, float& row_max, float& row_sum,
+                                             float scale_log2) {
+  float mx = row_max;
+#pragma unroll
+  for (int j = 0; j < J; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
+  const float alpha = exp2f(row_max * scale_log2 - base);
+  row_max = mx;
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    s[j][2 * i] = exp2f(fmaf(s[j][2 * i], scale_log2, -base));
+    s[j][2 * i + 1] = exp2f(fmaf(s[j][2 * i + 1], scale_log2, -base));
+    sum += s[j][2 * i] + s[j][2 * i + 1];
+  }
+  row_sum = row_sum * alpha + sum;
+  return alpha;
+}
+
+// Columns 16 kk .. 16 kk + 15 of the probabilities as the A fragment of the next product (bf16).
+template <int J>
+__device__ __forceinline__ void p_fragment(const float (&s)[J][4], int kk, uint32_t (&a)[4]) {
+  a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+  a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+  a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// The end of a row: returns 1 / sum (0 for a row that saw no key) and sets lse = log(sum exp S)
+// (natural log; -inf for a row that saw no key).
+__device__ __forceinline__ float finish_row(float row_sum, float row_max, float scale_log2, float& lse) {
+  float l = row_sum;
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  lse = l > 0.f ? (row_max * scale_log2 + __log2f(l)) * kLn2 : -INFINITY;
+  return l > 0.f ? 1.f / l : 0.f;
 }
 
 // ROWS x W tile starting at global row `row0` (rows >= `limit` are zero-filled) into `dst`.

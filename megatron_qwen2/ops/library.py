@@ -303,9 +303,11 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale
     return out, lse
 
 
-@flash_attention.register_fake
-def _(q, k, v, causal, softmax_scale, key_lo=None, key_hi=None, query_lo=None, query_hi=None):
+def _flash_fake(q, k, v, causal, softmax_scale, key_lo=None, key_hi=None, query_lo=None, query_hi=None):
     return _attn_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+
+
+flash_attention.register_fake(_flash_fake)
 
 
 @custom_op("megatron_qwen2::flash_attention_backward", mutates_args=())
@@ -343,6 +345,20 @@ def _flash_grad(ctx, dout, dlse):
 
 
 flash_attention.register_autograd(_flash_grad, setup_context=_flash_setup)
+
+
+@custom_op("megatron_qwen2::flash_attention_sm90", mutates_args=())
+def flash_attention_sm90(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float,
+                         key_lo: Optional[Tensor] = None, key_hi: Optional[Tensor] = None,
+                         query_lo: Optional[Tensor] = None, query_hi: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """`flash_attention` with the forward of the Hopper kernel (csrc/flash_attn_sm90.cu; compute
+    capability 9.0 only); the backward is flash_attention's, which needs only out and lse."""
+    out, lse = _ext().flash_attention_forward_sm90(q, k, v, causal, softmax_scale, key_lo, key_hi)
+    return out, lse
+
+
+flash_attention_sm90.register_fake(_flash_fake)
+flash_attention_sm90.register_autograd(_flash_grad, setup_context=_flash_setup)
 
 
 # ---- FP8 (e4m3) quantisation of x [R, C] along its rows, bit for bit as ops.fp8.quantize, and of
