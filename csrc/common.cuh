@@ -56,25 +56,22 @@ template <typename T> __device__ __forceinline__ uint4 repack(const float* v);
 template <> __device__ __forceinline__ uint4 repack<float>(const float* v) {
   return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
 }
-template <> __device__ __forceinline__ uint4 repack<__nv_bfloat16>(const float* v) {
+// Two values per word: `pair` rounds two floats into a 4-byte __nv_bfloat162 or __half2.
+template <typename F> __device__ __forceinline__ uint4 repack_pairs(const float* v, F pair) {
   uint4 p;
   uint32_t* w = reinterpret_cast<uint32_t*>(&p);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const __nv_bfloat162 two = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
+    const auto two = pair(v[2 * j], v[2 * j + 1]);
     w[j] = *reinterpret_cast<const uint32_t*>(&two);
   }
   return p;
 }
+template <> __device__ __forceinline__ uint4 repack<__nv_bfloat16>(const float* v) {
+  return repack_pairs(v, [](float a, float b) { return __floats2bfloat162_rn(a, b); });
+}
 template <> __device__ __forceinline__ uint4 repack<__half>(const float* v) {
-  uint4 p;
-  uint32_t* w = reinterpret_cast<uint32_t*>(&p);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const __half2 two = __floats2half2_rn(v[2 * j], v[2 * j + 1]);
-    w[j] = *reinterpret_cast<const uint32_t*>(&two);
-  }
-  return p;
+  return repack_pairs(v, [](float a, float b) { return __floats2half2_rn(a, b); });
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
