@@ -11,7 +11,7 @@ with the transpose) plus the e4m3 codes and scales written, against the PyTorch 
 ops/fp8.py (which the kernels match bit for bit) timed on the same inputs.
 Attention is reported in TFLOP/s (causal: half the square) against the bf16 matmul rate
 measured here, for the door (`ops.attention`) and each SDPA backend alone.
-Shapes: RMSNorm at hidden 896/1536/3584/8192 (tokens sized so each tensor exceeds the L2 cache),
+Shapes: RMSNorm at hidden 896/1536/3584/5120/8192 (tokens sized so each tensor exceeds the L2 cache),
 MoE permutation at Qwen2-57B-A14B (hidden 3584, 64 experts, top-8, 16k tokens), RoPE and
 attention at Qwen2-7B (28 query / 4 kv heads, head dim 128), cross-entropy at vocab 152064 / tp 2,
 FP8 quantisation of 8192 tokens at hidden 3584 and at the MLP widths 18944 / 37888 (Qwen2-7B's
@@ -99,7 +99,7 @@ def measure(rows, ceiling, kernel, impls, nbytes, rounds, **meta):
 
 def bench_rms_norm(rows, ceiling, rounds):
     ext = extension.load()
-    tokens_for = {896: 65536, 1536: 32768, 3584: 16384, 8192: 16384}
+    tokens_for = {896: 65536, 1536: 32768, 3584: 16384, 5120: 16384, 8192: 16384}
     eager = reference.rms_norm
     compiled = torch.compile(reference.rms_norm)
     eager_add = reference.add_rms_norm

@@ -35,6 +35,45 @@ template <typename T, int VEC> __device__ __forceinline__ void store_pack(T* p, 
   *reinterpret_cast<Pack<T, VEC>*>(p) = v;
 }
 
+// A 16-byte pack of T held as four 32-bit words (uint4), for data that stays in registers a while:
+// the bf16 and fp16 values are unpacked from the words by bit operations when used, so the compiler
+// keeps the 4 words rather than 8 half-filled 16-bit registers.
+template <typename T> __device__ __forceinline__ float unpack(const uint4& p, int k);
+template <> __device__ __forceinline__ float unpack<float>(const uint4& p, int k) {
+  return __uint_as_float(reinterpret_cast<const uint32_t*>(&p)[k]);
+}
+template <> __device__ __forceinline__ float unpack<__nv_bfloat16>(const uint4& p, int k) {
+  const uint32_t w = reinterpret_cast<const uint32_t*>(&p)[k / 2];
+  return __uint_as_float(k % 2 ? w & 0xffff0000u : w << 16);
+}
+template <> __device__ __forceinline__ float unpack<__half>(const uint4& p, int k) {
+  const uint32_t w = reinterpret_cast<const uint32_t*>(&p)[k / 2];
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(k % 2 ? w >> 16 : w & 0xffffu)));
+}
+
+// The pack of 16 / sizeof(T) fp32 values, each rounded as from_float<T> rounds.
+template <typename T> __device__ __forceinline__ uint4 repack(const float* v);
+template <> __device__ __forceinline__ uint4 repack<float>(const float* v) {
+  return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
+}
+// Two values per word: `pair` rounds two floats into a 4-byte __nv_bfloat162 or __half2.
+template <typename F> __device__ __forceinline__ uint4 repack_pairs(const float* v, F pair) {
+  uint4 p;
+  uint32_t* w = reinterpret_cast<uint32_t*>(&p);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const auto two = pair(v[2 * j], v[2 * j + 1]);
+    w[j] = *reinterpret_cast<const uint32_t*>(&two);
+  }
+  return p;
+}
+template <> __device__ __forceinline__ uint4 repack<__nv_bfloat16>(const float* v) {
+  return repack_pairs(v, [](float a, float b) { return __floats2bfloat162_rn(a, b); });
+}
+template <> __device__ __forceinline__ uint4 repack<__half>(const float* v) {
+  return repack_pairs(v, [](float a, float b) { return __floats2half2_rn(a, b); });
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -6,13 +6,15 @@
 //             ds = r * (g - xhat * mean(g * xhat)) (+ dsum, the gradient arriving at s itself),
 //             dw = sum over rows of dy * xhat (per-block fp32 partials, then a column reduction:
 //             no atomics, so the result is bitwise reproducible).
-// One block per row; the fast path keeps the row in registers (16-byte packs, NP packs per
-// thread, 128 threads, or 256 for the longest rows) so each tensor is read and written once. Rows that are too long or not
-// 16-byte aligned take a generic path that re-reads the row.
+// Short rows take a warp per row; longer ones a block per row whose register path keeps the row in
+// registers (16-byte packs, NP packs per thread, 128 threads, or 256 for the longest rows) so each
+// tensor is read and written once. Rows that are too long or not 16-byte aligned take a generic path
+// that re-reads the row. Every kernel runs on a persistent grid (Launch::blocks).
 
 #include "common.cuh"
 
 #include <ATen/ops/empty.h>
+#include <cuda_pipeline_primitives.h>
 #include <cstdlib>
 
 namespace {
@@ -20,50 +22,87 @@ namespace {
 using namespace mq2;
 constexpr int kBlock = 128;     // generic path
 constexpr int kMaxBlock = 256;  // register path for rows that 128 threads cannot hold
+// Threads per SM that the register path's registers must leave room for, through
+// __launch_bounds__(THREADS, cap / THREADS): 640 forward (at most 102 registers a thread: 5 blocks
+// of 128), 384 backward (at most 170: 3 blocks of 128). Without a cap the compiler spends registers
+// on early fp32 conversions and shared-memory loads, and fewer rows are in flight per SM.
+constexpr int kFwdRegsCap = 640;
+constexpr int kBwdRegsCap = 384;
 
-template <typename T, int VEC, int NP, bool RES>
-__global__ void __launch_bounds__(kMaxBlock) rms_fwd_fast(const T* __restrict__ x, const T* __restrict__ res,
-                                                       const T* __restrict__ w, T* __restrict__ y,
-                                                       T* __restrict__ sum_out, float* __restrict__ rstd,
-                                                       int64_t rows, int h, float eps) {
+// This thread's packs of a row, as 16-byte words (common.cuh's unpack/repack): pack p covers
+// columns (p * THREADS + threadIdx.x) * VEC onwards. All NP loads are issued before any is used
+// (columns past h read as zeros), so a thread has its whole row slice in flight at once, and the
+// arithmetic on the packs needs no bounds checks.
+template <typename T, int VEC, int NP, int THREADS>
+__device__ __forceinline__ void load_slice(uint4 (&dst)[NP], const T* __restrict__ src, int h) {
+#pragma unroll
+  for (int p = 0; p < NP; ++p) {
+    const int c = (p * THREADS + threadIdx.x) * VEC;
+    dst[p] = c < h ? *reinterpret_cast<const uint4*>(src + c) : make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+template <typename T, int VEC, int NP, int THREADS>
+__device__ __forceinline__ void store_slice(T* __restrict__ dst, const uint4 (&src)[NP], int h) {
+#pragma unroll
+  for (int p = 0; p < NP; ++p) {
+    const int c = (p * THREADS + threadIdx.x) * VEC;
+    if (c < h) *reinterpret_cast<uint4*>(dst + c) = src[p];
+  }
+}
+
+// This thread's slice of w, copied once into shared memory laid out [NP][THREADS] packs. Only the
+// thread that wrote an entry reads it back (no barrier). Shared memory rather than registers keeps
+// the registers for the rows in flight.
+template <typename T, int VEC, int NP, int THREADS>
+__device__ __forceinline__ void stage_w(uint4* w_slice, const T* __restrict__ w, int h) {
+  uint4 wp[NP];
+  load_slice<T, VEC, NP, THREADS>(wp, w, h);
+#pragma unroll
+  for (int p = 0; p < NP; ++p) w_slice[p * THREADS + threadIdx.x] = wp[p];
+}
+
+// A persistent grid (Launch::blocks) walks the rows, one per block at a time. The loads of a row (x,
+// and residual when fused) are all issued before the first use.
+template <typename T, int VEC, int NP, int THREADS, bool RES>
+__global__ void __launch_bounds__(THREADS, kFwdRegsCap / THREADS)
+    rms_fwd_fast(const T* __restrict__ x, const T* __restrict__ res, const T* __restrict__ w, T* __restrict__ y,
+                 T* __restrict__ sum_out, float* __restrict__ rstd, int64_t rows, int h, float eps) {
   __shared__ float scratch[32];
+  extern __shared__ uint4 w_slice[];  // [NP][THREADS]
+  stage_w<T, VEC, NP, THREADS>(w_slice, w, h);
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const T* xr = x + row * h;
-    float v[NP][VEC];
+    uint4 s[NP], b[NP];
+    load_slice<T, VEC, NP, THREADS>(s, x + row * h, h);
+    if constexpr (RES) {
+      load_slice<T, VEC, NP, THREADS>(b, res + row * h, h);
+#pragma unroll
+      for (int p = 0; p < NP; ++p) {
+        float v[VEC];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) v[k] = unpack<T>(s[p], k) + unpack<T>(b[p], k);
+        s[p] = repack<T>(v);
+      }
+      store_slice<T, VEC, NP, THREADS>(sum_out + row * h, s, h);
+    }
     float ss = 0.f;
 #pragma unroll
-    for (int p = 0; p < NP; ++p) {
-      const int c = (p * blockDim.x + threadIdx.x) * VEC;
-      if (c < h) {
-        Pack<T, VEC> a = load_pack<T, VEC>(xr + c);
-        if constexpr (RES) {
-          Pack<T, VEC> b = load_pack<T, VEC>(res + row * h + c);
+    for (int p = 0; p < NP; ++p)
 #pragma unroll
-          for (int k = 0; k < VEC; ++k) a.v[k] = from_float<T>(to_float(a.v[k]) + to_float(b.v[k]));
-          store_pack<T, VEC>(sum_out + row * h + c, a);
-        }
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          v[p][k] = to_float(a.v[k]);
-          ss += v[p][k] * v[p][k];
-        }
-      }
-    }
+      for (int k = 0; k < VEC; ++k) ss += unpack<T>(s[p], k) * unpack<T>(s[p], k);
     float tot[1] = {ss};
     block_sum<1>(tot, scratch);
     const float r = rsqrtf(tot[0] / h + eps);
     if (threadIdx.x == 0) rstd[row] = r;
 #pragma unroll
     for (int p = 0; p < NP; ++p) {
-      const int c = (p * blockDim.x + threadIdx.x) * VEC;
-      if (c < h) {
-        const Pack<T, VEC> wp = load_pack<T, VEC>(w + c);
-        Pack<T, VEC> o;
+      const uint4 wp = w_slice[p * THREADS + threadIdx.x];
+      float v[VEC];
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) o.v[k] = from_float<T>(to_float(from_float<T>(v[p][k] * r)) * to_float(wp.v[k]));
-        store_pack<T, VEC>(y + row * h + c, o);
-      }
+      for (int k = 0; k < VEC; ++k) v[k] = to_float(from_float<T>(unpack<T>(s[p], k) * r)) * unpack<T>(wp, k);
+      s[p] = repack<T>(v);
     }
+    store_slice<T, VEC, NP, THREADS>(y + row * h, s, h);
   }
 }
 
@@ -95,75 +134,88 @@ __global__ void __launch_bounds__(kBlock) rms_fwd_generic(const T* __restrict__ 
 }
 
 // Each block walks rows blockIdx.x, blockIdx.x + gridDim.x, ... and leaves its dw partial sums in
-// partial[blockIdx.x, :]. The row's x and dy stay in registers as raw packs between the two
-// passes (half the registers of fp32 copies); w is re-read per row from L1.
-template <typename T, int VEC, int NP, bool DSUM>
-__global__ void __launch_bounds__(kMaxBlock) rms_bwd_fast(const T* __restrict__ dy, const T* __restrict__ x,
-                                                       const T* __restrict__ w, const float* __restrict__ rstd,
-                                                       const T* __restrict__ dsum, T* __restrict__ dx,
-                                                       float* __restrict__ partial, int64_t rows, int h) {
+// partial[blockIdx.x, :]. A row's x and dy stay in registers as 16-byte words, all loaded before the
+// first use; dsum, needed only after the row reduction, is copied asynchronously into shared memory
+// (loaded into registers, the compiler would sink its loads past the reduction). w is staged in
+// shared memory. The dw sums live in shared memory too (NP * VEC floats per thread, laid out
+// [float4 slot][thread] so a warp's 16-byte accesses are conflict-free) rather than in registers:
+// registers hold only the rows in flight, so more blocks (and bytes in flight) fit on an SM. Each
+// thread touches only its own shared-memory entries: no barrier.
+template <typename T, int VEC, int NP, int THREADS, bool DSUM>
+__global__ void __launch_bounds__(THREADS, kBwdRegsCap / THREADS)
+    rms_bwd_fast(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
+                 const float* __restrict__ rstd, const T* __restrict__ dsum, T* __restrict__ dx,
+                 float* __restrict__ partial, int64_t rows, int h) {
+  static_assert(VEC % 4 == 0, "dw slots are float4");
+  constexpr int kSlots = NP * VEC / 4;
   __shared__ float scratch[32];
-  float dw[NP][VEC];
+  // dw slots [kSlots][THREADS] (float4), then w and (DSUM) the row's dsum, each [NP][THREADS] packs
+  extern __shared__ uint4 smem[];
+  float4* mine = reinterpret_cast<float4*>(smem) + threadIdx.x;
 #pragma unroll
-  for (int p = 0; p < NP; ++p)
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) dw[p][k] = 0.f;
+  for (int j = 0; j < kSlots; ++j) mine[j * THREADS] = make_float4(0.f, 0.f, 0.f, 0.f);
+  uint4* w_slice = smem + kSlots * THREADS;
+  uint4* dsum_slice = w_slice + NP * THREADS;
+  stage_w<T, VEC, NP, THREADS>(w_slice, w, h);
   const float inv_h = 1.0f / h;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const float r = rstd[row];
-    Pack<T, VEC> xp[NP], dp[NP];
+    uint4 xp[NP], dp[NP];
+    load_slice<T, VEC, NP, THREADS>(xp, x + row * h, h);
+    load_slice<T, VEC, NP, THREADS>(dp, dy + row * h, h);
+    if constexpr (DSUM) {
+#pragma unroll
+      for (int p = 0; p < NP; ++p) {
+        const int c = (p * THREADS + threadIdx.x) * VEC;
+        if (c < h) __pipeline_memcpy_async(dsum_slice + p * THREADS + threadIdx.x, dsum + row * h + c, sizeof(uint4));
+      }
+      __pipeline_commit();
+    }
     float dot = 0.f;
 #pragma unroll
     for (int p = 0; p < NP; ++p) {
-      const int c = (p * blockDim.x + threadIdx.x) * VEC;
-      if (c < h) {
-        xp[p] = load_pack<T, VEC>(x + row * h + c);
-        dp[p] = load_pack<T, VEC>(dy + row * h + c);
-      }
-    }
+      const uint4 wp = w_slice[p * THREADS + threadIdx.x];
 #pragma unroll
-    for (int p = 0; p < NP; ++p) {
-      const int c = (p * blockDim.x + threadIdx.x) * VEC;
-      if (c < h) {
-        const Pack<T, VEC> wp = load_pack<T, VEC>(w + c);
+      for (int j = 0; j < VEC / 4; ++j) {
+        float4 a = mine[(p * VEC / 4 + j) * THREADS];
+        float* acc = reinterpret_cast<float*>(&a);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const float d = to_float(dp[p].v[k]), xh = to_float(xp[p].v[k]) * r;
-          dot += d * to_float(wp.v[k]) * xh;
-          dw[p][k] += d * xh;
+        for (int i = 0; i < 4; ++i) {
+          const int k = 4 * j + i;
+          const float d = unpack<T>(dp[p], k), xh = unpack<T>(xp[p], k) * r;
+          dot += d * unpack<T>(wp, k) * xh;
+          acc[i] += d * xh;
         }
+        mine[(p * VEC / 4 + j) * THREADS] = a;
       }
     }
     float tot[1] = {dot};
     block_sum<1>(tot, scratch);
     const float m = tot[0] * inv_h;
+    if constexpr (DSUM) __pipeline_wait_prior(0);
 #pragma unroll
     for (int p = 0; p < NP; ++p) {
-      const int c = (p * blockDim.x + threadIdx.x) * VEC;
-      if (c < h) {
-        const Pack<T, VEC> wp = load_pack<T, VEC>(w + c);
-        Pack<T, VEC> o;
-        Pack<T, VEC> extra;
-        if constexpr (DSUM) extra = load_pack<T, VEC>(dsum + row * h + c);
+      const uint4 wp = w_slice[p * THREADS + threadIdx.x];
+      uint4 extra;
+      if constexpr (DSUM) extra = dsum_slice[p * THREADS + threadIdx.x];  // columns past h: never stored
+      float v[VEC];
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const float xh = to_float(xp[p].v[k]) * r;
-          float v = r * (to_float(dp[p].v[k]) * to_float(wp.v[k]) - xh * m);
-          if constexpr (DSUM) v += to_float(extra.v[k]);
-          o.v[k] = from_float<T>(v);
-        }
-        store_pack<T, VEC>(dx + row * h + c, o);
+      for (int k = 0; k < VEC; ++k) {
+        const float xh = unpack<T>(xp[p], k) * r;
+        v[k] = r * (unpack<T>(dp[p], k) * unpack<T>(wp, k) - xh * m);
+        if constexpr (DSUM) v[k] += unpack<T>(extra, k);
       }
+      xp[p] = repack<T>(v);
     }
+    store_slice<T, VEC, NP, THREADS>(dx + row * h, xp, h);
   }
 #pragma unroll
   for (int p = 0; p < NP; ++p) {
-    const int c = (p * blockDim.x + threadIdx.x) * VEC;
+    const int c = (p * THREADS + threadIdx.x) * VEC;
     if (c < h) {
-      Pack<float, VEC> o;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) o.v[k] = dw[p][k];
-      store_pack<float, VEC>(partial + (int64_t)blockIdx.x * h + c, o);
+      for (int j = 0; j < VEC / 4; ++j)
+        *reinterpret_cast<float4*>(partial + (int64_t)blockIdx.x * h + c + 4 * j) = mine[(p * VEC / 4 + j) * THREADS];
     }
   }
 }
@@ -342,6 +394,10 @@ __global__ void dw_reduce(const float* __restrict__ partial, T* __restrict__ dw,
   }
 }
 
+// At most 8 packs (128 bytes, 32 registers) of a row per thread and tensor: the backward holds its
+// x and dy slices within its register cap.
+constexpr int kMaxPacks = 8;
+
 // Packs per thread for the register path, or 0 when the row needs the generic path.
 template <typename T>
 int packs_per_thread(int h, std::initializer_list<const void*> ptrs) {
@@ -351,8 +407,8 @@ int packs_per_thread(int h, std::initializer_list<const void*> ptrs) {
     if (p != nullptr && !aligned16(p)) return 0;
   const int packs = h / kVec;
   for (int block : {kBlock, kMaxBlock})
-    for (int np : {1, 2, 4, 8, 16})
-      if (packs <= np * block && np * kVec <= 64) return np;  // at most 64 values of a row per thread
+    for (int np = 1; np <= kMaxPacks; np *= 2)
+      if (packs <= np * block) return np;
   return 0;
 }
 
@@ -369,8 +425,7 @@ int warp_packs_per_lane(int h, int np_block) {
 }
 
 // Threads of a register-path block: 128 while NP packs per thread cover the row (more packs per
-// thread, i.e. more loads in flight, measured faster on H100 than wider blocks: hidden 8192 ran at
-// 88% of copy bandwidth with 128 x 8 packs, 82% with 256 x 4), 256 for rows longer than that.
+// thread, i.e. more loads in flight per thread, rather than wider blocks), 256 for rows longer than that.
 template <typename T>
 int fast_threads(int h, int np) {
   const int packs = h / (16 / static_cast<int>(sizeof(T)));
@@ -383,21 +438,85 @@ void with_np(int np, F f) {
     case 1: f(std::integral_constant<int, 1>{}); break;
     case 2: f(std::integral_constant<int, 2>{}); break;
     case 4: f(std::integral_constant<int, 4>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    default: f(std::integral_constant<int, 16>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
   }
 }
 
-// Blocks of the backward, each leaving one fp32 row of dw partials: more blocks hide latency on
-// short rows, fewer keep the partials (written and re-read) small on long ones. Measured on H100:
-// 8 per SM best at hidden 896, 4 at 3584 and 8192. MEGATRON_QWEN2_RMS_BWD_BLOCKS_PER_SM overrides.
-int bwd_groups(int64_t rows, int64_t h) {
-  static const int forced = [] {
-    const char* e = std::getenv("MEGATRON_QWEN2_RMS_BWD_BLOCKS_PER_SM");
-    return e ? std::max(1, std::atoi(e)) : 0;
-  }();
-  const int per_sm = forced > 0 ? forced : (h <= 1024 ? 8 : 4);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((rows + 7) / 8, (int64_t)num_sms() * per_sm)));
+// The register path's shapes: NP packs per thread, 128 threads, or 256 with 8 packs.
+template <typename F>
+void with_shape(int np, int threads, F f) {
+  if (threads == kMaxBlock) return f(std::integral_constant<int, 8>{}, std::integral_constant<int, kMaxBlock>{});
+  with_np(np, [&](auto npc) { f(npc, std::integral_constant<int, kBlock>{}); });
+}
+
+template <typename T>
+using FwdKernel = void (*)(const T*, const T*, const T*, T*, T*, float*, int64_t, int, float);
+template <typename T>
+using BwdKernel = void (*)(const T*, const T*, const T*, const float*, const T*, T*, float*, int64_t, int);
+
+// A kernel with its launch shape. Every RMSNorm kernel runs on a persistent grid: as many blocks as
+// are resident on the device at once (the kernel's registers and shared memory decide how many fit
+// on an SM), so there is no partial last wave, and no more than one block per `rows_per_block`
+// rows: a forward block needs one row (8 for the 8-warp blocks); a backward block writes and
+// re-reads a row of dw partials, worth it for 8 rows or more (32 for the 8-warp blocks).
+template <typename K>
+struct Launch {
+  K kernel;
+  int threads;
+  size_t smem;
+  int rows_per_block;
+
+  int blocks(int64_t rows) const {
+    if (smem > 48 * 1024)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+    const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * num_sms();
+    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((rows + rows_per_block - 1) / rows_per_block, resident)));
+  }
+};
+
+template <typename T>
+Launch<FwdKernel<T>> forward_launch(int h, bool res, int np, int wnp) {
+  constexpr int kVec = 16 / sizeof(T);
+  Launch<FwdKernel<T>> l{nullptr, kBlock, 0, 1};
+  if (wnp > 0) {
+    with_np(wnp, [&](auto npc) {
+      constexpr int NP = decltype(npc)::value;
+      l = {res ? rms_fwd_warp<T, kVec, NP, true> : rms_fwd_warp<T, kVec, NP, false>, kWarpBlock, 0, kRowsPerWarpBlock};
+    });
+  } else if (np == 0) {
+    l.kernel = res ? rms_fwd_generic<T, true> : rms_fwd_generic<T, false>;
+  } else {
+    with_shape(np, fast_threads<T>(h, np), [&](auto npc, auto threadsc) {
+      constexpr int NP = decltype(npc)::value, THREADS = decltype(threadsc)::value;
+      l = {res ? rms_fwd_fast<T, kVec, NP, THREADS, true> : rms_fwd_fast<T, kVec, NP, THREADS, false>, THREADS,
+           static_cast<size_t>(THREADS) * NP * sizeof(uint4), 1};  // w
+    });
+  }
+  return l;
+}
+
+template <typename T>
+Launch<BwdKernel<T>> backward_launch(int h, bool dsum, int np, int wnp) {
+  constexpr int kVec = 16 / sizeof(T);
+  Launch<BwdKernel<T>> l{nullptr, kBlock, 0, 8};
+  if (wnp > 0) {
+    with_np(wnp, [&](auto npc) {
+      constexpr int NP = decltype(npc)::value;
+      l = {dsum ? rms_bwd_warp<T, kVec, NP, true> : rms_bwd_warp<T, kVec, NP, false>, kWarpBlock,
+           static_cast<size_t>(h) * sizeof(float), 4 * kRowsPerWarpBlock};
+    });
+  } else if (np == 0) {
+    l.kernel = dsum ? rms_bwd_generic<T, true> : rms_bwd_generic<T, false>;
+  } else {
+    with_shape(np, fast_threads<T>(h, np), [&](auto npc, auto threadsc) {
+      constexpr int NP = decltype(npc)::value, THREADS = decltype(threadsc)::value;
+      l = {dsum ? rms_bwd_fast<T, kVec, NP, THREADS, true> : rms_bwd_fast<T, kVec, NP, THREADS, false>, THREADS,
+           static_cast<size_t>(THREADS) * NP * (kVec * sizeof(float) + (dsum ? 2 : 1) * sizeof(uint4)), 8};  // dw sums, w, dsum
+    });
+  }
+  return l;
 }
 
 }  // namespace
@@ -408,42 +527,17 @@ void rms_norm_forward_cuda(const at::Tensor& x, const c10::optional<at::Tensor>&
                            const at::Tensor& w, at::Tensor& y, c10::optional<at::Tensor>& sum_out,
                            at::Tensor& rstd, int64_t rows, int64_t h, double eps) {
   const c10::cuda::CUDAGuard guard(x.device());
-  auto stream = current_stream();
   const bool res = residual.has_value();
-  const int grid = static_cast<int>(std::min<int64_t>(rows, (int64_t)num_sms() * 16));
   MQ2_DISPATCH(x.scalar_type(), T, {
     const T* xp = static_cast<const T*>(x.data_ptr());
     const T* rp = res ? static_cast<const T*>(residual->data_ptr()) : nullptr;
     const T* wp = static_cast<const T*>(w.data_ptr());
     T* yp = static_cast<T*>(y.data_ptr());
     T* sp = res ? static_cast<T*>(sum_out->data_ptr()) : nullptr;
-    float* rs = rstd.data_ptr<float>();
-    constexpr int kVec = 16 / sizeof(T);
     const int np = packs_per_thread<T>(static_cast<int>(h), {xp, rp, wp, yp, sp});
-    const int wnp = warp_packs_per_lane<T>(static_cast<int>(h), np);
-    if (wnp > 0) {
-      const int wgrid = static_cast<int>(std::min<int64_t>((rows + kRowsPerWarpBlock - 1) / kRowsPerWarpBlock,
-                                                           (int64_t)num_sms() * 8));
-      with_np(wnp, [&](auto npc) {
-        constexpr int NP = decltype(npc)::value;
-        if constexpr (NP <= 8) {
-          if (res) rms_fwd_warp<T, kVec, NP, true><<<wgrid, kWarpBlock, 0, stream>>>(xp, rp, wp, yp, sp, rs, rows, h, eps);
-          else rms_fwd_warp<T, kVec, NP, false><<<wgrid, kWarpBlock, 0, stream>>>(xp, rp, wp, yp, sp, rs, rows, h, eps);
-        }
-      });
-    } else if (np == 0) {
-      if (res) rms_fwd_generic<T, true><<<grid, kBlock, 0, stream>>>(xp, rp, wp, yp, sp, rs, rows, h, eps);
-      else rms_fwd_generic<T, false><<<grid, kBlock, 0, stream>>>(xp, rp, wp, yp, sp, rs, rows, h, eps);
-    } else {
-      with_np(np, [&](auto npc) {
-        constexpr int NP = decltype(npc)::value;
-        if constexpr (NP * kVec <= 64) {
-          const int threads = fast_threads<T>(static_cast<int>(h), NP);
-          if (res) rms_fwd_fast<T, kVec, NP, true><<<grid, threads, 0, stream>>>(xp, rp, wp, yp, sp, rs, rows, h, eps);
-          else rms_fwd_fast<T, kVec, NP, false><<<grid, threads, 0, stream>>>(xp, rp, wp, yp, sp, rs, rows, h, eps);
-        }
-      });
-    }
+    const auto l = forward_launch<T>(static_cast<int>(h), res, np, warp_packs_per_lane<T>(static_cast<int>(h), np));
+    l.kernel<<<l.blocks(rows), l.threads, l.smem, current_stream()>>>(xp, rp, wp, yp, sp, rstd.data_ptr<float>(),
+                                                                      rows, static_cast<int>(h), static_cast<float>(eps));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -456,55 +550,19 @@ void rms_norm_backward_cuda(const at::Tensor& dy, const at::Tensor& x, const at:
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = current_stream();
   const bool has_dsum = dsum.has_value();
-  int groups = bwd_groups(rows, h);
-  // The warp-per-row path: one partial row per resident block (8 packs per lane take ~240
-  // registers: one 256-thread block per SM; fewer packs leave room for two).
-  int wnp = 0;
-  MQ2_DISPATCH(x.scalar_type(), T, {
-    wnp = warp_packs_per_lane<T>(static_cast<int>(h), packs_per_thread<T>(static_cast<int>(h),
-        {dy.data_ptr(), x.data_ptr(), w.data_ptr(), has_dsum ? dsum->data_ptr() : nullptr, dx.data_ptr()}));
-  });
-  if (wnp > 0)
-    groups = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((rows + 4 * kRowsPerWarpBlock - 1) /
-                                                                         (4 * kRowsPerWarpBlock),
-                                                                     (int64_t)num_sms() * (wnp >= 8 ? 1 : 2))));
-  auto partial = at::empty({groups, h}, x.options().dtype(at::kFloat));
   MQ2_DISPATCH(x.scalar_type(), T, {
     const T* dyp = static_cast<const T*>(dy.data_ptr());
     const T* xp = static_cast<const T*>(x.data_ptr());
     const T* wp = static_cast<const T*>(w.data_ptr());
     const T* dsp = has_dsum ? static_cast<const T*>(dsum->data_ptr()) : nullptr;
     T* dxp = static_cast<T*>(dx.data_ptr());
-    float* pp = partial.data_ptr<float>();
-    const float* rs = rstd.data_ptr<float>();
-    constexpr int kVec = 16 / sizeof(T);
     const int np = packs_per_thread<T>(static_cast<int>(h), {dyp, xp, wp, dsp, dxp});
-    if (wnp > 0) {
-      const size_t smem = static_cast<size_t>(h) * sizeof(float);
-      with_np(wnp, [&](auto npc) {
-        constexpr int NP = decltype(npc)::value;
-        if constexpr (NP <= 8) {
-          if (has_dsum)
-            rms_bwd_warp<T, kVec, NP, true><<<groups, kWarpBlock, smem, stream>>>(dyp, xp, wp, rs, dsp, dxp, pp, rows, h);
-          else
-            rms_bwd_warp<T, kVec, NP, false><<<groups, kWarpBlock, smem, stream>>>(dyp, xp, wp, rs, dsp, dxp, pp, rows, h);
-        }
-      });
-    } else if (np == 0) {
-      if (has_dsum) rms_bwd_generic<T, true><<<groups, kBlock, 0, stream>>>(dyp, xp, wp, rs, dsp, dxp, pp, rows, h);
-      else rms_bwd_generic<T, false><<<groups, kBlock, 0, stream>>>(dyp, xp, wp, rs, dsp, dxp, pp, rows, h);
-    } else {
-      with_np(np, [&](auto npc) {
-        constexpr int NP = decltype(npc)::value;
-        if constexpr (NP * kVec <= 64) {
-          const int threads = fast_threads<T>(static_cast<int>(h), NP);
-          if (has_dsum)
-            rms_bwd_fast<T, kVec, NP, true><<<groups, threads, 0, stream>>>(dyp, xp, wp, rs, dsp, dxp, pp, rows, h);
-          else
-            rms_bwd_fast<T, kVec, NP, false><<<groups, threads, 0, stream>>>(dyp, xp, wp, rs, dsp, dxp, pp, rows, h);
-        }
-      });
-    }
+    const auto l = backward_launch<T>(static_cast<int>(h), has_dsum, np, warp_packs_per_lane<T>(static_cast<int>(h), np));
+    const int groups = l.blocks(rows);
+    auto partial = at::empty({groups, h}, x.options().dtype(at::kFloat));
+    float* pp = partial.data_ptr<float>();
+    l.kernel<<<groups, l.threads, l.smem, stream>>>(dyp, xp, wp, rstd.data_ptr<float>(), dsp, dxp, pp, rows,
+                                                    static_cast<int>(h));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     dw_reduce<T><<<static_cast<int>((h + 31) / 32), dim3(32, 16), 0, stream>>>(pp, static_cast<T*>(dw.data_ptr()),
                                                                               groups, static_cast<int>(h));

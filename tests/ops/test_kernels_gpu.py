@@ -114,6 +114,44 @@ def test_rms_norm_warp_rows_path_matches_block_path(monkeypatch, dtype, shape):
         check(dw, wr.grad, dtype, 2)
 
 
+@pytest.mark.parametrize("dtype,rows,h", [
+    (torch.bfloat16, 16384, 8192),  # Qwen2-72B: many rows per block of the persistent grid
+    (torch.bfloat16, 2049, 8192),   # odd row count
+    (torch.bfloat16, 3, 8192),      # fewer rows than SMs
+    (torch.bfloat16, 1001, 5120),   # 5 of 8 packs per thread
+    (torch.bfloat16, 777, 3000),    # a multiple of 8, not of 256: the last pack of some threads is past h
+    (torch.bfloat16, 129, 12296),   # 256 threads, a partial last pack
+    (torch.float16, 999, 8192),
+    (torch.float32, 515, 8192),     # fp32: 8 packs x 256 threads
+    (torch.float32, 64, 8200),      # fp32 beyond the register path: the generic kernels
+])
+def test_rms_norm_long_rows_match_reference(dtype, rows, h):
+    """The register path for long rows (one row per block at a time, persistent grid, dw summed per
+    block in shared memory, dsum copied asynchronously), fused and not, against the fp64 reference;
+    the backward twice, bitwise equal."""
+    x = torch.randn(rows, h, device="cuda", dtype=dtype)
+    res = torch.randn_like(x)
+    w = 1 + 0.3 * torch.randn(h, device="cuda", dtype=dtype)
+    dy, ds = torch.randn_like(x), torch.randn_like(x)
+    ext = extension.load()
+    y, rstd, s = ext.rms_norm_forward(x, res, w, 1e-6)
+    y1, rstd1 = ext.rms_norm_forward(s, None, w, 1e-6)
+    assert torch.equal(y, y1) and torch.equal(rstd, rstd1)
+    sr = (x.double() + res.double()).to(dtype).double().requires_grad_(True)
+    assert torch.equal(s.double(), sr.detach())
+    wr = w.double().requires_grad_(True)
+    yr = reference.rms_norm(sr, wr, 1e-6)
+    yr.backward(dy.double())
+    check(y, yr, dtype)
+    torch.testing.assert_close(rstd.double(), sr.detach().pow(2).mean(-1).add(1e-6).rsqrt(), rtol=1e-5, atol=0)
+    for dsum in (ds, None):
+        dx, dw = ext.rms_norm_backward(dy, s, w, rstd, dsum)
+        dx2, dw2 = ext.rms_norm_backward(dy, s, w, rstd, dsum)
+        assert torch.equal(dx, dx2) and torch.equal(dw, dw2), "backward is not deterministic"
+        check(dx, sr.grad + (ds.double() if dsum is not None else 0), dtype, 2)
+        check(dw, wr.grad, dtype, 2)
+
+
 def test_rms_norm_rejects_bad_input():
     ext = extension.load()
     with pytest.raises(RuntimeError, match="weight"):
