@@ -28,6 +28,7 @@ not the padding); peak memory is the device's peak allocated during the system's
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import sys
@@ -46,6 +47,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import device_name, device_slug, write_result_file  # noqa: E402
+from bench.train_baselines import hf_model  # noqa: E402
 from bench.train_throughput import (check_batch_args, memory, model_config, pick_device, reset_memory,  # noqa: E402
                                     sync)
 
@@ -163,19 +165,7 @@ class HFLoopStep:
     """Qwen2ForCausalLM policy + frozen copy, the sigmoid DPO loss in a plain loop (module docstring)."""
 
     def __init__(self, mcfg, args, ids, device):
-        import copy
-
-        import transformers
-
-        from megatron_qwen2.checkpoint.hf import model_config_to_hf_config
-
-        hf = model_config_to_hf_config(mcfg, dtype="float32")
-        config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
-        config.use_cache = False
-        torch.manual_seed(args.seed)
-        with device:
-            self.policy = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
-                                                                        dtype=torch.float32)
+        self.policy = hf_model(mcfg, args.seed, device)
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.policy.train()
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=LR, weight_decay=0.0,
@@ -218,16 +208,7 @@ def run_trl(mcfg, args, pairs, device) -> dict:
     import transformers
     import trl
 
-    from megatron_qwen2.checkpoint.hf import model_config_to_hf_config
-
-    hf = model_config_to_hf_config(mcfg, dtype="float32")
-    config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
-    config.use_cache = False
-    torch.manual_seed(args.seed)
-    with device:
-        policy = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    import copy
-
+    policy = hf_model(mcfg, args.seed, device)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     record = {"times": [], "tokens": [], "losses": [], "began": None, "fed": 0}
 

@@ -15,6 +15,21 @@ import torch
 from bench import train_throughput as tt
 
 
+def hf_model(mcfg, seed: int, device: torch.device, **hf_overrides) -> torch.nn.Module:
+    """The Hugging Face model of `mcfg` (Qwen2ForCausalLM / Qwen2MoeForCausalLM): fp32 weights drawn
+    from `seed` on `device`, SDPA attention, no KV cache; `hf_overrides` set fields of its config."""
+    import transformers
+
+    from megatron_qwen2.checkpoint.hf import model_config_to_hf_config
+
+    hf = dict(model_config_to_hf_config(mcfg, dtype="float32"), **hf_overrides)
+    config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    config.use_cache = False
+    torch.manual_seed(seed)
+    with device:
+        return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+
 class HFStep:
     """Qwen2ForCausalLM / Qwen2MoeForCausalLM as the Trainer runs it with bf16=True: fp32 weights,
     bf16 autocast, SDPA attention, fused AdamW on the fp32 weights, max_grad_norm 1.0."""
@@ -22,18 +37,8 @@ class HFStep:
     def __init__(self, mcfg, args, device: torch.device):
         import transformers
 
-        from megatron_qwen2.checkpoint.hf import model_config_to_hf_config
-
-        hf = model_config_to_hf_config(mcfg, dtype="float32")
-        model_type = hf.pop("model_type")
-        if mcfg.is_moe:  # our step adds the load-balancing loss; so does HF's with router logits on
-            hf["output_router_logits"] = True
-        config = transformers.AutoConfig.for_model(model_type, **hf)
-        config.use_cache = False
-        torch.manual_seed(args.seed)
-        with device:
-            self.model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
-                                                                       dtype=torch.float32)
+        # our step adds the load-balancing loss; so does HF's with router logits on
+        self.model = hf_model(mcfg, args.seed, device, **({"output_router_logits": True} if mcfg.is_moe else {}))
         self.model.train()
         self.version = transformers.__version__
         decay = [p for p in self.model.parameters() if p.ndim >= 2]

@@ -716,6 +716,14 @@ def find_resume_checkpoint(ckpt_root: PathLike, log=print,
 # Load
 
 
+def _checkpoint_dir(path: PathLike) -> Path:
+    """`path` as a Path, CheckpointError when it holds no model/ (it is not a checkpoint)."""
+    path = Path(path)
+    if not (path / MODEL_DIR).is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint (it needs {MODEL_DIR}/)")
+    return path
+
+
 def load_training_checkpoint(ckpt_dir: PathLike, chunks, optimizer, topo, weights_only: bool = False,
                              verify: bool = True) -> dict:
     """Load masters (and, unless weights_only, Adam moments and RNG) into this rank's fragments.
@@ -725,9 +733,7 @@ def load_training_checkpoint(ckpt_dir: PathLike, chunks, optimizer, topo, weight
     ({} for a native checkpoint without one). Every rank must call it. verify=False skips the
     check against the manifest, for a checkpoint that verify_checkpoint has just accepted.
     """
-    ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / MODEL_DIR).is_dir():
-        raise CheckpointError(f"{ckpt_dir} is not a checkpoint (it needs {MODEL_DIR}/)")
+    ckpt_dir = _checkpoint_dir(ckpt_dir)
     if verify:
         train_state = verify_checkpoint(ckpt_dir, weights_only)
     else:
@@ -758,9 +764,7 @@ def load_training_checkpoint(ckpt_dir: PathLike, chunks, optimizer, topo, weight
 def load_weights(ckpt_dir: PathLike, chunks, topo, verify: bool = True) -> None:
     """Load a checkpoint's weights into this rank's pieces of `chunks` (a model without an optimizer,
     such as the DPO reference), from a training or native checkpoint of any layout. Every rank must call it."""
-    ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / MODEL_DIR).is_dir():
-        raise CheckpointError(f"{ckpt_dir} is not a checkpoint (it needs {MODEL_DIR}/)")
+    ckpt_dir = _checkpoint_dir(ckpt_dir)
     if verify:
         verify_checkpoint(ckpt_dir, weights_only=True)
     wanted: dict = {}
