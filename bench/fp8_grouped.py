@@ -1,6 +1,6 @@
 """Routed experts' FP8 GEMMs as one grouped GEMM (torch._scaled_grouped_mm) vs one GEMM per expert.
 
-    python bench/fp8_grouped.py [--tokens 4096] [--out DIR] [--commit SHA]
+    python bench/fp8_grouped.py [--tokens 4096] [--profile] [--out DIR] [--commit SHA]
 
 Forward and backward (input and weight gradients) of the two grouped linears of one
 Qwen2-57B-A14B MoE layer on one GPU (64 experts, hidden 3584, expert FFN 2560, top-8: 8 x tokens
@@ -10,6 +10,9 @@ grouped GEMM where the recipe has one) and off (one GEMM per expert). The quanti
 activations and gradients is timed with the GEMMs; the weights' FP8 copies are made once before
 timing, as the training step makes them once per optimizer step. TFLOP/s over the 6 x rows x
 hidden x FFN x 3 FLOPs of the two linears, against the bf16 matmul rate measured here.
+`--profile` adds, per row, where its time goes: the op-class table and the top kernels
+(`profile_summary.profile_steps`), so that GEMM time and the quantisation and copies around it are
+told apart.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import matmul_ceiling_tflops, time_ms, write_result  # noqa: E402
+from bench.profile_summary import format_summary, profile_steps  # noqa: E402
 from megatron_qwen2.model.moe import grouped_linear  # noqa: E402
 from megatron_qwen2.ops import swiglu  # noqa: E402
 from megatron_qwen2.ops.fp8 import Fp8, Fp8Weights, recipe  # noqa: E402
@@ -33,6 +37,7 @@ EXPERTS, HIDDEN, FFN, TOP_K = 64, 3584, 2560, 8
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--profile", action="store_true", help="also profile each row: op classes and top kernels")
     ap.add_argument("--out", default=None)
     ap.add_argument("--commit", default=None)
     args = ap.parse_args(argv)
@@ -52,14 +57,21 @@ def main(argv=None) -> int:
         return run
 
     ceiling = matmul_ceiling_tflops()
-    results = [("bf16", "torch._grouped_mm", time_ms(step(None), warmup=3, iters=10))]
+    profiles = {}
+
+    def measure(name, how, run):
+        if args.profile:
+            profiles[(name, how)] = profile_steps(run, torch.device("cuda"))
+        return name, how, time_ms(run, warmup=3, iters=10)
+
+    results = [measure("bf16", "torch._grouped_mm", step(None))]
     # Hopper has no grouped blockwise GEMM: one GEMM per expert is blockwise's only path.
     for name, grouped in [("tensorwise", True), ("tensorwise", False), ("rowwise", True), ("rowwise", False),
                           ("blockwise", False)]:
         fp8 = Fp8(recipe(name), Fp8Weights(), grouped_gemms=grouped)
         step(fp8)()  # the weights' FP8 copies, made once
         how = "torch._scaled_grouped_mm" if grouped else "one GEMM per expert"
-        results.append((name, how, time_ms(step(fp8), warmup=3, iters=10)))
+        results.append(measure(name, how, step(fp8)))
     base = results[0][2]
     print(f"Qwen2-57B-A14B experts, {rows} rows over {EXPERTS} experts (max/mean {max(counts) * EXPERTS / rows:.2f}); "
           f"bf16 matmul ceiling {ceiling:.0f} TFLOP/s")
@@ -68,6 +80,9 @@ def main(argv=None) -> int:
         tflops = flops / ms / 1e9
         table.append({"recipe": name, "gemms": how, "ms": ms, "tflops": tflops, "speedup_vs_bf16": base / ms})
         print(f"{name:>10} {how:>26}: {ms:7.2f} ms  {tflops:6.0f} TFLOP/s  x{base / ms:.2f} vs bf16")
+        if (name, how) in profiles:
+            table[-1]["profile"] = profiles[(name, how)]
+            print(format_summary(profiles[(name, how)]))
     path = write_result("fp8_grouped_qwen2_57b_a14b", {
         "what": "forward + backward of one MoE layer's routed experts (gate_up, SwiGLU, down), bf16 vs FP8 "
                 "grouped GEMMs vs one FP8 GEMM per expert",

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -88,6 +90,29 @@ def _phase_of(ts: float, ranges: list[tuple[float, float, str]]) -> str | None:
         if s <= ts < e:
             return cls
     return None
+
+
+def profile_steps(step, device, steps: int = 2) -> dict:
+    """torch.profiler over `steps` calls of step() on `device` (a torch.device): `summarise_trace`'s
+    class table and top kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    if on_gpu:
+        torch.cuda.synchronize(device)
+    with profile(activities=activities) as prof:
+        began = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if on_gpu:
+            torch.cuda.synchronize(device)
+        wall_ms = (time.perf_counter() - began) * 1000.0
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        return summarise_trace(trace, wall_ms, steps)
 
 
 def summarise_trace(trace, wall_ms: float, steps: int, top: int = 15) -> dict:

@@ -34,7 +34,6 @@ import gc
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +44,7 @@ import torch  # noqa: E402
 
 from bench.common import (SPEC_PEAK_TFLOPS, device_name, device_slug, matmul_ceiling_tflops,  # noqa: E402
                           write_result_file)
-from bench.profile_summary import format_summary, summarise_trace  # noqa: E402
+from bench.profile_summary import format_summary, profile_steps  # noqa: E402
 
 # name -> (conf/model file, layers kept by default: None = all). The wide models are cut to a
 # few layers of their real width so that one GPU holds them with AdamW state.
@@ -188,24 +187,6 @@ def ops_in_use(device: torch.device, mcfg=None, seq: int = 128) -> dict:
     return {"ops_mode": extension.mode(), "extension_built": built,
             "fused_ops": "kernel" if built and device.type == "cuda" else "reference",
             "attention": backend if device.type == "cuda" else f"reference (sdpa on {device.type})"}
-
-
-def profile_steps(step, device: torch.device, steps: int = 2) -> dict:
-    """torch.profiler over `steps` calls of step(): the class table and the top kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sync(device)
-    with profile(activities=activities) as prof:
-        began = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync(device)
-        wall_ms = (time.perf_counter() - began) * 1000.0
-    with tempfile.TemporaryDirectory() as tmp:
-        trace = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        return summarise_trace(trace, wall_ms, steps)
 
 
 def measure_ours(mcfg, args, device, flops_per_token: float, ceiling: float | None,

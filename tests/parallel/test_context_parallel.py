@@ -216,7 +216,7 @@ CASES = [
     # (model, world size, parallel config)
     ("dense", 2, dict(cp=2)),
     ("dense", 4, dict(cp=2, tp=2)),  # sequence parallelism cuts each cp share over tp
-    ("dense", 8, dict(cp=4, tp=2)),
+    ("dense", 4, dict(cp=4)),  # chunks of 4 tokens: documents cross every chunk border
     ("dense", 4, dict(cp=2, pp=2, recompute="selective")),  # the ring runs again in the recomputation
     ("dense", 4, dict(cp=2, distributed_optimizer=True)),  # dp 2: masters and Adam state sharded over dp x cp
     ("moe", 4, dict(cp=2, ep=2, distributed_optimizer=True)),  # experts: ep inside dp, reduced over expert_dp x cp
