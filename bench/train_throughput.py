@@ -2,7 +2,7 @@
 
     python bench/train_throughput.py --model qwen2_1.5b [--layers N] [--seq 4096] [--mbs 1] [--gbs 8]
         [--steps 10] [--warmup 3] [--recompute none|selective|full] [--ops auto|kernel|reference]
-        [--profile] [--hf] [--mcore] [--fp8 RECIPE ...] [--out FILE]
+        [--profile] [--hf] [--mcore] [--fp8 RECIPE ...] [--documents MEAN] [--out FILE]
 
 Our step is megatron_qwen2.engine.step.TrainingStep, the step megatron_qwen2/train.py loops over (model
 chunks, GradBuffer, MixedPrecisionOptimizer, PipelineRunner, recomputation), fed random tokens: bf16
@@ -22,6 +22,12 @@ FLOP count.
 
 --fp8 tensorwise rowwise blockwise also measures our step with train.fp8 set to each recipe
 (ops/fp8.py), after the bf16 step and in the same run; their MFU uses the same bf16 FLOP count.
+
+--documents MEAN also measures our bf16 step on rows packed with documents (`Batch.document_ids`,
+what `data.reset_attention_mask=true` feeds the model): lengths uniform in 1 .. 2 MEAN - 1 tokens,
+cut at the row end, positions counted from each document's start; attention stays inside each
+document (the attention door's packed-documents path). Its TFLOP/s and MFU use the plain causal
+FLOP count, so its tokens/s compare directly with the plain causal row.
 
 --profile adds torch.profiler over 2 more steps of ours (and of each --fp8 recipe): time per op
 class and the top kernels (bench/profile_summary.py), also written into the JSON.
@@ -87,6 +93,17 @@ def random_batches(vocab: int, gbs: int, seq: int, device: torch.device, seed: i
         yield torch.randint(0, vocab, (gbs, seq + 1), device=device, generator=gen)
 
 
+def packed_documents(gbs: int, seq: int, mean: int, device: torch.device, gen: torch.Generator):
+    """(document_ids, position_ids) [gbs, seq] int64 of rows packed with documents whose lengths are
+    uniform in 1 .. 2 mean - 1 tokens, the last one cut at the row end."""
+    lengths = torch.randint(1, 2 * mean, (gbs, seq), device=device, generator=gen)
+    ends = lengths.cumsum(1)
+    pos = torch.arange(seq, device=device).expand(gbs, seq).contiguous()
+    ids = torch.searchsorted(ends, pos, right=True)  # documents ending at or before each position
+    starts = torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], 1)
+    return ids, pos - starts.gather(1, ids)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -146,7 +163,7 @@ def score(name: str, times: list[float], losses: list[float], tokens_per_step: i
 class OurStep:
     """megatron_qwen2.engine.step.TrainingStep (the step train.py loops over) on one device, fed random tokens."""
 
-    def __init__(self, mcfg, args, device: torch.device, fp8: str = "none"):
+    def __init__(self, mcfg, args, device: torch.device, fp8: str = "none", documents: int | None = None):
         from megatron_qwen2.config import Config, OptimConfig, ParallelConfig, TrainConfig
         from megatron_qwen2.data.batch import Batch
         from megatron_qwen2.engine.step import TrainingStep
@@ -164,7 +181,12 @@ class OurStep:
         self.step = TrainingStep(self.cfg, Topology.build(self.cfg.parallel, 1, 0), device, init_on_device=True)
         self.chunks = self.step.chunks
         rows = random_batches(mcfg.vocab_size, args.gbs, args.seq, device, args.seed)
-        self.batches = (Batch(tokens=r) for r in rows)
+        if documents is None:
+            self.batches = (Batch(tokens=r) for r in rows)
+        else:
+            gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+            self.batches = (Batch(tokens=r, document_ids=ids, position_ids=pos) for r in rows
+                            for ids, pos in [packed_documents(args.gbs, args.seq, documents, device, gen)])
 
     def __call__(self) -> float:
         return self.step(next(self.batches), self.cfg.optim.lr).loss
@@ -190,14 +212,15 @@ def ops_in_use(device: torch.device, mcfg=None, seq: int = 128) -> dict:
 
 
 def measure_ours(mcfg, args, device, flops_per_token: float, ceiling: float | None,
-                 fp8: str = "none") -> tuple[dict, dict | None]:
+                 fp8: str = "none", documents: int | None = None) -> tuple[dict, dict | None]:
     reset_memory(device)
-    step = OurStep(mcfg, args, device, fp8)
+    step = OurStep(mcfg, args, device, fp8, documents)
     timed = time_steps(step, device, args.warmup, args.steps)
-    name = "megatron_qwen2" if fp8 == "none" else f"megatron_qwen2_fp8_{fp8}"
+    name = "megatron_qwen2" + ("" if fp8 == "none" else f"_fp8_{fp8}") + ("" if documents is None else "_documents")
     result = score(name, timed["step_times_s"], timed["losses"], args.gbs * args.seq,
                    flops_per_token, ceiling, device)
-    result.update(ops_in_use(device, mcfg, args.seq), recompute=args.recompute, fp8=fp8)
+    result.update(ops_in_use(device, mcfg, args.seq), recompute=args.recompute, fp8=fp8,
+                  documents_mean_tokens=documents)
     if step.step.fp8 is not None:
         result["fp8_weight_copies_gib"] = step.step.fp8.weights.nbytes() / 2**30
     prof = profile_steps(step, device) if args.profile else None
@@ -239,12 +262,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-ours", action="store_true", help="measure only the baselines")
     ap.add_argument("--fp8", nargs="+", default=[], choices=("tensorwise", "rowwise", "blockwise"),
                     help="also measure our step with each of these train.fp8 recipes")
+    ap.add_argument("--documents", type=int, default=None, metavar="MEAN",
+                    help="also measure our bf16 step on rows packed with documents of MEAN tokens on average")
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--commit", default=None, help="commit to record (default: $GIT_COMMIT or git rev-parse HEAD)")
     ap.add_argument("--out", default=None,
                     help="result JSON (default: bench/results/train_throughput_<model>_<device>.json)")
     args = ap.parse_args(argv)
+    if args.documents is not None and args.documents <= 0:
+        ap.error(f"--documents must be a positive number of tokens, got {args.documents}")
     return check_batch_args(ap, args, ("seq", "mbs", "gbs", "steps"))
 
 
@@ -300,6 +327,12 @@ def main(argv=None) -> int:
                 print(format_summary(fp8_prof), flush=True)
                 row["profile"] = fp8_prof
             rows.append(row)
+        if args.documents is not None:
+            row, docs_prof = measure_ours(mcfg, args, device, flops_per_token, ceiling, documents=args.documents)
+            if docs_prof is not None:
+                print(format_summary(docs_prof), flush=True)
+                row["profile"] = docs_prof
+            rows.append(row)
     from bench import train_baselines
 
     if args.hf:
@@ -313,9 +346,9 @@ def main(argv=None) -> int:
     if "megatron_qwen2" in by_name:
         mine = by_name["megatron_qwen2"]
         for other in rows[1:]:
-            if other["system"].startswith("megatron_qwen2_fp8_"):
-                print(f"{other['system']} / megatron_qwen2 (bf16): {other['tokens_per_s'] / mine['tokens_per_s']:.2f}x "
-                      f"tokens/s", flush=True)
+            if other["system"].startswith("megatron_qwen2_"):
+                print(f"{other['system']} / megatron_qwen2 (bf16, plain causal): "
+                      f"{other['tokens_per_s'] / mine['tokens_per_s']:.2f}x tokens/s", flush=True)
             elif "error" not in other:
                 print(f"megatron_qwen2 / {other['system']}: {mine['tokens_per_s'] / other['tokens_per_s']:.2f}x "
                       f"tokens/s", flush=True)
@@ -326,7 +359,7 @@ def main(argv=None) -> int:
         "model_config": {k: v for k, v in vars(mcfg).items()},
         "config": {"seq": args.seq, "mbs": args.mbs, "gbs": args.gbs, "micro_batches": args.gbs // args.mbs,
                    "tokens_per_step": args.gbs * args.seq, "steps": args.steps, "warmup": args.warmup,
-                   "recompute": args.recompute, "ops": args.ops, "dtype": "bf16",
+                   "recompute": args.recompute, "ops": args.ops, "dtype": "bf16", "documents": args.documents,
                    "seed": args.seed},
         "flops_per_token": flops_per_token,
         "mfu_formula": "training_flops_per_token (megatron_qwen2/model/flops.py): 3 x (2 x matmul parameters per "

@@ -30,7 +30,7 @@ def test_cpu_run_writes_complete_result(tmp_path, monkeypatch, model):
     argv = ["--model", model, "--device", "cpu", "--seq", "32", "--mbs", "2", "--gbs", "4", "--steps", "2",
             "--warmup", "1", "--out", str(out)]
     if model == "tiny":
-        argv.append("--profile")
+        argv += ["--profile", "--documents", "8"]
         if HAS_TRANSFORMERS:
             argv.append("--hf")
     assert train_throughput.main(argv) == 0
@@ -47,6 +47,9 @@ def test_cpu_run_writes_complete_result(tmp_path, monkeypatch, model):
         _check_row(hf)
         assert abs(hf["loss_first"] - res["ours"]["loss_first"]) < 1.0
     if model == "tiny":
+        (docs,) = [r for r in res["results"] if r["system"] == "megatron_qwen2_documents"]
+        _check_row(docs)
+        assert docs["documents_mean_tokens"] == 8 and res["config"]["documents"] == 8
         prof = res["profile"]
         assert [r["class"] for r in prof["classes"]] == list(CLASSES)
         for r in prof["classes"]:
@@ -60,9 +63,26 @@ def test_cpu_run_writes_complete_result(tmp_path, monkeypatch, model):
         assert all(math.isfinite(v) and v > 0 for v in phases.values())
 
 
+def test_packed_documents_cover_the_rows_with_documents_of_the_asked_lengths():
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    ids, pos = train_throughput.packed_documents(4, 4096, 64, torch.device("cpu"), gen)
+    assert ids.shape == pos.shape == (4, 4096)
+    assert bool((ids[:, 0] == 0).all()) and bool((ids.diff(dim=1) >= 0).all())
+    new_doc = torch.cat([torch.ones(4, 1, dtype=torch.bool), ids.diff(dim=1) > 0], 1)
+    assert bool((pos[new_doc] == 0).all()) and bool((pos[~new_doc] > 0).all())
+    assert bool((pos.diff(dim=1)[~new_doc[:, 1:]] == 1).all())  # positions count up inside a document
+    lengths = torch.cat([row.unique_consecutive(return_counts=True)[1][:-1] for row in ids])  # whole documents
+    assert int(lengths.min()) >= 1 and int(lengths.max()) <= 127
+    assert abs(lengths.float().mean().item() - 64) < 4
+
+
 def test_bad_arguments_fail_with_the_value():
     with pytest.raises(SystemExit):
         train_throughput.parse_args(["--gbs", "3", "--mbs", "2"])
+    with pytest.raises(SystemExit):
+        train_throughput.parse_args(["--documents", "0"])
     with pytest.raises(ValueError, match="no_such_model"):
         train_throughput.model_config("no_such_model", None)
     with pytest.raises(ValueError, match="--layers"):
