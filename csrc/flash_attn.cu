@@ -230,9 +230,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2) flash_bwd_kernel(const BwdPara
   const int* de = p.query_hi ? p.query_hi + (int64_t)b * p.sk : nullptr;
 
   // Queries that see some key of the tile, and the bounds under which a query tile sees all keys.
-  int i_begin = p.causal ? max(0, n0 - p.causal_offset) : 0;
-  if (ds) i_begin = max(i_begin, ds[n0]);
-  const int i_end = de ? min(p.sq, de[n_last]) : p.sq;
+  const QueryTiles tiles = query_tiles<BM>(p, ds, de, n0, n_last);
   const int q_lo_max = ds ? ds[n_last] : 0;
   const int q_hi_min = de ? min(p.sq, de[n0]) : p.sq;
 
@@ -246,8 +244,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2) flash_bwd_kernel(const BwdPara
   const float* lse_row = p.lse + ((int64_t)b * p.hq + h) * p.sq;
   const float* delta_row = p.delta + ((int64_t)b * p.hq + h) * p.sq;
 
-  const int m_start = max(0, i_begin) / BM * BM;
-  const int mtiles = i_end > m_start ? (i_end - m_start + BM - 1) / BM : 0;
+  const int m_start = tiles.start, mtiles = tiles.count;
 
   auto load_rows = [&](int m, int buf) {
     load_tile<BM, D, NT>(sQ + buf * BM * D, qb, p.q_ss, m, p.sq, tid);

@@ -213,6 +213,20 @@ __device__ __forceinline__ float row_dot(const bf16* out, const bf16* dout, int 
   return warp_sum(acc);
 }
 
+// The tiles of BM queries that some key n0 <= j <= n_last may see: `count` tiles from query `start`.
+struct QueryTiles {
+  int start, count;
+};
+template <int BM>
+__device__ __forceinline__ QueryTiles query_tiles(const BwdParams& p, const int* query_lo, const int* query_hi,
+                                                  int n0, int n_last) {
+  int begin = p.causal ? max(0, n0 - p.causal_offset) : 0;
+  if (query_lo) begin = max(begin, query_lo[n0]);
+  const int end = query_hi ? min(p.sq, query_hi[n_last]) : p.sq;
+  const int start = max(0, begin) / BM * BM;
+  return {start, end > start ? (end - start + BM - 1) / BM : 0};
+}
+
 // The queries that may see a key: lo <= i < hi and i >= cap (a key beyond sk is seen by none).
 struct KeyQueries {
   int lo, hi, cap;

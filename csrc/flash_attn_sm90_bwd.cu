@@ -127,11 +127,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int* de = p.query_hi ? p.query_hi + (int64_t)b * p.sk : nullptr;
 
   // Queries that see some key of the block: the query tiles both roles walk.
-  int i_begin = p.causal ? max(0, n0 - p.causal_offset) : 0;
-  if (ds) i_begin = max(i_begin, ds[n0]);
-  const int i_end = de ? min(p.sq, de[n_last]) : p.sq;
-  const int m_start = max(0, i_begin) / kBM * kBM;
-  const int mtiles = i_end > m_start ? (i_end - m_start + kBM - 1) / kBM : 0;
+  const QueryTiles tiles = query_tiles<kBM>(p, ds, de, n0, n_last);
+  const int m_start = tiles.start, mtiles = tiles.count;
 
   const int wg = threadIdx.x / 128;
   if (threadIdx.x == 0) {
