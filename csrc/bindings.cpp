@@ -41,6 +41,12 @@ void flash_attn_backward_cuda(const torch::Tensor& dout, const torch::Tensor& q,
                               torch::Tensor& dq_acc, torch::Tensor& dk, torch::Tensor& dv,
                               const c10::optional<torch::Tensor>& query_lo,
                               const c10::optional<torch::Tensor>& query_hi, bool causal, double scale, bool partial);
+void flash_attn_backward_sm90_cuda(const torch::Tensor& dout, const torch::Tensor& q, const torch::Tensor& k,
+                                   const torch::Tensor& v, const torch::Tensor& out, const torch::Tensor& lse,
+                                   const c10::optional<torch::Tensor>& dlse, torch::Tensor& dq_acc, torch::Tensor& dk,
+                                   torch::Tensor& dv, const c10::optional<torch::Tensor>& query_lo,
+                                   const c10::optional<torch::Tensor>& query_hi, bool causal, double scale,
+                                   bool partial);
 void fp8_quantize_cuda(const torch::Tensor& x, const std::string& tiling, torch::Tensor& data, torch::Tensor& scale_inv,
                        const c10::optional<torch::Tensor>& data_t, const c10::optional<torch::Tensor>& scale_inv_t,
                        const c10::optional<torch::Tensor>& amax);
@@ -361,14 +367,15 @@ std::vector<torch::Tensor> flash_attention_forward_sm90(const torch::Tensor& q, 
                            key_lo, key_hi);
 }
 
-// dlse: the gradient arriving at lse (optional; context parallelism merges partial outputs with lse).
-std::vector<torch::Tensor> flash_attention_backward(const torch::Tensor& dout_in, const torch::Tensor& q_in,
-                                                    const torch::Tensor& k_in, const torch::Tensor& v_in,
-                                                    const torch::Tensor& out_in, const torch::Tensor& lse,
-                                                    const c10::optional<torch::Tensor>& dlse, bool causal,
-                                                    double scale, const c10::optional<torch::Tensor>& query_lo,
-                                                    const c10::optional<torch::Tensor>& query_hi) {
-  const char* op = "flash_attention_backward";
+// [dq, dk, dv] of one of the backward kernels (they share arguments, checks and results): the FA2-style
+// kernel of flash_attn.cu or, with `sm90`, the Hopper kernel of flash_attn_sm90_bwd.cu. dlse: the
+// gradient arriving at lse (optional; context parallelism merges partial outputs with lse).
+std::vector<torch::Tensor> attention_backward(bool sm90, const char* op, const torch::Tensor& dout_in,
+                                              const torch::Tensor& q_in, const torch::Tensor& k_in,
+                                              const torch::Tensor& v_in, const torch::Tensor& out_in,
+                                              const torch::Tensor& lse, const c10::optional<torch::Tensor>& dlse,
+                                              bool causal, double scale, const c10::optional<torch::Tensor>& query_lo,
+                                              const c10::optional<torch::Tensor>& query_hi) {
   check_attn(q_in, k_in, v_in, query_lo, query_hi, k_in.size(1), scale, op);
   for (auto [t, name] : {std::pair{&dout_in, "dout"}, std::pair{&out_in, "out"}}) {
     TORCH_CHECK(t->is_cuda() && t->device() == q_in.device() && t->scalar_type() == at::kBFloat16, op, ": ", name,
@@ -386,15 +393,25 @@ std::vector<torch::Tensor> flash_attention_backward(const torch::Tensor& dout_in
     return {dq.zero_(), attn_empty_like(k).zero_(), attn_empty_like(v).zero_()};
   }
   auto f32 = q.options().dtype(at::kFloat);
-  auto delta = torch::empty({b, hq, sq}, f32);
-  flash_attn_delta_cuda(out, dout, dlse, delta);
+  torch::Tensor delta;
+  if (!sm90) {
+    delta = torch::empty({b, hq, sq}, f32);
+    flash_attn_delta_cuda(out, dout, dlse, delta);
+  }
   auto dq_acc = torch::zeros({b, sq, hq, d}, f32);
+  auto launch = [&](torch::Tensor& dk_out, torch::Tensor& dv_out, bool partial) {
+    if (sm90)
+      flash_attn_backward_sm90_cuda(dout, q, k, v, out, lse, dlse, dq_acc, dk_out, dv_out, query_lo, query_hi, causal,
+                                    scale, partial);
+    else
+      flash_attn_backward_cuda(dout, q, k, v, lse, delta, dq_acc, dk_out, dv_out, query_lo, query_hi, causal, scale,
+                               partial);
+  };
   const bool partial = hq != hkv;
   torch::Tensor dk, dv;
   if (partial) {
     auto dk_part = torch::empty({b, sk, hq, d}, f32), dv_part = torch::empty({b, sk, hq, d}, f32);
-    flash_attn_backward_cuda(dout, q, k, v, lse, delta, dq_acc, dk_part, dv_part, query_lo, query_hi, causal, scale,
-                             true);
+    launch(dk_part, dv_part, true);
     dk = attn_empty_like(k);
     dv = torch::empty_strided(dk.sizes(), dk.strides(), dk.options());
     dk.copy_(dk_part.view({b, sk, hkv, hq / hkv, d}).sum(3));
@@ -402,10 +419,31 @@ std::vector<torch::Tensor> flash_attention_backward(const torch::Tensor& dout_in
   } else {
     dk = attn_empty_like(k);
     dv = torch::empty_strided(dk.sizes(), dk.strides(), dk.options());
-    flash_attn_backward_cuda(dout, q, k, v, lse, delta, dq_acc, dk, dv, query_lo, query_hi, causal, scale, false);
+    launch(dk, dv, false);
   }
   dq.copy_(dq_acc.mul_(scale));
   return {dq, dk, dv};
+}
+
+std::vector<torch::Tensor> flash_attention_backward(const torch::Tensor& dout, const torch::Tensor& q,
+                                                    const torch::Tensor& k, const torch::Tensor& v,
+                                                    const torch::Tensor& out, const torch::Tensor& lse,
+                                                    const c10::optional<torch::Tensor>& dlse, bool causal,
+                                                    double scale, const c10::optional<torch::Tensor>& query_lo,
+                                                    const c10::optional<torch::Tensor>& query_hi) {
+  return attention_backward(false, "flash_attention_backward", dout, q, k, v, out, lse, dlse, causal, scale, query_lo,
+                            query_hi);
+}
+
+// The Hopper kernel (flash_attn_sm90_bwd.cu: TMA, wgmma, warp specialisation); same results, sm_90 only.
+std::vector<torch::Tensor> flash_attention_backward_sm90(const torch::Tensor& dout, const torch::Tensor& q,
+                                                         const torch::Tensor& k, const torch::Tensor& v,
+                                                         const torch::Tensor& out, const torch::Tensor& lse,
+                                                         const c10::optional<torch::Tensor>& dlse, bool causal,
+                                                         double scale, const c10::optional<torch::Tensor>& query_lo,
+                                                         const c10::optional<torch::Tensor>& query_hi) {
+  return attention_backward(true, "flash_attention_backward_sm90", dout, q, k, v, out, lse, dlse, causal, scale,
+                            query_lo, query_hi);
 }
 
 // ---- FP8 (e4m3) quantisation of x [R, C] along its rows, bit for bit as ops/fp8.py's quantize,
@@ -529,6 +567,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("key_lo"), pybind11::arg("key_hi"));
   m.def("flash_attention_backward", &flash_attention_backward,
         "[dq, dk, dv] of flash_attention_forward from out, lse (and an optional lse gradient)",
+        pybind11::arg("dout"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"),
+        pybind11::arg("lse"), pybind11::arg("dlse"), pybind11::arg("causal"), pybind11::arg("scale"),
+        pybind11::arg("query_lo"), pybind11::arg("query_hi"));
+  m.def("flash_attention_backward_sm90", &flash_attention_backward_sm90,
+        "flash_attention_backward by the Hopper kernel (TMA, wgmma, warp specialisation; compute capability 9.0)",
         pybind11::arg("dout"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"),
         pybind11::arg("lse"), pybind11::arg("dlse"), pybind11::arg("causal"), pybind11::arg("scale"),
         pybind11::arg("query_lo"), pybind11::arg("query_hi"));

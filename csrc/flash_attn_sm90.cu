@@ -301,7 +301,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// ---- host: tensor maps and the launch
+}  // namespace
+
+// ---- host: the Hopper helpers of sm90.cuh and the launch
+
+namespace {
 
 PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
   static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
@@ -313,16 +317,23 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
     C10_CUDA_CHECK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &ptr, cudaEnableDefault, &found));
 #endif
     TORCH_CHECK(found == cudaDriverEntryPointSuccess && ptr != nullptr,
-                "flash_attention_forward_sm90: the CUDA driver has no cuTensorMapEncodeTiled (needs a CUDA 12 driver)");
+                "flash attention (sm90): the CUDA driver has no cuTensorMapEncodeTiled (needs a CUDA 12 driver)");
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
   }();
   return fn;
 }
 
-// Rank-4 map [d, s, heads, b] of a bf16 [b, s, heads, d] view (its strides, last dimension
-// contiguous, rows 16-byte aligned), boxes of 64 columns x `rows` rows, 128-byte swizzle; reads
-// outside the tensor give zeros, writes outside it are dropped.
-CUtensorMap tile_map(const at::Tensor& t, int rows) {
+}  // namespace
+
+void mq2::sm90::require_hopper(const at::Tensor& t, const char* op) {
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, t.get_device()));
+  TORCH_CHECK(major == 9 && minor == 0, op, " needs a Hopper GPU (compute capability 9.0), got ", major, ".", minor,
+              "; use the FA2-style flash_attention_forward / flash_attention_backward");
+}
+
+CUtensorMap mq2::sm90::tile_map(const at::Tensor& t, int rows, const char* op) {
   const int dim_of[3] = {1, 2, 0};  // map dimensions 1..3 are the view's s, heads, b
   cuuint64_t sizes[4] = {static_cast<cuuint64_t>(t.size(3)), 0, 0, 0};
   cuuint64_t strides[3];
@@ -342,20 +353,16 @@ CUtensorMap tile_map(const at::Tensor& t, int rows) {
   const CUresult r = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, t.data_ptr(), sizes, strides, box, steps,
                                     CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                                     CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  TORCH_CHECK(r == CUDA_SUCCESS, "flash_attention_forward_sm90: cuTensorMapEncodeTiled failed (CUresult ", r,
-              ") for a tensor of shape ", t.sizes(), " and strides ", t.strides());
+  TORCH_CHECK(r == CUDA_SUCCESS, op, ": cuTensorMapEncodeTiled failed (CUresult ", r, ") for a tensor of shape ",
+              t.sizes(), " and strides ", t.strides());
   return map;
 }
 
-// t itself unless a dimension of several elements has stride 0 (an expanded view), which a tensor
-// map cannot describe: then a contiguous copy.
-at::Tensor tma_readable(const at::Tensor& t) {
+at::Tensor mq2::sm90::tma_readable(const at::Tensor& t) {
   for (int i = 0; i < 3; ++i)
     if (t.stride(i) == 0 && t.size(i) > 1) return t.contiguous();
   return t;
 }
-
-}  // namespace
 
 // Validated by bindings.cpp as for flash_attn_forward_cuda (bf16 CUDA views [b, s, heads, d] with a
 // contiguous last dimension and 16-byte aligned rows; out like q; lse fp32 [b, hq, sq]; key_lo /
@@ -364,14 +371,12 @@ void flash_attn_forward_sm90_cuda(const at::Tensor& q_in, const at::Tensor& k_in
                                   at::Tensor& out, at::Tensor& lse, const c10::optional<at::Tensor>& key_lo,
                                   const c10::optional<at::Tensor>& key_hi, bool causal, double scale) {
   const c10::cuda::CUDAGuard guard(q_in.device());
-  int major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q_in.get_device()));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q_in.get_device()));
-  TORCH_CHECK(major == 9 && minor == 0, "flash_attention_forward_sm90 needs a Hopper GPU (compute capability 9.0), got ",
-              major, ".", minor, "; use flash_attention_forward");
+  const char* op = "flash_attention_forward_sm90";
+  require_hopper(q_in, op);
   const at::Tensor q = tma_readable(q_in), k = tma_readable(k_in), v = tma_readable(v_in);
   const FwdParams p = make_fwd_params(q, k, v, out, lse, key_lo, key_hi, causal, scale);
-  const CUtensorMap tm_q = tile_map(q, 64), tm_k = tile_map(k, kBN), tm_v = tile_map(v, kBN), tm_o = tile_map(out, 64);
+  const CUtensorMap tm_q = tile_map(q, 64, op), tm_k = tile_map(k, kBN, op), tm_v = tile_map(v, kBN, op),
+                    tm_o = tile_map(out, 64, op);
   auto stream = current_stream();
   with_head_dim(q.size(3), [&](auto dc) {
     constexpr int D = decltype(dc)::value;

@@ -1,9 +1,12 @@
-// Hopper (sm_90a) building blocks: mbarriers, TMA tile copies (cp.async.bulk.tensor), warpgroup MMA
-// (wgmma.mma_async) with shared-memory matrix descriptors, register reallocation (setmaxnreg) and
-// named barriers. Used by flash_attn_sm90.cu; every function here is inline PTX, valid only when
-// compiled for sm_90a (callers guard their bodies with MQ2_SM90A).
+// Hopper (sm_90a) building blocks: mbarriers, TMA tile copies (cp.async.bulk.tensor) and bulk copies,
+// warpgroup MMA (wgmma.mma_async) with shared-memory matrix descriptors, register reallocation
+// (setmaxnreg) and named barriers. Used by flash_attn_sm90.cu and flash_attn_sm90_bwd.cu; every
+// device function here is inline PTX, valid only when compiled for sm_90a (callers guard their
+// bodies with MQ2_SM90A). The host part (tensor maps of [b, s, heads, d] views, the device check) is
+// defined in flash_attn_sm90.cu.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <cuda.h>  // CUtensorMap (the type only: no driver library is linked)
 
 #include <cstdint>
@@ -68,6 +71,14 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
       "[%2];\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
       : "memory");
+}
+
+// `bytes` (a multiple of 16; both addresses 16-byte aligned) of contiguous global memory at `src`
+// into shared memory at `dst`, completing on `bar` like a tile copy.
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(bar)
+               : "memory");
 }
 
 // Shared memory at `src` to the box at (c0 .. c3); elements outside the tensor are not written.
@@ -170,6 +181,22 @@ __device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[16][4], uint64_t 
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
+// d[64 x 64] (+)= A[64 x 16] B[64 x 16]^T, both in shared memory: TRANS_A 0 for A stored [64 x 16]
+// K-major, 1 for A stored [16 x 64] MN-major; TRANS_B likewise for B; scale_d 0 overwrites d.
+template <int TRANS_A, int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, p, 1, 1, %35, %36;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B));
+}
+
 // d[64 x 128] += A[64 x 16] B, A from registers (the m16n8k16 A-fragment layout per warp), B in shared
 // memory: TRANS_B 0 for B stored [128 x 16] K-major, 1 for B stored [16 x 128] MN-major.
 template <int TRANS_B>
@@ -205,6 +232,20 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[8][4], const uint3
         "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1), "n"(TRANS_B));
 }
+
+// ---- Host (defined in flash_attn_sm90.cu)
+
+// Stops with a message naming `op` unless `t`'s device is a Hopper GPU (compute capability 9.0).
+void require_hopper(const at::Tensor& t, const char* op);
+
+// t itself unless a dimension of several elements has stride 0 (an expanded view), which a tensor
+// map cannot describe: then a contiguous copy.
+at::Tensor tma_readable(const at::Tensor& t);
+
+// Rank-4 map [d, s, heads, b] of a bf16 [b, s, heads, d] view (its strides, last dimension
+// contiguous, rows 16-byte aligned), boxes of 64 columns x `rows` rows, 128-byte swizzle; reads
+// outside the tensor give zeros, writes outside it are dropped.
+CUtensorMap tile_map(const at::Tensor& t, int rows, const char* op);
 
 }  // namespace sm90
 }  // namespace mq2
