@@ -118,9 +118,8 @@ void check_aux(const torch::Tensor& t, at::ScalarType dtype, at::IntArrayRef sha
 }
 
 // ---- RMSNorm: x [rows, h] (callers flatten leading dimensions), w [h].
-std::vector<torch::Tensor> rms_norm_forward(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
-                                            const torch::Tensor& w, double eps) {
-  const char* op = "rms_norm_forward";
+void check_rms_norm_inputs(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
+                           const torch::Tensor& w, double eps, const char* op) {
   check_input(x, op, "x");
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [rows, hidden], got shape ", x.sizes());
   check_same(x, w, op, "weight");
@@ -130,6 +129,11 @@ std::vector<torch::Tensor> rms_norm_forward(const torch::Tensor& x, const c10::o
     check_shape(*residual, x.sizes(), op, "residual");
   }
   TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
+}
+
+std::vector<torch::Tensor> rms_norm_forward(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
+                                            const torch::Tensor& w, double eps) {
+  check_rms_norm_inputs(x, residual, w, eps, "rms_norm_forward");
   auto y = torch::empty_like(x);
   auto rstd = torch::empty({x.size(0)}, x.options().dtype(at::kFloat));
   c10::optional<torch::Tensor> sum_out;
@@ -547,15 +551,8 @@ std::vector<torch::Tensor> rms_norm_fp8_forward(const torch::Tensor& x, const c1
                                                 const torch::Tensor& w, double eps, const std::string& tiling,
                                                 int64_t rows_pad) {
   const char* op = "rms_norm_fp8_forward";
-  check_input(x, op, "x");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, op, ": x must be 2-D [rows, hidden], got shape ", x.sizes());
-  check_same(x, w, op, "weight");
-  check_shape(w, {x.size(1)}, op, "weight");
-  if (residual) {
-    check_same(x, *residual, op, "residual");
-    check_shape(*residual, x.sizes(), op, "residual");
-  }
-  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  check_rms_norm_inputs(x, residual, w, eps, op);
+  TORCH_CHECK(x.size(1) > 0, op, ": x has no columns");
   const int64_t rows = x.size(0), h = x.size(1);
   check_rows_pad(rows, rows_pad, op);
   auto o = fp8_outputs(x, tiling, rows_pad, h, op);

@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(THREADS, kFwdRegsCap / THREADS)
     if constexpr (OUT == Out::kY) {
       store_slice<T, VEC, NP, THREADS>(y + row * h, s, h);
     } else {
-      quantize_slice<T, NP, THREADS, OUT>(s, row, h, out, col_max, tensor_max[threadIdx.x],
+      quantize_slice<T, NP, THREADS, OUT>(s, row, h, out, col_max, tensor_max[OUT == Out::kTensor ? threadIdx.x : 0],
                                           reinterpret_cast<uint32_t*>(scratch));
     }
   }
@@ -685,7 +685,8 @@ void fp8_forward(const T* xp, const T* rp, const T* wp, T* sp, float* rstd, int 
     const NormedRows<T> src{rp != nullptr ? sp : xp, rstd, wp, rows, h};
     auto kernel_for = [&](auto outc) -> FwdKernel<T> {
       constexpr Out OUT = decltype(outc)::value;
-      return rp != nullptr ? rms_fwd_fast<T, kVec, NP, THREADS, true, OUT> : rms_fwd_fast<T, kVec, NP, THREADS, false, OUT>;
+      if (rp != nullptr) return rms_fwd_fast<T, kVec, NP, THREADS, true, OUT>;
+      return rms_fwd_fast<T, kVec, NP, THREADS, false, OUT>;
     };
     if (tiling == 0) {  // tensor: the amax, then both casts
       const Launch<FwdKernel<T>> l{kernel_for(std::integral_constant<Out, Out::kTensor>{}), THREADS, w_bytes, 1};
@@ -698,8 +699,8 @@ void fp8_forward(const T* xp, const T* rp, const T* wp, T* sp, float* rstd, int 
       const int groups = l.blocks(rows_pad);
       auto partial = at::empty({groups, h}, opts.dtype(at::kShort));
       uint16_t* pp = reinterpret_cast<uint16_t*>(partial.data_ptr<int16_t>());
-      l.kernel<<<groups, THREADS, l.smem, stream>>>(xp, rp, wp, nullptr, sp, rstd, Fp8Rows{q, sinv, nullptr, pp, rows_pad},
-                                                    rows, h, eps);
+      l.kernel<<<groups, THREADS, l.smem, stream>>>(xp, rp, wp, nullptr, sp, rstd,
+                                                    Fp8Rows{q, sinv, nullptr, pp, rows_pad}, rows, h, eps);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       col_amax_reduce<T><<<(h + 31) / 32, dim3(32, 16), 0, stream>>>(pp, amax + rows_pad, groups, h);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -707,8 +708,8 @@ void fp8_forward(const T* xp, const T* rp, const T* wp, T* sp, float* rstd, int 
                                                                stream);
     } else {  // 1x128: the rows' codes, then the transpose's
       const Launch<FwdKernel<T>> l{kernel_for(std::integral_constant<Out, Out::kTile>{}), THREADS, w_bytes, 1};
-      l.kernel<<<l.blocks(rows_pad), THREADS, l.smem, stream>>>(xp, rp, wp, nullptr, sp, rstd,
-                                                               Fp8Rows{q, sinv, nullptr, nullptr, rows_pad}, rows, h, eps);
+      const Fp8Rows out{q, sinv, nullptr, nullptr, rows_pad};
+      l.kernel<<<l.blocks(rows_pad), THREADS, l.smem, stream>>>(xp, rp, wp, nullptr, sp, rstd, out, rows, h, eps);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       launch_tiles<NormedRows<T>, Scales::kTile, false, true>(src, nullptr, qt, nullptr, sinv_t, nullptr, rows_pad, h,
                                                              stream);
