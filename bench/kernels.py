@@ -1,6 +1,7 @@
 """The compiled kernels vs PyTorch eager and torch.compile, against ceilings measured in the same run.
 
-    python bench/kernels.py [--out DIR] [--commit SHA] [--only rms_norm permute rope cross_entropy fp8_quant attention]
+    python bench/kernels.py [--out DIR] [--commit SHA] [--only rms_norm permute rope cross_entropy fp8_quant fp8_fused
+                                                           attention]
     python bench/kernels.py --sanitize     # one small call of every kernel path, for compute-sanitizer
 
 Memory-bound kernels are reported in GB/s of the fewest bytes each pass must move (every input
@@ -8,14 +9,18 @@ read once, every output written once; the row gathers of permute/unpermute count
 row) and as a fraction of the device copy bandwidth (bytes read + written) measured here.
 FP8 quantisation counts x once per pass the kernels make over it (twice for "tensor" and for "row"
 with the transpose) plus the e4m3 codes and scales written, against the PyTorch definition in
-ops/fp8.py (which the kernels match bit for bit) timed on the same inputs.
+ops/fp8.py (which the kernels match bit for bit) timed on the same inputs. The ops that hand an FP8
+linear layer its input quantised (RMSNorm, RMSNorm with the residual add, SwiGLU: y never written)
+count the fewest bytes of one pass (inputs read once, the sum written, both codes and the scales
+written) against their kernel then the quantisation kernel (y written and read again).
 Attention is reported in TFLOP/s (causal: half the square) against the bf16 matmul rate
 measured here, for the door (`ops.attention`) and each SDPA backend alone.
 Shapes: RMSNorm at hidden 896/1536/3584/5120/8192 (tokens sized so each tensor exceeds the L2 cache),
 MoE permutation at Qwen2-57B-A14B (hidden 3584, 64 experts, top-8, 16k tokens), RoPE and
 attention at Qwen2-7B (28 query / 4 kv heads, head dim 128), cross-entropy at vocab 152064 / tp 2,
 FP8 quantisation of 8192 tokens at hidden 3584 and at the MLP widths 18944 / 37888 (Qwen2-7B's
-intermediate size, and its gate | up pair).
+intermediate size, and its gate | up pair), the fused RMSNorm and SwiGLU quantisation at the same
+Qwen2-7B shapes (8192 tokens, hidden 3584, SwiGLU 18944).
 """
 
 from __future__ import annotations
@@ -286,6 +291,43 @@ def bench_fp8_quant(rows, ceiling, rounds, tokens=8192):
         del w
 
 
+def bench_fp8_fused(rows, ceiling, rounds, tokens=8192, hidden=3584, ffn=18944):
+    """A linear layer's FP8 operands (x along the features and x^T along the tokens) made by the op that
+    makes x, x never written (library.rms_norm_fp8, swiglu_fp8), against the op's kernel then the
+    quantisation kernel with the transpose, per activation tiling, at Qwen2-7B."""
+    ext = extension.load()
+
+    def quantized(y, tiling):
+        return library.fp8_quantize_tensorwise(y, True) if tiling == "tensor" else library.fp8_quantize(y, tiling, True)
+
+    def codes_bytes(k, tiling):  # both codes and the scales
+        scales = {"tensor": 1, "row": tokens + k,
+                  "1x128": tokens * -(-k // 128) + k * -(-tokens // 128)}[tiling]
+        return 2 * tokens * k + 4 * scales
+
+    x = torch.randn(tokens, hidden, device="cuda", dtype=BF16)
+    res = torch.randn_like(x)
+    w = torch.randn(hidden, device="cuda", dtype=BF16)
+    gate_up = torch.randn(tokens, 2 * ffn, device="cuda", dtype=BF16)
+    n, e = tokens * hidden, 2
+    for tiling in ("tensor", "row", "1x128"):
+        meta = dict(tokens=tokens, dtype="bf16", tiling=tiling)
+        nb = {tiling: n * e + hidden * e + 4 * tokens + codes_bytes(hidden, tiling)}
+        impls = {"kernel": {tiling: lambda t=tiling: library.rms_norm_fp8(x, None, w, 1e-6, t, tokens)},
+                 "rms_norm + fp8_quantize": {
+                     tiling: lambda t=tiling: quantized(ext.rms_norm_forward(x, None, w, 1e-6)[0], t)}}
+        measure(rows, ceiling, "rms_norm_fp8", impls, nb, rounds, hidden=hidden, **meta)
+        nb = {tiling: 3 * n * e + hidden * e + 4 * tokens + codes_bytes(hidden, tiling)}  # x, residual in; sum out
+        impls = {"kernel": {tiling: lambda t=tiling: library.rms_norm_fp8(x, res, w, 1e-6, t, tokens)},
+                 "add_rms_norm + fp8_quantize": {
+                     tiling: lambda t=tiling: quantized(ext.rms_norm_forward(x, res, w, 1e-6)[0], t)}}
+        measure(rows, ceiling, "add_rms_norm_fp8", impls, nb, rounds, hidden=hidden, **meta)
+        nb = {tiling: 2 * tokens * ffn * e + codes_bytes(ffn, tiling)}
+        impls = {"kernel": {tiling: lambda t=tiling: library.swiglu_fp8(gate_up, t, tokens)},
+                 "swiglu + fp8_quantize": {tiling: lambda t=tiling: quantized(ext.swiglu_forward(gate_up), t)}}
+        measure(rows, ceiling, "swiglu_fp8", impls, nb, rounds, hidden=ffn, **meta)
+
+
 def _attention_flops(doc_lengths, hq, d, causal=True):
     """Matmul FLOPs of one forward: 2 products of 2 * q * k * d over the visible (query, key) pairs."""
     pairs = sum(n * (n + 1) // 2 if causal else n * n for row in doc_lengths for n in row)
@@ -429,6 +471,15 @@ def sanitize() -> None:
                 library.fp8_quantize_tensorwise(xq, transpose)
                 for tiling in ("row", "1x128"):
                     library.fp8_quantize(xq, tiling, transpose)
+        # The fused quantisation: RMSNorm's register path (128 and 256 threads) and its composed paths,
+        # SwiGLU's 8-element rows and its composed path; rows padded.
+        for h in (24, 1000, 3000, 12000):
+            xn = torch.randn(37, h, device="cuda", dtype=dtype)
+            wn = torch.randn(h, device="cuda", dtype=dtype)
+            for tiling in ("tensor", "row", "1x128"):
+                library.rms_norm_fp8(xn, None, wn, 1e-6, tiling, 48)
+                library.rms_norm_fp8(xn, torch.randn_like(xn), wn, 1e-6, tiling, 128)
+                library.swiglu_fp8(torch.randn(37, 2 * (h // 2 + 2), device="cuda", dtype=dtype), tiling, 48)
     torch.cuda.synchronize()
     print("sanitize: all kernel paths ran")
 
@@ -439,7 +490,7 @@ def main() -> None:
     parser.add_argument("--commit", default=None)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", nargs="+",
-                        default=["rms_norm", "permute", "rope", "cross_entropy", "fp8_quant", "attention"])
+                        default=["rms_norm", "permute", "rope", "cross_entropy", "fp8_quant", "fp8_fused", "attention"])
     parser.add_argument("--sanitize", action="store_true")
     parser.add_argument("--kernel-only", action="store_true", help="skip the eager and torch.compile baselines")
     args = parser.parse_args()

@@ -51,6 +51,14 @@ void fp8_quantize_cuda(const torch::Tensor& x, const std::string& tiling, torch:
                        const c10::optional<torch::Tensor>& data_t, const c10::optional<torch::Tensor>& scale_inv_t,
                        const c10::optional<torch::Tensor>& amax);
 void fp8_transpose_cuda(const torch::Tensor& x, torch::Tensor& y, int64_t groups, int64_t rows, int64_t cols);
+bool rms_norm_fp8_forward_cuda(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
+                               const torch::Tensor& w, c10::optional<torch::Tensor>& sum_out, torch::Tensor& rstd,
+                               const std::string& tiling, torch::Tensor& data, torch::Tensor& scale_inv,
+                               torch::Tensor& data_t, const c10::optional<torch::Tensor>& scale_inv_t,
+                               torch::Tensor& amax, int64_t rows, int64_t rows_pad, int64_t h, double eps);
+bool swiglu_fp8_cuda(const torch::Tensor& x, const std::string& tiling, torch::Tensor& data, torch::Tensor& scale_inv,
+                     torch::Tensor& data_t, const c10::optional<torch::Tensor>& scale_inv_t, torch::Tensor& amax,
+                     int64_t rows, int64_t rows_pad, int64_t f);
 
 namespace {
 
@@ -116,9 +124,8 @@ void check_aux(const torch::Tensor& t, at::ScalarType dtype, at::IntArrayRef sha
 }
 
 // ---- RMSNorm: x [rows, h] (callers flatten leading dimensions), w [h].
-std::vector<torch::Tensor> rms_norm_forward(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
-                                            const torch::Tensor& w, double eps) {
-  const char* op = "rms_norm_forward";
+void check_rms_norm_inputs(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
+                           const torch::Tensor& w, double eps, const char* op) {
   check_input(x, op, "x");
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [rows, hidden], got shape ", x.sizes());
   check_same(x, w, op, "weight");
@@ -128,6 +135,11 @@ std::vector<torch::Tensor> rms_norm_forward(const torch::Tensor& x, const c10::o
     check_shape(*residual, x.sizes(), op, "residual");
   }
   TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
+}
+
+std::vector<torch::Tensor> rms_norm_forward(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
+                                            const torch::Tensor& w, double eps) {
+  check_rms_norm_inputs(x, residual, w, eps, "rms_norm_forward");
   auto y = torch::empty_like(x);
   auto rstd = torch::empty({x.size(0)}, x.options().dtype(at::kFloat));
   c10::optional<torch::Tensor> sum_out;
@@ -467,22 +479,25 @@ float fp8_floor_scale_inv() {
   return 1.0f / scale;
 }
 
+// scale_inv of a [rows, cols] quantisation: [rows, 1] ("row"), or [rows, ceil(cols / 128)] column-major
+// ("1x128": [n, rows] storage seen as [rows, n]).
+torch::Tensor fp8_scale_inv(const torch::Tensor& like, int64_t rows, int64_t cols, const std::string& tiling) {
+  const auto f32 = like.options().dtype(at::kFloat);
+  return tiling == "row" ? torch::empty({rows, 1}, f32) : torch::empty({(cols + 127) / 128, rows}, f32).t();
+}
+
 std::vector<torch::Tensor> fp8_quantize(const torch::Tensor& x_in, const std::string& tiling, bool with_transpose) {
   const char* op = "fp8_quantize";
   TORCH_CHECK(tiling == "row" || tiling == "1x128", op, ": tiling must be \"row\" or \"1x128\", got \"", tiling, "\"");
   auto x = fp8_input(x_in, op);
   const int64_t r = x.size(0), c = x.size(1);
-  const auto e4m3 = x.options().dtype(at::kFloat8_e4m3fn), f32 = x.options().dtype(at::kFloat);
-  // "1x128" scales are column-major: [n, rows] storage seen as [rows, n]
-  auto scales = [&](int64_t rows, int64_t cols) {
-    return tiling == "row" ? torch::empty({rows, 1}, f32) : torch::empty({(cols + 127) / 128, rows}, f32).t();
-  };
+  const auto e4m3 = x.options().dtype(at::kFloat8_e4m3fn);
   auto data = torch::empty({r, c}, e4m3);
-  auto sinv = scales(r, c);
+  auto sinv = fp8_scale_inv(x, r, c, tiling);
   c10::optional<torch::Tensor> data_t, sinv_t, amax;
   if (with_transpose) {
     data_t = torch::empty({c, r}, e4m3);
-    sinv_t = scales(c, r);
+    sinv_t = fp8_scale_inv(x, c, r, tiling);
     if (tiling == "row") amax = torch::zeros({r + c}, x.options().dtype(at::kInt));
   }
   if (x.numel() > 0) {
@@ -512,6 +527,99 @@ std::vector<torch::Tensor> fp8_quantize_tensorwise(const torch::Tensor& x_in, bo
   }
   if (with_transpose) return {data, sinv, *data_t};
   return {data, sinv};
+}
+
+// ---- Ops that hand their output to an FP8 linear layer already quantised (docs/architecture.md,
+// "FP8"): y [rows, cols] is never written; the result is fp8_quantize's (or fp8_quantize_tensorwise's)
+// with the transpose for y padded with zero rows to rows_pad: [data [rows_pad, cols], scale_inv,
+// data_t [cols, rows_pad](, scale_inv_t unless "tensor")]. Where the fused kernels do not serve the
+// input, y is made (padded) and quantised by the separate kernels: the same values.
+
+struct Fp8Outputs {
+  torch::Tensor data, sinv, data_t, amax;
+  c10::optional<torch::Tensor> sinv_t;
+
+  std::vector<torch::Tensor> list() const {
+    if (sinv_t) return {data, sinv, data_t, *sinv_t};
+    return {data, sinv, data_t};
+  }
+};
+
+Fp8Outputs fp8_outputs(const torch::Tensor& x, const std::string& tiling, int64_t rows_pad, int64_t cols,
+                       const char* op) {
+  TORCH_CHECK(tiling == "tensor" || tiling == "row" || tiling == "1x128", op,
+              ": tiling must be \"tensor\", \"row\" or \"1x128\", got \"", tiling, "\"");
+  const auto e4m3 = x.options().dtype(at::kFloat8_e4m3fn), i32 = x.options().dtype(at::kInt);
+  Fp8Outputs o;
+  o.data = torch::empty({rows_pad, cols}, e4m3);
+  o.data_t = torch::empty({cols, rows_pad}, e4m3);
+  if (tiling == "tensor") {
+    o.sinv = torch::empty({}, x.options().dtype(at::kFloat));
+    o.amax = torch::zeros({1}, i32);
+  } else {
+    o.sinv = fp8_scale_inv(x, rows_pad, cols, tiling);
+    o.sinv_t = fp8_scale_inv(x, cols, rows_pad, tiling);
+    o.amax = tiling == "row" ? torch::zeros({rows_pad + cols}, i32) : torch::empty({0}, i32);
+  }
+  return o;
+}
+
+// The composed path: y [rows_pad, cols] with its rows past `rows` zero, made by `make(y_rows)`, then
+// quantised with the transpose.
+template <typename F>
+void quantize_made(const torch::Tensor& x, int64_t rows, int64_t rows_pad, int64_t cols, const std::string& tiling,
+                   Fp8Outputs& o, F make) {
+  auto y = torch::empty({rows_pad, cols}, x.options());
+  if (rows_pad > rows) y.narrow(0, rows, rows_pad - rows).zero_();
+  auto y_rows = y.narrow(0, 0, rows);
+  make(y_rows);
+  fp8_quantize_cuda(y, tiling, o.data, o.sinv, o.data_t, o.sinv_t,
+                    tiling == "1x128" ? c10::optional<torch::Tensor>() : c10::optional<torch::Tensor>(o.amax));
+}
+
+int64_t check_rows_pad(int64_t rows, int64_t rows_pad, const char* op) {
+  TORCH_CHECK(rows > 0, op, ": x has no rows");
+  TORCH_CHECK(rows_pad >= rows, op, ": rows_pad ", rows_pad, " is below the ", rows, " rows of x");
+  return rows_pad;
+}
+
+// RMSNorm (fused with the residual add when given) of x [rows, h] quantised: the list above, then
+// rstd (and x + residual).
+std::vector<torch::Tensor> rms_norm_fp8_forward(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
+                                                const torch::Tensor& w, double eps, const std::string& tiling,
+                                                int64_t rows_pad) {
+  const char* op = "rms_norm_fp8_forward";
+  check_rms_norm_inputs(x, residual, w, eps, op);
+  TORCH_CHECK(x.size(1) > 0, op, ": x has no columns");
+  const int64_t rows = x.size(0), h = x.size(1);
+  check_rows_pad(rows, rows_pad, op);
+  auto o = fp8_outputs(x, tiling, rows_pad, h, op);
+  auto rstd = torch::empty({rows}, x.options().dtype(at::kFloat));
+  c10::optional<torch::Tensor> sum_out;
+  if (residual) sum_out = torch::empty_like(x);
+  if (!rms_norm_fp8_forward_cuda(x, residual, w, sum_out, rstd, tiling, o.data, o.sinv, o.data_t, o.sinv_t, o.amax,
+                                 rows, rows_pad, h, eps)) {
+    quantize_made(x, rows, rows_pad, h, tiling, o,
+                  [&](torch::Tensor& y) { rms_norm_forward_cuda(x, residual, w, y, sum_out, rstd, rows, h, eps); });
+  }
+  auto out = o.list();
+  out.push_back(rstd);
+  if (sum_out) out.push_back(*sum_out);
+  return out;
+}
+
+// SwiGLU of x [rows, 2f] quantised: the list above.
+std::vector<torch::Tensor> swiglu_fp8_forward(const torch::Tensor& x, const std::string& tiling, int64_t rows_pad) {
+  const char* op = "swiglu_fp8_forward";
+  check_input(x, op, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, op, ": x must be 2-D [rows, 2f], got shape ", x.sizes());
+  const int64_t f = half_last_dim(x, op), rows = x.size(0);
+  check_rows_pad(rows, rows_pad, op);
+  auto o = fp8_outputs(x, tiling, rows_pad, f, op);
+  if (!swiglu_fp8_cuda(x, tiling, o.data, o.sinv, o.data_t, o.sinv_t, o.amax, rows, rows_pad, f)) {
+    quantize_made(x, rows, rows_pad, f, tiling, o, [&](torch::Tensor& y) { swiglu_forward_cuda(x, y, rows, f); });
+  }
+  return o.list();
 }
 
 // FP8 codes x [R, C] or [G, R, C] (contiguous) -> the contiguous transpose of each matrix.
@@ -581,6 +689,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fp8_quantize_tensorwise", &fp8_quantize_tensorwise,
         "[data, scale_inv [](, data_t)] of the e4m3 quantisation of x [R, C] with one scale (amax on the device)",
         pybind11::arg("x"), pybind11::arg("with_transpose"));
+  m.def("rms_norm_fp8_forward", &rms_norm_fp8_forward,
+        "[data, scale_inv, data_t(, scale_inv_t), rstd(, x + residual)]: RMSNorm of x [rows, h] quantised as "
+        "fp8_quantize with the transpose, rows zero-padded to rows_pad, y never written",
+        pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("eps"),
+        pybind11::arg("tiling"), pybind11::arg("rows_pad"));
+  m.def("swiglu_fp8_forward", &swiglu_fp8_forward,
+        "[data, scale_inv, data_t(, scale_inv_t)]: silu(gate) * up of x [rows, 2f] quantised as fp8_quantize with "
+        "the transpose, rows zero-padded to rows_pad, y never written",
+        pybind11::arg("x"), pybind11::arg("tiling"), pybind11::arg("rows_pad"));
   m.def("fp8_transpose", &fp8_transpose, "the contiguous transpose of FP8 codes x [R, C] or of each [R, C] of [G, R, C]",
         pybind11::arg("x"));
 }

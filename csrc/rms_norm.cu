@@ -10,8 +10,22 @@
 // registers (16-byte packs, NP packs per thread, 128 threads, or 256 for the longest rows) so each
 // tensor is read and written once. Rows that are too long or not 16-byte aligned take a generic path
 // that re-reads the row. Every kernel runs on a persistent grid (Launch::blocks).
+//
+// Forward with the output quantised to FP8 for the linear layer it feeds (rms_norm_fp8_forward_cuda;
+// docs/architecture.md, "FP8"): the codes and scales of y along its rows and of y^T along the tokens,
+// bit for bit ops.fp8.quantize_pair(pad_rows(y)), without y ever in memory. The register path's
+// forward, with y in registers, writes instead of y (kernel template OUT):
+//   "1x128"   the row's codes and 1 x 128 scales (a tile is the 16 lanes of a half-warp);
+//   "row"     the row's codes and scale (a block maximum), and per block the column maxima of its
+//             rows (16-bit |y| bits, [blocks, h]), reduced over blocks by col_amax_reduce;
+//   "tensor"  nothing but the maximum, atomicMax'ed once per block.
+// Then fp8_quant.cuh's tile kernel reads the rows again through NormedRows (s, rstd and w give y
+// again, with the same arithmetic) and writes y^T's codes (and, "tensor", y's). Bytes per element
+// (bf16, without the residual): 2 read + 1 written, then 2 read + 1 written; rms_norm then
+// quantize_pair moves 2 + 2, then 2 (the 1 x 128 tiles; "row" and "tensor" read y twice: 4) + 2.
+// Rows past `rows` up to rows_pad are zero rows (the tokens padded to the recipe's multiple).
 
-#include "common.cuh"
+#include "fp8_quant.cuh"
 
 #include <ATen/ops/empty.h>
 #include <cuda_pipeline_primitives.h>
@@ -62,28 +76,125 @@ __device__ __forceinline__ void stage_w(uint4* w_slice, const T* __restrict__ w,
   for (int p = 0; p < NP; ++p) w_slice[p * THREADS + threadIdx.x] = wp[p];
 }
 
+// What a forward writes for y: y itself (kY), or its FP8 quantisation along rows (see the top).
+enum class Out { kY, kTensor, kRow, kTile };
+
+// Where a quantising forward writes: codes q [rows_pad, h]; scale_inv ("row" [rows_pad], "1x128"
+// [rows_pad, ceil(h / 128)] column-major); the tensor amax ("tensor"); the blocks' column maxima
+// ("row", [blocks, h]). Unused by kY.
+struct Fp8Rows {
+  uint8_t* q;
+  float* sinv;
+  uint32_t* amax;
+  uint16_t* col_partial;
+  int64_t rows_pad;
+};
+
+// The FP8 epilogue of a row whose y this thread holds as packs yp (zeros past h): see the top.
+template <typename T, int NP, int THREADS, Out OUT>
+__device__ __forceinline__ void quantize_slice(const uint4 (&yp)[NP], int64_t row, int h, const Fp8Rows& out,
+                                               uint4* col_max, uint32_t& tensor_max, uint32_t* scratch) {
+  Chunk<T> c[NP];
+#pragma unroll
+  for (int p = 0; p < NP; ++p) c[p].w[0] = yp[p].x, c[p].w[1] = yp[p].y, c[p].w[2] = yp[p].z, c[p].w[3] = yp[p].w;
+  uint8_t* q = out.q + row * h;
+  if constexpr (OUT == Out::kTensor) {
+    uint32_t m = tensor_max;
+#pragma unroll
+    for (int p = 0; p < NP; ++p) m = max(m, chunk_amax<T>(c[p]));
+    tensor_max = m;
+  } else if constexpr (OUT == Out::kTile) {
+#pragma unroll
+    for (int p = 0; p < NP; ++p) {
+      uint32_t m = chunk_amax<T>(c[p]);
+#pragma unroll
+      for (int o = 8; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));  // the tile's 16 lanes
+      const float sc = scale_of(m);
+      const int col = (p * THREADS + threadIdx.x) * kChunk;
+      if (col < h) {
+        store_codes(q, col, h, quantize_chunk<T>(c[p], sc), true);
+        if ((threadIdx.x & 15) == 0) out.sinv[(col / kTile) * out.rows_pad + row] = rcp_rn(sc);
+      }
+    }
+  } else {  // kRow
+    uint32_t m = 0;
+#pragma unroll
+    for (int p = 0; p < NP; ++p) m = max(m, chunk_amax<T>(c[p]));
+    const float sc = scale_of(block_max(m, scratch));
+    if (threadIdx.x == 0) out.sinv[row] = rcp_rn(sc);
+#pragma unroll
+    for (int p = 0; p < NP; ++p) {
+      const int col = (p * THREADS + threadIdx.x) * kChunk;
+      if (col < h) store_codes(q, col, h, quantize_chunk<T>(c[p], sc), true);
+      uint4& cm = col_max[p * THREADS + threadIdx.x];
+      cm = make_uint4(max_abs<T>(cm.x, yp[p].x), max_abs<T>(cm.y, yp[p].y), max_abs<T>(cm.z, yp[p].z),
+                      max_abs<T>(cm.w, yp[p].w));
+    }
+  }
+}
+
+// The column maxima of y from the blocks' partial rows ([groups, h] 16-bit |y| bits): col_amax[c] as
+// fp32 bits. 32 columns per block, 16 row groups.
+template <typename T>
+__global__ void col_amax_reduce(const uint16_t* __restrict__ partial, uint32_t* __restrict__ col_amax, int groups,
+                                int h) {
+  __shared__ uint32_t acc[16][33];
+  const int c = blockIdx.x * 32 + threadIdx.x;
+  uint32_t m = 0;
+  if (c < h)
+    for (int b = threadIdx.y; b < groups; b += 16) m = max(m, static_cast<uint32_t>(partial[(int64_t)b * h + c]));
+  acc[threadIdx.y][threadIdx.x] = m;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < h) {
+#pragma unroll
+    for (int i = 1; i < 16; ++i) m = max(m, acc[i][threadIdx.x]);
+    col_amax[c] = __float_as_uint(from_bits16<T>(m));
+  }
+}
+
 // A persistent grid (Launch::blocks) walks the rows, one per block at a time. The loads of a row (x,
-// and residual when fused) are all issued before the first use.
-template <typename T, int VEC, int NP, int THREADS, bool RES>
+// and residual when fused) are all issued before the first use. A quantising forward (OUT != kY)
+// also walks the zero rows up to out.rows_pad; it keeps its running column maxima ("row") in shared
+// memory after w, [NP][THREADS] packs of 16-bit |y| bits.
+template <typename T, int VEC, int NP, int THREADS, bool RES, Out OUT>
 __global__ void __launch_bounds__(THREADS, kFwdRegsCap / THREADS)
     rms_fwd_fast(const T* __restrict__ x, const T* __restrict__ res, const T* __restrict__ w, T* __restrict__ y,
-                 T* __restrict__ sum_out, float* __restrict__ rstd, int64_t rows, int h, float eps) {
+                 T* __restrict__ sum_out, float* __restrict__ rstd, Fp8Rows out, int64_t rows, int h, float eps) {
+  static_assert(OUT == Out::kY || (sizeof(T) == 2 && VEC == kChunk), "FP8 rows: a pack is a chunk of 16-bit values");
   __shared__ float scratch[32];
   extern __shared__ uint4 w_slice[];  // [NP][THREADS]
   stage_w<T, VEC, NP, THREADS>(w_slice, w, h);
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+  uint4* col_max = w_slice + NP * THREADS;
+  if constexpr (OUT == Out::kRow) {
+#pragma unroll
+    for (int p = 0; p < NP; ++p) col_max[p * THREADS + threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
+  }
+  // "tensor": this thread's running maximum, in shared memory rather than a register (the widest rows
+  // have none to spare under the register cap)
+  __shared__ uint32_t tensor_max[OUT == Out::kTensor ? THREADS : 1];
+  if constexpr (OUT == Out::kTensor) tensor_max[threadIdx.x] = 0;
+  const int64_t end = OUT == Out::kY ? rows : out.rows_pad;
+  for (int64_t row = blockIdx.x; row < end; row += gridDim.x) {
+    const bool real = OUT == Out::kY || row < rows;  // block-uniform
     uint4 s[NP], b[NP];
-    load_slice<T, VEC, NP, THREADS>(s, x + row * h, h);
+    if (real) {
+      load_slice<T, VEC, NP, THREADS>(s, x + row * h, h);
+    } else {
+#pragma unroll
+      for (int p = 0; p < NP; ++p) s[p] = make_uint4(0u, 0u, 0u, 0u);
+    }
     if constexpr (RES) {
-      load_slice<T, VEC, NP, THREADS>(b, res + row * h, h);
+      if (real) {
+        load_slice<T, VEC, NP, THREADS>(b, res + row * h, h);
 #pragma unroll
-      for (int p = 0; p < NP; ++p) {
-        float v[VEC];
+        for (int p = 0; p < NP; ++p) {
+          float v[VEC];
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) v[k] = unpack<T>(s[p], k) + unpack<T>(b[p], k);
-        s[p] = repack<T>(v);
+          for (int k = 0; k < VEC; ++k) v[k] = unpack<T>(s[p], k) + unpack<T>(b[p], k);
+          s[p] = repack<T>(v);
+        }
+        store_slice<T, VEC, NP, THREADS>(sum_out + row * h, s, h);
       }
-      store_slice<T, VEC, NP, THREADS>(sum_out + row * h, s, h);
     }
     float ss = 0.f;
 #pragma unroll
@@ -93,23 +204,40 @@ __global__ void __launch_bounds__(THREADS, kFwdRegsCap / THREADS)
     float tot[1] = {ss};
     block_sum<1>(tot, scratch);
     const float r = rsqrtf(tot[0] / h + eps);
-    if (threadIdx.x == 0) rstd[row] = r;
+    if (real && threadIdx.x == 0) rstd[row] = r;
 #pragma unroll
     for (int p = 0; p < NP; ++p) {
       const uint4 wp = w_slice[p * THREADS + threadIdx.x];
       float v[VEC];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) v[k] = to_float(from_float<T>(unpack<T>(s[p], k) * r)) * unpack<T>(wp, k);
+      for (int k = 0; k < VEC; ++k)
+        v[k] = real ? to_float(from_float<T>(unpack<T>(s[p], k) * r)) * unpack<T>(wp, k) : 0.f;
       s[p] = repack<T>(v);
     }
-    store_slice<T, VEC, NP, THREADS>(y + row * h, s, h);
+    if constexpr (OUT == Out::kY) {
+      store_slice<T, VEC, NP, THREADS>(y + row * h, s, h);
+    } else {
+      quantize_slice<T, NP, THREADS, OUT>(s, row, h, out, col_max, tensor_max[OUT == Out::kTensor ? threadIdx.x : 0],
+                                          reinterpret_cast<uint32_t*>(scratch));
+    }
+  }
+  if constexpr (OUT == Out::kTensor) {
+    const uint32_t m = block_max(tensor_max[threadIdx.x], reinterpret_cast<uint32_t*>(scratch));
+    if (threadIdx.x == 0 && m != 0) atomicMax(out.amax, m);
+  } else if constexpr (OUT == Out::kRow) {
+#pragma unroll
+    for (int p = 0; p < NP; ++p) {
+      const int c = (p * THREADS + threadIdx.x) * kChunk;
+      if (c < h)
+        *reinterpret_cast<uint4*>(out.col_partial + (int64_t)blockIdx.x * h + c) = col_max[p * THREADS + threadIdx.x];
+    }
   }
 }
 
 template <typename T, bool RES>
 __global__ void __launch_bounds__(kBlock) rms_fwd_generic(const T* __restrict__ x, const T* __restrict__ res,
                                                           const T* __restrict__ w, T* __restrict__ y,
-                                                          T* __restrict__ sum_out, float* __restrict__ rstd,
+                                                          T* __restrict__ sum_out, float* __restrict__ rstd, Fp8Rows,
                                                           int64_t rows, int h, float eps) {
   __shared__ float scratch[32];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -257,7 +385,7 @@ constexpr int kRowsPerWarpBlock = kWarpBlock / 32;
 template <typename T, int VEC, int NP, bool RES>
 __global__ void __launch_bounds__(kWarpBlock) rms_fwd_warp(const T* __restrict__ x, const T* __restrict__ res,
                                                          const T* __restrict__ w, T* __restrict__ y,
-                                                         T* __restrict__ sum_out, float* __restrict__ rstd,
+                                                         T* __restrict__ sum_out, float* __restrict__ rstd, Fp8Rows,
                                                          int64_t rows, int h, float eps) {
   const int lane = threadIdx.x & 31;
   const int64_t stride = (int64_t)gridDim.x * kRowsPerWarpBlock;
@@ -450,7 +578,7 @@ void with_shape(int np, int threads, F f) {
 }
 
 template <typename T>
-using FwdKernel = void (*)(const T*, const T*, const T*, T*, T*, float*, int64_t, int, float);
+using FwdKernel = void (*)(const T*, const T*, const T*, T*, T*, float*, Fp8Rows, int64_t, int, float);
 template <typename T>
 using BwdKernel = void (*)(const T*, const T*, const T*, const float*, const T*, T*, float*, int64_t, int);
 
@@ -490,8 +618,8 @@ Launch<FwdKernel<T>> forward_launch(int h, bool res, int np, int wnp) {
   } else {
     with_shape(np, fast_threads<T>(h, np), [&](auto npc, auto threadsc) {
       constexpr int NP = decltype(npc)::value, THREADS = decltype(threadsc)::value;
-      l = {res ? rms_fwd_fast<T, kVec, NP, THREADS, true> : rms_fwd_fast<T, kVec, NP, THREADS, false>, THREADS,
-           static_cast<size_t>(THREADS) * NP * sizeof(uint4), 1};  // w
+      l = {res ? rms_fwd_fast<T, kVec, NP, THREADS, true, Out::kY> : rms_fwd_fast<T, kVec, NP, THREADS, false, Out::kY>,
+           THREADS, static_cast<size_t>(THREADS) * NP * sizeof(uint4), 1};  // w
     });
   }
   return l;
@@ -519,7 +647,110 @@ Launch<BwdKernel<T>> backward_launch(int h, bool dsum, int np, int wnp) {
   return l;
 }
 
+// y = w * round(s * rstd) of rows [rows, h] (s: x, or x + residual), with the forward's arithmetic:
+// the source through which fp8_quant.cuh's tile kernel reads the normalised rows again. Needs h % 8
+// == 0 and s, w 16-byte aligned (the register path's conditions).
+template <typename T>
+struct NormedRows {
+  static_assert(sizeof(T) == 2, "a 16-byte pack is a chunk");
+  using Type = T;
+  static constexpr int kMinBlocks = 0;
+  const T* s;
+  const float* rstd;
+  const T* w;
+  int64_t rows, h;
+
+  __device__ __forceinline__ Chunk<T> load(int64_t r, int64_t col) const {
+    if (r >= rows || col >= h) return zero_chunk<T>();
+    const uint4 sp = *reinterpret_cast<const uint4*>(s + r * h + col);
+    const uint4 wp = *reinterpret_cast<const uint4*>(w + col);
+    const float rr = rstd[r];
+    float v[kChunk];
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) v[k] = to_float(from_float<T>(unpack<T>(sp, k) * rr)) * unpack<T>(wp, k);
+    return chunk_of<T>(v);
+  }
+};
+
+// The fused forward on the register path (np packs per thread): see the top.
+template <typename T>
+void fp8_forward(const T* xp, const T* rp, const T* wp, T* sp, float* rstd, int tiling, uint8_t* q, float* sinv,
+                 uint8_t* qt, float* sinv_t, uint32_t* amax, int64_t rows, int64_t rows_pad, int h, float eps, int np,
+                 const at::TensorOptions& opts) {
+  constexpr int kVec = 16 / sizeof(T);
+  auto stream = current_stream();
+  with_shape(np, fast_threads<T>(h, np), [&](auto npc, auto threadsc) {
+    constexpr int NP = decltype(npc)::value, THREADS = decltype(threadsc)::value;
+    const size_t w_bytes = static_cast<size_t>(THREADS) * NP * sizeof(uint4);
+    const NormedRows<T> src{rp != nullptr ? sp : xp, rstd, wp, rows, h};
+    auto kernel_for = [&](auto outc) -> FwdKernel<T> {
+      constexpr Out OUT = decltype(outc)::value;
+      if (rp != nullptr) return rms_fwd_fast<T, kVec, NP, THREADS, true, OUT>;
+      return rms_fwd_fast<T, kVec, NP, THREADS, false, OUT>;
+    };
+    if (tiling == 0) {  // tensor: the amax, then both casts
+      const Launch<FwdKernel<T>> l{kernel_for(std::integral_constant<Out, Out::kTensor>{}), THREADS, w_bytes, 1};
+      l.kernel<<<l.blocks(rows_pad), THREADS, l.smem, stream>>>(xp, rp, wp, nullptr, sp, rstd,
+                                                               Fp8Rows{q, sinv, amax, nullptr, rows_pad}, rows, h, eps);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_tiles<NormedRows<T>, Scales::kTensor, true, true>(src, q, qt, sinv, nullptr, amax, rows_pad, h, stream);
+    } else if (tiling == 1) {  // row: the rows' codes and the column maxima, then the transpose's codes
+      const Launch<FwdKernel<T>> l{kernel_for(std::integral_constant<Out, Out::kRow>{}), THREADS, 2 * w_bytes, 1};
+      const int groups = l.blocks(rows_pad);
+      auto partial = at::empty({groups, h}, opts.dtype(at::kShort));
+      uint16_t* pp = reinterpret_cast<uint16_t*>(partial.data_ptr<int16_t>());
+      l.kernel<<<groups, THREADS, l.smem, stream>>>(xp, rp, wp, nullptr, sp, rstd,
+                                                    Fp8Rows{q, sinv, nullptr, pp, rows_pad}, rows, h, eps);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      col_amax_reduce<T><<<(h + 31) / 32, dim3(32, 16), 0, stream>>>(pp, amax + rows_pad, groups, h);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_tiles<NormedRows<T>, Scales::kRowCol, false, true>(src, nullptr, qt, nullptr, sinv_t, amax, rows_pad, h,
+                                                               stream);
+    } else {  // 1x128: the rows' codes, then the transpose's
+      const Launch<FwdKernel<T>> l{kernel_for(std::integral_constant<Out, Out::kTile>{}), THREADS, w_bytes, 1};
+      const Fp8Rows out{q, sinv, nullptr, nullptr, rows_pad};
+      l.kernel<<<l.blocks(rows_pad), THREADS, l.smem, stream>>>(xp, rp, wp, nullptr, sp, rstd, out, rows, h, eps);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_tiles<NormedRows<T>, Scales::kTile, false, true>(src, nullptr, qt, nullptr, sinv_t, nullptr, rows_pad, h,
+                                                             stream);
+    }
+  });
+}
+
 }  // namespace
+
+// Validated and allocated by bindings.cpp (rms_norm_fp8_forward): x, residual and sum_out [rows, h]
+// of one 16-bit or fp32 dtype, w [h], rstd fp32 [rows], rows >= 1; data e4m3 [rows_pad, h], data_t
+// e4m3 [h, rows_pad], scale_inv and scale_inv_t as fp8_quantize's for `tiling` (none for "tensor");
+// amax int32 zeros, [1] ("tensor") or [rows_pad + h] ("row"). Returns false, having written nothing,
+// where the fused kernels do not serve x (fp32, or rows that the forward takes off the register path):
+// the caller then composes rms_norm_forward_cuda and fp8_quantize_cuda, the same values.
+bool rms_norm_fp8_forward_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& w,
+                               c10::optional<at::Tensor>& sum_out, at::Tensor& rstd, const std::string& tiling,
+                               at::Tensor& data, at::Tensor& scale_inv, at::Tensor& data_t,
+                               const c10::optional<at::Tensor>& scale_inv_t, at::Tensor& amax, int64_t rows,
+                               int64_t rows_pad, int64_t h, double eps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int code = tiling == "tensor" ? 0 : tiling == "row" ? 1 : 2;
+  auto run = [&](auto type) {
+    using T = decltype(type);
+    const T* xp = static_cast<const T*>(x.data_ptr());
+    const T* rp = residual ? static_cast<const T*>(residual->data_ptr()) : nullptr;
+    const T* wp = static_cast<const T*>(w.data_ptr());
+    T* sp = sum_out ? static_cast<T*>(sum_out->data_ptr()) : nullptr;
+    const int np = packs_per_thread<T>(static_cast<int>(h), {xp, rp, wp, sp});
+    if (np == 0 || warp_packs_per_lane<T>(static_cast<int>(h), np) > 0) return false;
+    fp8_forward<T>(xp, rp, wp, sp, rstd.data_ptr<float>(), code, static_cast<uint8_t*>(data.data_ptr()),
+                   scale_inv.data_ptr<float>(), static_cast<uint8_t*>(data_t.data_ptr()),
+                   scale_inv_t ? scale_inv_t->data_ptr<float>() : nullptr,
+                   reinterpret_cast<uint32_t*>(amax.data_ptr<int32_t>()), rows, rows_pad, static_cast<int>(h),
+                   static_cast<float>(eps), np, x.options());
+    return true;
+  };
+  if (x.scalar_type() == at::kBFloat16) return run(__nv_bfloat16{});
+  if (x.scalar_type() == at::kHalf) return run(__half{});
+  return false;
+}
 
 // Validated by bindings.cpp: contiguous CUDA tensors of one dtype, x/residual/y/sum_out [rows, h],
 // w [h], rstd fp32 [rows], rows > 0, h > 0. residual and sum_out are both defined or both not.
@@ -536,8 +767,8 @@ void rms_norm_forward_cuda(const at::Tensor& x, const c10::optional<at::Tensor>&
     T* sp = res ? static_cast<T*>(sum_out->data_ptr()) : nullptr;
     const int np = packs_per_thread<T>(static_cast<int>(h), {xp, rp, wp, yp, sp});
     const auto l = forward_launch<T>(static_cast<int>(h), res, np, warp_packs_per_lane<T>(static_cast<int>(h), np));
-    l.kernel<<<l.blocks(rows), l.threads, l.smem, current_stream()>>>(xp, rp, wp, yp, sp, rstd.data_ptr<float>(),
-                                                                      rows, static_cast<int>(h), static_cast<float>(eps));
+    l.kernel<<<l.blocks(rows), l.threads, l.smem, current_stream()>>>(
+        xp, rp, wp, yp, sp, rstd.data_ptr<float>(), Fp8Rows{}, rows, static_cast<int>(h), static_cast<float>(eps));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -2,8 +2,15 @@
 // Forward reads 2F and writes F elements per row; backward reads x and dy and writes dx.
 // Math is fp32 whatever the storage type. Rows are processed with vectors of 16 bytes when
 // F and the pointers allow it, with a scalar loop otherwise.
+//
+// Forward with y quantised to FP8 for the down projection (swiglu_fp8_cuda; docs/architecture.md,
+// "FP8"): fp8_quant.cuh's kernels read y through SwigluRows, which computes it from gate and up as
+// the forward does, so y never goes to memory. "1x128": one tile pass writes y's codes along rows
+// and along tokens (2F read, 2 x F written, bytes per output element 4 + 2 in bf16, against 4 + 2
+// then 2 + 2 for swiglu then quantize_pair). "row" and "tensor" need their amaxes first: an amax
+// pass then the tile pass (4, then 4 + 2, against 4 + 2 then 4 + 2).
 
-#include "common.cuh"
+#include "fp8_quant.cuh"
 
 namespace {
 
@@ -101,7 +108,62 @@ void launch_bwd(const void* x, const void* dy, void* dx, int64_t rows, int64_t f
   });
 }
 
+// silu(gate) * up of rows [rows, f] of x [rows, 2f], each rounded to T as the forward rounds it: the
+// source of the FP8 kernels. Needs f % 8 == 0 and x 16-byte aligned. kMinBlocks 1: the compiler's
+// own budget for the tile kernel (64 registers) spills here; 72 keep 3 blocks of 256 per SM.
+template <typename T>
+struct SwigluRows {
+  using Type = T;
+  static constexpr int kMinBlocks = 1;
+  const T* x;
+  int64_t rows, f;
+
+  __device__ __forceinline__ Chunk<T> load(int64_t r, int64_t col) const {
+    if (r >= rows || col >= f) return zero_chunk<T>();
+    const Chunk<T> g = load_chunk<T, true>(x + r * 2 * f, col, f), u = load_chunk<T, true>(x + r * 2 * f + f, col, f);
+    float v[kChunk];
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
+      const float gv = elem<T>(g.w, k);
+      v[k] = gv * sigmoidf(gv) * elem<T>(u.w, k);
+    }
+    return chunk_of<T>(v);
+  }
+};
+
 }  // namespace
+
+// Validated and allocated by bindings.cpp (swiglu_fp8_forward): x [rows, 2f] contiguous, rows >= 1;
+// data e4m3 [rows_pad, f], data_t e4m3 [f, rows_pad], scale_inv and scale_inv_t as fp8_quantize's for
+// `tiling` (none for "tensor"); amax int32 zeros, [1] ("tensor") or [rows_pad + f] ("row"). Rows past
+// `rows` are zero rows. Returns false, having written nothing, where f % 8 != 0 or x is not 16-byte
+// aligned: the caller then composes swiglu_forward_cuda and fp8_quantize_cuda, the same values.
+bool swiglu_fp8_cuda(const at::Tensor& x, const std::string& tiling, at::Tensor& data, at::Tensor& scale_inv,
+                     at::Tensor& data_t, const c10::optional<at::Tensor>& scale_inv_t, at::Tensor& amax, int64_t rows,
+                     int64_t rows_pad, int64_t f) {
+  if (f % kChunk != 0 || !mq2::aligned16(x.data_ptr())) return false;
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = mq2::current_stream();
+  uint8_t* q = static_cast<uint8_t*>(data.data_ptr());
+  uint8_t* qt = static_cast<uint8_t*>(data_t.data_ptr());
+  float* sinv = scale_inv.data_ptr<float>();
+  float* sinv_t = scale_inv_t ? scale_inv_t->data_ptr<float>() : nullptr;
+  uint32_t* am = reinterpret_cast<uint32_t*>(amax.data_ptr<int32_t>());
+  MQ2_DISPATCH(x.scalar_type(), T, {
+    const SwigluRows<T> src{static_cast<const T*>(x.data_ptr()), rows, f};
+    using Src = SwigluRows<T>;
+    if (tiling == "tensor") {
+      launch_amax<Src, Amax::kTensor>(src, nullptr, am, rows_pad, f, stream);
+      launch_tiles<Src, Scales::kTensor>(src, q, qt, sinv, nullptr, am, rows_pad, f, stream);
+    } else if (tiling == "row") {
+      launch_amax<Src, Amax::kRowsCols>(src, am, am + rows_pad, rows_pad, f, stream);
+      launch_tiles<Src, Scales::kRowCol>(src, q, qt, sinv, sinv_t, am, rows_pad, f, stream);
+    } else {
+      launch_tiles<Src, Scales::kTile>(src, q, qt, sinv, sinv_t, nullptr, rows_pad, f, stream);
+    }
+  });
+  return true;
+}
 
 // Inputs are validated by the callers in bindings.cpp: contiguous CUDA tensors of one
 // supported dtype, x [rows, 2f], y / dy [rows, f], dx like x, rows * f > 0.

@@ -1,6 +1,6 @@
 """Training with train.fp8 on the CPU (the emulated FP8 GEMMs): each recipe trains close to the
-unquantised run; dp and pp (every recipe) and tp + sp (blockwise, whose tiles tp does not cut)
-train the same model as one process; a run switches FP8 on at resume; bad values are one line."""
+unquantised run; dp and pp (every recipe) and tp with and without sp (blockwise, whose tiles tp does
+not cut) train the same model as one process; a run switches FP8 on at resume; bad values are one line."""
 
 import subprocess
 import sys
@@ -74,8 +74,9 @@ def _worker(rank, world_size, cfg, run_dir):
     ("tensorwise", 2, dict(tp=1)),
     ("rowwise", 2, dict(pp=2)),
     ("blockwise", 2, dict(tp=2, sequence_parallel=True)),
+    ("blockwise", 2, dict(tp=2, sequence_parallel=False)),  # the norms hand QKV and gate | up their input quantised
     ("blockwise", 4, dict(tp=2, pp=2, distributed_optimizer=True)),
-], ids=["tensorwise-dp2", "rowwise-pp2", "blockwise-tp2-sp", "blockwise-tp2-pp2-distopt"])
+], ids=["tensorwise-dp2", "rowwise-pp2", "blockwise-tp2-sp", "blockwise-tp2", "blockwise-tp2-pp2-distopt"])
 def test_layouts_train_the_same_fp8_model_as_one_process(root, fp8, world, parallel):
     run_dir = root / f"{fp8}-{world}-{'-'.join(f'{k}{v}' for k, v in parallel.items())}"
     cfg = make_config(root / "cache", fp8=fp8, **parallel).validate(world)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 
 from megatron_qwen2 import ops
 from megatron_qwen2.config import ModelConfig
-from megatron_qwen2.ops.fp8 import Fp8
+from megatron_qwen2.ops.fp8 import Fp8, Fp8Input
 from megatron_qwen2.parallel.cp import ContextParallelRing, ring_attention
 from megatron_qwen2.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_qwen2.parallel.shard import KvReplica
@@ -67,9 +67,10 @@ class SelfAttention(nn.Module):
                                      fp8=fp8)
         self.cp_ring = ContextParallelRing.from_topology(topo)  # None when cp == 1
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: Union[torch.Tensor, Fp8Input], cos: torch.Tensor, sin: torch.Tensor,
                 document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [s, b, h] -> [s, b, h] (both [s/tp, b, h] with sequence parallelism).
+        """x [s, b, h] (or its `Fp8Input` for the FP8 QKV projection) -> [s, b, h] (both [s/tp, b, h] with
+        sequence parallelism).
 
         document_ids [b, s] (the full sequence, gathered over sp): attention stays inside each
         packed document. With cp > 1, s is this cp rank's share of the row and document_ids are

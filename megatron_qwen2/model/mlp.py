@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 
 from megatron_qwen2 import ops
-from megatron_qwen2.ops.fp8 import Fp8
+from megatron_qwen2.ops.fp8 import Fp8, Fp8Input
 from megatron_qwen2.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 
@@ -22,6 +22,10 @@ class MLP(nn.Module):
                                             sequence_parallel=sequence_parallel, fp8=fp8)
         self.down = RowParallelLinear(ffn_hidden_size, hidden_size, bias=False, group=tp_group,
                                       sequence_parallel=sequence_parallel, fp8=fp8)
+        # SwiGLU hands its output quantised to the FP8 down projection, which takes it as it is under
+        # any layout (docs/architecture.md, "FP8").
+        self.fp8_out = fp8.recipe if fp8 is not None and fp8.fused_quantization else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(ops.swiglu(self.gate_up(x)))
+    def forward(self, x: Union[torch.Tensor, Fp8Input]) -> torch.Tensor:
+        h = self.gate_up(x)
+        return self.down(ops.swiglu(h) if self.fp8_out is None else ops.swiglu_fp8(h, self.fp8_out))

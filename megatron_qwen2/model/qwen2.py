@@ -51,10 +51,14 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, topo: Topology, layer_idx: int, fp8: Optional[Fp8] = None):
         super().__init__()
         sp = topo.sequence_parallel
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sequence_parallel=sp)
-        self.attention = SelfAttention(cfg, topo, fp8)
-        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sequence_parallel=sp)
         self.is_moe = cfg.is_moe_layer(layer_idx)
+        # A norm hands its output quantised to the FP8 projection it feeds (QKV; a dense MLP's gate |
+        # up) unless sequence parallelism all-gathers it in between (docs/architecture.md, "FP8").
+        fused = fp8.recipe if fp8 is not None and fp8.fused_quantization and not sp else None
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sequence_parallel=sp, fp8_out=fused)
+        self.attention = SelfAttention(cfg, topo, fp8)
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sequence_parallel=sp,
+                                           fp8_out=None if self.is_moe else fused)
         if self.is_moe:
             self.mlp = MoEBlock(cfg, topo, fp8)
         else:

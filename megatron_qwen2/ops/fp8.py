@@ -235,10 +235,60 @@ def quantize_reference(x: torch.Tensor, tiling: str, dtype: torch.dtype = E4M3) 
     raise ValueError(f"unknown tiling {tiling!r}")
 
 
+def padded(rows: int, multiple: int) -> int:
+    """rows rounded up to a multiple of `multiple`."""
+    return -(-rows // multiple) * multiple
+
+
 def pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """x [R, C] with zero rows appended up to a multiple of `multiple` rows."""
-    r = x.shape[0]
-    return _pad_to(x, -(-r // multiple) * multiple, x.shape[1])
+    return _pad_to(x, padded(x.shape[0], multiple), x.shape[1])
+
+
+@dataclass(frozen=True)
+class Fp8Input:
+    """An FP8 linear layer's input x [..., C] as the two operands its GEMMs take: `q`, x [R, C] along
+    C (the forward's A), and `t`, x^T [C, R] along the tokens (the weight gradient's B), R the tokens
+    padded with zero rows to the recipe's token multiple.
+
+    `stand_in` is x for autograd: a tensor of x's shape, dtype and device through which the layer's
+    input gradient reaches the op that made x. `quantize_input` quantises a tensor, which stands in
+    for itself; an op that quantises its output as it makes it (`ops.rms_norm_fp8`, `ops.swiglu_fp8`)
+    never writes x, and its stand-in is one element broadcast (`stand_in_for`)."""
+
+    stand_in: torch.Tensor
+    q: Fp8Tensor
+    t: Fp8Tensor
+
+
+def quantize_input(x: torch.Tensor, rcp: Fp8Recipe) -> Fp8Input:
+    """x [..., C] as an FP8 linear layer's input under the recipe."""
+    x2 = pad_rows(x.detach().reshape(-1, x.shape[-1]), rcp.token_multiple)
+    return Fp8Input(x, *quantize_pair(x2, rcp.activation_tiling, rcp.input_dtype))
+
+
+def quantized_by_kernels(rcp: Fp8Recipe, *tensors: torch.Tensor) -> bool:
+    """Whether the compiled ops that quantise their output as they make it (ops.rms_norm_fp8,
+    ops.swiglu_fp8) serve these inputs: CUDA, built, one dtype, e4m3 activations."""
+    return rcp.input_dtype is E4M3 and extension.use_kernel(*tensors)
+
+
+def stand_in_for(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+    """A tensor of `shape` with like's dtype and device that holds one element (zero strides)."""
+    return like.new_zeros(()).expand(shape)
+
+
+def operand_list(q: Fp8Tensor, t: Fp8Tensor) -> list[torch.Tensor]:
+    """[data, scale_inv, data_t(, scale_inv_t unless "tensor")]: `operands_of`'s list."""
+    return [q.data, q.scale_inv, t.data] + ([] if q.tiling == "tensor" else [t.scale_inv])
+
+
+def operands_of(out: list[torch.Tensor], tiling: str) -> tuple[Fp8Tensor, Fp8Tensor, list[torch.Tensor]]:
+    """The two operands from a quantising op's list [data, scale_inv, data_t(, scale_inv_t unless
+    "tensor"), ...] (ops/library.py), and the rest of the list."""
+    if tiling == "tensor":
+        return Fp8Tensor(out[0], out[1], tiling), Fp8Tensor(out[2], out[1], tiling), out[3:]
+    return Fp8Tensor(out[0], out[1], tiling), Fp8Tensor(out[2], out[3], tiling), out[4:]
 
 
 def _scale_b(b: Fp8Tensor) -> torch.Tensor:
@@ -438,3 +488,7 @@ class Fp8:
     # Routed experts' products as one grouped GEMM where the recipe has one on the device (else,
     # and when False, one GEMM per expert: bench/fp8_grouped.py measures the two).
     grouped_gemms: bool = True
+    # The ops that make a dense linear layer's input (RMSNorm, SwiGLU) hand it over quantised
+    # (`Fp8Input`) where nothing stands between them and the GEMM; False quantises in the layer
+    # (the same values; bench/kernels.py times the two).
+    fused_quantization: bool = True

@@ -434,3 +434,41 @@ def fp8_transpose(x: Tensor) -> Tensor:
 @fp8_transpose.register_fake
 def _(x):
     return x.new_empty(*x.shape[:-2], x.shape[-1], x.shape[-2])
+
+
+# ---- Ops whose output goes to an FP8 linear layer already quantised: y [rows, cols] padded with zero
+# rows to rows_pad, as fp8_quantize (fp8_quantize_tensorwise for "tensor") with the transpose would give
+# it, y itself never written: [data [rows_pad, cols], scale_inv, data_t [cols, rows_pad](, scale_inv_t
+# unless "tensor")], then the op's own outputs. No autograd here: the doors (ops/rms_norm.py,
+# ops/swiglu.py) wrap them with their op's backward.
+
+def _fp8_pair_fake(x: Tensor, rows_pad: int, cols: int, tiling: str) -> list[Tensor]:
+    data = x.new_empty(rows_pad, cols, dtype=torch.float8_e4m3fn)
+    data_t = x.new_empty(cols, rows_pad, dtype=torch.float8_e4m3fn)
+    if tiling == "tensor":
+        return [data, x.new_empty((), dtype=torch.float32), data_t]
+    return [data, _fp8_scale_inv_like(x, rows_pad, cols, tiling), data_t, _fp8_scale_inv_like(x, cols, rows_pad, tiling)]
+
+
+@custom_op("megatron_qwen2::rms_norm_fp8", mutates_args=())
+def rms_norm_fp8(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float, tiling: str,
+                 rows_pad: int) -> list[Tensor]:
+    """rms_norm(x (+ residual)) [rows, h] quantised as above, then rstd (and x + residual)."""
+    return _ext().rms_norm_fp8_forward(x, residual, weight, eps, tiling, rows_pad)
+
+
+@rms_norm_fp8.register_fake
+def _(x, residual, weight, eps, tiling, rows_pad):
+    out = _fp8_pair_fake(x, rows_pad, x.shape[1], tiling) + [x.new_empty(x.shape[0], dtype=torch.float32)]
+    return out if residual is None else out + [torch.empty_like(x)]
+
+
+@custom_op("megatron_qwen2::swiglu_fp8", mutates_args=())
+def swiglu_fp8(x: Tensor, tiling: str, rows_pad: int) -> list[Tensor]:
+    """swiglu(x) [rows, f] of x [rows, 2f] quantised as above."""
+    return _ext().swiglu_fp8_forward(x, tiling, rows_pad)
+
+
+@swiglu_fp8.register_fake
+def _(x, tiling, rows_pad):
+    return _fp8_pair_fake(x, rows_pad, x.shape[1] // 2, tiling)

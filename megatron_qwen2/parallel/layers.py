@@ -15,14 +15,16 @@ Parameters that then see only this rank's tokens (the row-parallel bias) have a 
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional, Sequence
+from dataclasses import replace
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron_qwen2.ops.fp8 import Fp8, Fp8Tensor, gemm, pad_rows, quantize_pair, weight_gemm_slices
+from megatron_qwen2.ops.fp8 import (Fp8, Fp8Input, Fp8Tensor, gemm, pad_rows, quantize_input, quantize_pair,
+                                    weight_gemm_slices)
 from megatron_qwen2.parallel.mappings import (copy_to_tp, gather_from_sp, reduce_from_tp,
                                               reduce_scatter_to_sp)
 from megatron_qwen2.parallel.shard import KvReplica, Shard, set_shard, shard_of
@@ -110,19 +112,18 @@ def add_weight_grad(weight: torch.Tensor, slices: Iterable[tuple[int, torch.Tens
 class _Fp8Linear(torch.autograd.Function):
     """y = x W^T + b with the forward, input-gradient and weight-gradient GEMMs in FP8 (ops/fp8.py).
 
-    W and W^T come from the model's `Fp8Weights`. Saved for backward: x^T quantised
-    along the tokens (FP8, half the bytes of a bf16 x). The token rows are padded with zeros to
-    the recipe's multiple when they are not one (the weight gradient reduces over them).
+    x comes as an `Fp8Input` (its quantisations along the features and along the tokens, the token
+    rows padded with zeros to the recipe's multiple: the weight gradient reduces over them); `x` is its
+    stand-in, whose gradient is the input gradient. W and W^T come from the model's `Fp8Weights`.
+    Saved for backward: x^T quantised along the tokens (FP8, half the bytes of a bf16 x).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, fp8: Fp8):
+    def forward(ctx, x, weight, bias, fp8: Fp8, xin: Fp8Input):
         rcp = fp8.recipe
-        x2 = x.reshape(-1, weight.shape[-1])
-        rows = x2.shape[0]
-        x2 = pad_rows(x2, rcp.token_multiple)
+        rows = x.numel() // x.shape[-1]
         w8 = fp8.weights.get(weight, rcp)
-        xq, xt = quantize_pair(x2, rcp.activation_tiling, rcp.input_dtype)
+        xq, xt = xin.q, xin.t
         y = gemm(xq, w8.w, x.dtype)[:rows]
         if bias is not None:
             y = y + bias
@@ -139,16 +140,20 @@ class _Fp8Linear(torch.autograd.Function):
         dx = gemm(dyq, ctx.weight8.t(), dy.dtype)[:rows].view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         dw = add_weight_grad(weight, weight_gemm_slices(dyt, Fp8Tensor(xt_data, xt_scale, rcp.activation_tiling)))
         db = dy2.sum(0) if ctx.has_bias else None
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+def linear(x: Union[torch.Tensor, Fp8Input], weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            fp8: Optional[Fp8] = None) -> torch.Tensor:
-    """x [..., in] @ weight[-1, in]^T (+ bias): in FP8 when `fp8` is given, else in x's dtype with
-    the weight gradient fused into main_grad on CUDA."""
+    """x [..., in] @ weight[-1, in]^T (+ bias): in FP8 when `fp8` is given (x a tensor, or already
+    quantised as its `Fp8Input` by the op that made it), else in x's dtype with the weight gradient
+    fused into main_grad on CUDA."""
     b = None if bias is None else bias.reshape(-1)
     if fp8 is not None:
-        return _Fp8Linear.apply(x, weight, b, fp8)
+        xin = x if isinstance(x, Fp8Input) else quantize_input(x, fp8.recipe)
+        return _Fp8Linear.apply(xin.stand_in, weight, b, fp8, xin)
+    if isinstance(x, Fp8Input):
+        raise ValueError("an FP8-quantised input reached a linear layer without FP8")
     if _fuse_wgrad(x, weight):
         return _LinearMainGrad.apply(x, weight, b)
     return F.linear(x, weight.reshape(-1, weight.shape[-1]), b)
@@ -194,8 +199,14 @@ class ColumnParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [s, b, in] ([s/tp, b, in] with sequence parallelism) -> [s, b, stack * out/tp]."""
+    def forward(self, x: Union[torch.Tensor, Fp8Input]) -> torch.Tensor:
+        """x [s, b, in] ([s/tp, b, in] with sequence parallelism) -> [s, b, stack * out/tp]. x may come
+        quantised (`Fp8Input`) where nothing stands between it and the GEMM: not with sequence
+        parallelism, whose all-gather of x comes first."""
+        if isinstance(x, Fp8Input):
+            if self.sequence_parallel:
+                raise ValueError("a sequence-parallel layer all-gathers its input: it takes it unquantised")
+            return linear(replace(x, stand_in=copy_to_tp(x.stand_in, self.group)), self.weight, self.bias, self.fp8)
         x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
         return linear(x, self.weight, self.bias, self.fp8)
 
@@ -216,8 +227,8 @@ class RowParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [s, b, in/tp] -> [s, b, out] ([s/tp, b, out] with sequence parallelism)."""
+    def forward(self, x: Union[torch.Tensor, Fp8Input]) -> torch.Tensor:
+        """x [s, b, in/tp] (or its `Fp8Input`) -> [s, b, out] ([s/tp, b, out] with sequence parallelism)."""
         y = linear(x, self.weight, fp8=self.fp8)
         y = reduce_scatter_to_sp(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
         return y if self.bias is None else y + self.bias
