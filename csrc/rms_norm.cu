@@ -595,7 +595,8 @@ struct Launch {
   int rows_per_block;
 
   int blocks(int64_t rows) const {
-    if (smem > 48 * 1024)
+    // The default dynamic allowance is 48 KiB less the kernel's static shared memory: always state it.
+    if (smem > 0)
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
