@@ -281,7 +281,7 @@ def bench_fp8_quant(rows, ceiling, rounds, tokens=8192):
         w = torch.randn(shape, device="cuda").to(torch.float8_e4m3fn)
         impls = {"kernel": {"transpose": lambda w=w: library.fp8_transpose(w)},
                  "torch transpose": {"transpose": lambda w=w: w.t().contiguous()}}
-        measure(rows, ceiling, "fp8_transpose", impls, {"transpose": 2 * w.numel()}, rounds, shape=list(shape),
+        measure(rows, ceiling, "fp8_transpose", impls, {"transpose": 2 * w.numel()}, rounds, weight=f"{shape[0]}x{shape[1]}",
                 dtype="e4m3")
         del w
 
@@ -450,7 +450,7 @@ def main() -> None:
         print(f"ops.attention picks {line}")
     print(f"{'kernel':<14}{'shape':<17}{'pass':<10}{'impl':<28}{'ms':>8}{'spread':>7}{'rate':>9}{'%ceil':>7}")
     for r in rows:
-        shape = "/".join(str(r[key]) for key in ("tokens", "hidden", "seq", "heads", "kv_heads", "vocab_shard") if key in r)
+        shape = "/".join(str(r[key]) for key in ("tokens", "hidden", "weight", "seq", "heads", "kv_heads", "vocab_shard") if key in r)
         if r.get("documents"):
             shape += "/docs"
         if "error" in r:
