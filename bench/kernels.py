@@ -276,6 +276,14 @@ def bench_fp8_quant(rows, ceiling, rounds, tokens=8192):
                         tiling=tiling, transpose=transpose, x_reads=passes)
         del x
         torch.cuda.empty_cache()
+    # The transpose of a weight's FP8 codes (W^T for tensorwise / blockwise backward products).
+    for shape in ((3584, 18944), (18944, 3584), (8192, 29568)):
+        w = torch.randn(shape, device="cuda").to(torch.float8_e4m3fn)
+        impls = {"kernel": {"transpose": lambda w=w: library.fp8_transpose(w)},
+                 "torch transpose": {"transpose": lambda w=w: w.t().contiguous()}}
+        measure(rows, ceiling, "fp8_transpose", impls, {"transpose": 2 * w.numel()}, rounds, weight=f"{shape[0]}x{shape[1]}",
+                dtype="e4m3")
+        del w
 
 
 def _attention_flops(doc_lengths, hq, d, causal=True):
@@ -442,7 +450,7 @@ def main() -> None:
         print(f"ops.attention picks {line}")
     print(f"{'kernel':<14}{'shape':<17}{'pass':<10}{'impl':<28}{'ms':>8}{'spread':>7}{'rate':>9}{'%ceil':>7}")
     for r in rows:
-        shape = "/".join(str(r[key]) for key in ("tokens", "hidden", "seq", "heads", "kv_heads", "vocab_shard") if key in r)
+        shape = "/".join(str(r[key]) for key in ("tokens", "hidden", "weight", "seq", "heads", "kv_heads", "vocab_shard") if key in r)
         if r.get("documents"):
             shape += "/docs"
         if "error" in r:

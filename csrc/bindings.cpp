@@ -41,6 +41,7 @@ void flash_attn_backward_cuda(const torch::Tensor& dout, const torch::Tensor& q,
 void fp8_quantize_cuda(const torch::Tensor& x, const std::string& tiling, torch::Tensor& data, torch::Tensor& scale_inv,
                        const c10::optional<torch::Tensor>& data_t, const c10::optional<torch::Tensor>& scale_inv_t,
                        const c10::optional<torch::Tensor>& amax);
+void fp8_transpose_cuda(const torch::Tensor& x, torch::Tensor& y, int64_t groups, int64_t rows, int64_t cols);
 
 namespace {
 
@@ -450,6 +451,21 @@ std::vector<torch::Tensor> fp8_quantize_tensorwise(const torch::Tensor& x_in, bo
   if (with_transpose) return {data, sinv, *data_t};
   return {data, sinv};
 }
+
+// FP8 codes x [R, C] or [G, R, C] (contiguous) -> the contiguous transpose of each matrix.
+torch::Tensor fp8_transpose(const torch::Tensor& x) {
+  const char* op = "fp8_transpose";
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  TORCH_CHECK(x.element_size() == 1, op, ": x must hold 1-byte FP8 codes, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, op, ": x must be [R, C] or [G, R, C], got shape ", x.sizes());
+  auto shape = x.sizes().vec();
+  std::swap(shape[shape.size() - 1], shape[shape.size() - 2]);
+  auto y = torch::empty(shape, x.options());
+  const int64_t groups = x.dim() == 3 ? x.size(0) : 1;
+  if (x.numel() > 0) fp8_transpose_cuda(x, y, groups, x.size(-2), x.size(-1));
+  return y;
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -494,4 +510,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fp8_quantize_tensorwise", &fp8_quantize_tensorwise,
         "[data, scale_inv [](, data_t)] of the e4m3 quantisation of x [R, C] with one scale (amax on the device)",
         pybind11::arg("x"), pybind11::arg("with_transpose"));
+  m.def("fp8_transpose", &fp8_transpose, "the contiguous transpose of FP8 codes x [R, C] or of each [R, C] of [G, R, C]",
+        pybind11::arg("x"));
 }

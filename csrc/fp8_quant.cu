@@ -517,6 +517,80 @@ __global__ void __launch_bounds__(256) quantize_tile_kernel(
 
 }
 
+// ---- Transpose of FP8 codes: x [G, R, C] bytes -> y [G, C, R]. A block moves a 128 x 128 tile
+// through shared memory: 16-byte row loads into a tile whose 16-byte chunks are permuted by the
+// row's band of 16 (so the column reads below touch 32 different banks), then each thread reads a
+// 16-row x 4-column patch as 16 words, transposes it in registers (byte permutes) and stores four
+// 16-byte pieces of output rows. Edges (R or C not a multiple of 16, partial tiles) go byte by byte.
+
+constexpr int kTrTile = 128;
+
+// Physical word of (row, word) in the tile: the chunk index XOR the row's band of 16.
+__device__ __forceinline__ int tr_word(int row, int word) { return row * (kTrTile / 4) + (word ^ (((row >> 4) & 7) << 2)); }
+
+__global__ void __launch_bounds__(256) transpose_codes_kernel(const uint8_t* __restrict__ x, uint8_t* __restrict__ y,
+                                                              int64_t rows, int64_t cols, int64_t col_tiles) {
+  __shared__ __align__(16) uint32_t tile[kTrTile * kTrTile / 4];
+  const int64_t g = blockIdx.y;
+  x += g * rows * cols;
+  y += g * rows * cols;
+  const int64_t r0 = (blockIdx.x / col_tiles) * kTrTile, c0 = (blockIdx.x % col_tiles) * kTrTile;
+  const int t = threadIdx.x;
+  const bool rows16 = rows % 16 == 0, cols16 = cols % 16 == 0;
+
+  // Load: a warp covers 4 rows of 8 chunks (128 bytes each).
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = t / 8 + 32 * i, ch = t % 8;
+    const int64_t gr = r0 + r, gc = c0 + ch * 16;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (gr < rows && gc < cols) {
+      if (cols16) {
+        v = *reinterpret_cast<const uint4*>(x + gr * cols + gc);
+      } else {
+        alignas(16) uint8_t b[16];
+#pragma unroll
+        for (int k = 0; k < 16; ++k) b[k] = gc + k < cols ? x[gr * cols + gc + k] : 0;
+        v = *reinterpret_cast<const uint4*>(b);
+      }
+    }
+    *reinterpret_cast<uint4*>(&tile[tr_word(r, ch * 4)]) = v;
+  }
+  __syncthreads();
+
+  // Store: thread (band, word) holds input rows band*16 .. +15 of input columns word*4 .. +3,
+  // i.e. 16 bytes of each of 4 output rows; a warp (4 words x 8 bands) writes 16 output rows, 128
+  // contiguous bytes each.
+  const int band = t % 8, word = t / 8;
+  uint32_t w[16];
+#pragma unroll
+  for (int k = 0; k < 16; ++k) w[k] = tile[tr_word(band * 16 + k, word)];
+  uint32_t out[4][4];  // out[b][q]: output row word*4 + b, bytes 4q .. 4q+3 of its 16
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint32_t lo01 = __byte_perm(w[4 * q], w[4 * q + 1], 0x5140), lo23 = __byte_perm(w[4 * q + 2], w[4 * q + 3], 0x5140);
+    const uint32_t hi01 = __byte_perm(w[4 * q], w[4 * q + 1], 0x7362), hi23 = __byte_perm(w[4 * q + 2], w[4 * q + 3], 0x7362);
+    out[0][q] = __byte_perm(lo01, lo23, 0x5410);
+    out[1][q] = __byte_perm(lo01, lo23, 0x7632);
+    out[2][q] = __byte_perm(hi01, hi23, 0x5410);
+    out[3][q] = __byte_perm(hi01, hi23, 0x7632);
+  }
+#pragma unroll
+  for (int b = 0; b < 4; ++b) {
+    const int64_t orow = c0 + word * 4 + b, ocol = r0 + band * 16;
+    if (orow >= cols || ocol >= rows) continue;
+    uint8_t* dst = y + orow * rows + ocol;
+    if (rows16) {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(out[b][0], out[b][1], out[b][2], out[b][3]);
+    } else {
+      const uint8_t* bytes = reinterpret_cast<const uint8_t*>(out[b]);
+#pragma unroll
+      for (int k = 0; k < 16; ++k)
+        if (ocol + k < rows) dst[k] = bytes[k];
+    }
+  }
+}
+
 // ---- Launchers.
 
 int grid_for(int64_t work, int threads, int per_sm) {
@@ -654,4 +728,17 @@ void fp8_quantize_cuda(const at::Tensor& x, const std::string& tiling, at::Tenso
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = mq2::current_stream();
   MQ2_DISPATCH(x.scalar_type(), T, quantize_typed<T>(x, code, data, scale_inv, data_t, scale_inv_t, amax, stream));
+}
+
+// x: contiguous CUDA bytes [G, R, C] (G = 1 for a matrix; FP8 codes); y: [G, C, R], allocated by
+// fp8_transpose in bindings.cpp. G <= 65535.
+void fp8_transpose_cuda(const at::Tensor& x, at::Tensor& y, int64_t groups, int64_t rows, int64_t cols) {
+  const int64_t col_tiles = (cols + kTrTile - 1) / kTrTile;
+  const int64_t tiles = ((rows + kTrTile - 1) / kTrTile) * col_tiles;
+  TORCH_CHECK(tiles < (int64_t(1) << 31) && groups <= 65535, "fp8_transpose: too many tiles: ", tiles, " x ", groups);
+  const c10::cuda::CUDAGuard guard(x.device());
+  transpose_codes_kernel<<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(groups)), 256, 0,
+                           mq2::current_stream()>>>(static_cast<const uint8_t*>(x.data_ptr()),
+                                                    static_cast<uint8_t*>(y.data_ptr()), rows, cols, col_tiles);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

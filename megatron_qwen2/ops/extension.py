@@ -58,8 +58,8 @@ def _built() -> bool:
     return load() is not None
 
 
-def use_kernel(*tensors: torch.Tensor) -> bool:
-    """True when the compiled kernel should run on these tensors (all CUDA, one kernel dtype)."""
+def use_kernel(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> bool:
+    """True when the compiled kernel should run on these tensors (all CUDA, one of `dtypes`)."""
     if not tensors or not all(t.is_cuda for t in tensors):
         return False
     m = _mode_now()
@@ -69,4 +69,4 @@ def use_kernel(*tensors: torch.Tensor) -> bool:
     if m == "kernel" and not built:
         raise RuntimeError("MEGATRON_QWEN2_OPS=kernel but megatron_qwen2._C is not built "
                            "(pip install --no-build-isolation -e . on a CUDA machine)")
-    return built and tensors[0].dtype in KERNEL_DTYPES and all(t.dtype == tensors[0].dtype for t in tensors)
+    return built and tensors[0].dtype in dtypes and all(t.dtype == tensors[0].dtype for t in tensors)

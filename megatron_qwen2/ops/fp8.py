@@ -40,6 +40,7 @@ from megatron_qwen2.ops import extension, library
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
 FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
+FP8_DTYPES = (E4M3, E5M2)
 AMAX_FLOOR = 1e-12  # an all-zero tile gets a finite scale
 BLOCK = 128
 # The FP8 GEMMs need K and N multiples of 16 (cuBLASLt): every layer dimension must be one.
@@ -146,14 +147,21 @@ class Fp8Tensor:
         where it is the same quantisation (one scale, or square blocks); other tilings are
         quantised again from the source."""
         if self.tiling == "tensor":
-            return Fp8Tensor(self.data.transpose(-2, -1).contiguous(), self.scale_inv, "tensor")
+            return Fp8Tensor(transposed_codes(self.data), self.scale_inv, "tensor")
         if self.tiling == "128x128":
-            return Fp8Tensor(self.data.transpose(-2, -1).contiguous(), self.scale_inv.transpose(-2, -1).contiguous(),
-                             "128x128")
+            return Fp8Tensor(transposed_codes(self.data), self.scale_inv.transpose(-2, -1).contiguous(), "128x128")
         raise ValueError(f"a {self.tiling} quantisation does not transpose: quantise the transposed source")
 
     def nbytes(self) -> int:
         return self.data.nbytes + self.scale_inv.nbytes
+
+
+def transposed_codes(data: torch.Tensor) -> torch.Tensor:
+    """The contiguous transpose of FP8 codes [R, C] (of each matrix of [G, R, C]): the compiled byte
+    transpose on CUDA when built, else torch's copy."""
+    if data.is_contiguous() and extension.use_kernel(data, dtypes=FP8_DTYPES):
+        return library.fp8_transpose(data)
+    return data.transpose(-2, -1).contiguous()
 
 
 def _scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -387,3 +387,14 @@ def _(x, with_transpose):
     if with_transpose:
         out.append(x.new_empty(c, r, dtype=torch.float8_e4m3fn))
     return out
+
+
+@custom_op("megatron_qwen2::fp8_transpose", mutates_args=())
+def fp8_transpose(x: Tensor) -> Tensor:
+    """The contiguous transpose of FP8 codes x [R, C] (of each matrix of [G, R, C])."""
+    return _ext().fp8_transpose(x)
+
+
+@fp8_transpose.register_fake
+def _(x):
+    return x.new_empty(*x.shape[:-2], x.shape[-1], x.shape[-2])

@@ -2,7 +2,8 @@
 against the PyTorch definition of ops.fp8's quantisation on the GPU: the e4m3 bytes and scale_inv bit for
 bit, for x and (transposed) for x.t(), over many shapes (tails of 8 / 16 / 128 columns, odd rows,
 rows long enough for the two-read path, unaligned inputs), every e4m3 rounding tie, all-zero,
-NaN, +-inf, huge and tiny values, fp32 / bf16 / fp16 inputs, empty tensors, no host sync."""
+NaN, +-inf, huge and tiny values, fp32 / bf16 / fp16 inputs, empty tensors, no host sync; and the byte
+transpose of FP8 codes (megatron_qwen2::fp8_transpose) against torch's."""
 
 import pytest
 import torch
@@ -245,3 +246,23 @@ def test_registered_and_pass_opcheck():
             torch.library.opcheck(library.fp8_quantize, (x, tiling, transpose))
     for transpose in (False, True):
         torch.library.opcheck(library.fp8_quantize_tensorwise, (x, transpose))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 7), (16, 16), (128, 128), (137, 300), (300, 129), (3584, 18944),
+                                   (18944, 3584), (5, 4000), (4000, 5), (3, 256, 384), (4, 100, 37)])
+def test_transpose_codes_match_torch(shape):
+    """fp8_transpose gives torch's transpose of every byte (all 256 patterns occur), 2D and stacked."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randint(0, 256, shape, device="cuda", dtype=torch.uint8, generator=gen).view(torch.float8_e4m3fn)
+    out = library.fp8_transpose(x)
+    assert out.shape == (*shape[:-2], shape[-1], shape[-2]) and out.is_contiguous()
+    assert torch.equal(out.view(torch.uint8), x.view(torch.uint8).transpose(-2, -1))
+    assert torch.equal(fp8.transposed_codes(x).view(torch.uint8), out.view(torch.uint8))
+
+
+def test_transpose_codes_rejects_bad_input():
+    with pytest.raises(RuntimeError, match="1-byte"):
+        library.fp8_transpose(torch.randn(4, 4, device="cuda"))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        library.fp8_transpose(torch.zeros(4, 4, device="cuda", dtype=torch.uint8).t())
+    torch.library.opcheck(library.fp8_transpose, (torch.zeros(40, 48, device="cuda", dtype=torch.float8_e4m3fn),))
