@@ -294,7 +294,8 @@ def _attention_flops(doc_lengths, hq, d, causal=True):
 
 def bench_attention(rows, mm_ceiling, rounds, b=1):
     """Causal GQA attention (bf16, head_dim 128) at Qwen2-7B (28 / 4 heads) and Qwen2-72B (64 / 8)
-    heads, s 4096 / 8192, and one packed-documents shape; ours, the door, SDPA backends, flash-attn."""
+    heads, s 4096 / 8192, and one packed-documents shape; ours (and on Hopper ours_sm90), the door,
+    SDPA backends, flash-attn; on Hopper also the two backward kernels alone ("bwd")."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
 
@@ -305,6 +306,7 @@ def bench_attention(rows, mm_ceiling, rounds, b=1):
         from flash_attn import flash_attn_func as fa
     except Exception:  # noqa: BLE001 - not installed on the machine: the row is simply absent
         pass
+    sm90 = hasattr(extension.load(), "flash_attention_backward_sm90") and torch.cuda.get_device_capability() == (9, 0)
     d = 128
     shapes = [(4096, 28, 4, None), (8192, 28, 4, None), (4096, 64, 8, None), (8192, 64, 8, None),
               (8192, 28, 4, "packed")]
@@ -330,7 +332,7 @@ def bench_attention(rows, mm_ceiling, rounds, b=1):
             ids = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in lengths]).cuda()
         ranges = document_ranges(ids) if ids is not None else (None,) * 4
         flops_fwd = _attention_flops(lengths, hq, d)
-        fl = {"fwd": flops_fwd, "f+b": 3.5 * flops_fwd}
+        fl = {"fwd": flops_fwd, "bwd": 2.5 * flops_fwd, "f+b": 3.5 * flops_fwd}
         scale = d ** -0.5
         picked = backend_reason(q, k, v, True, ids)
 
@@ -342,8 +344,10 @@ def bench_attention(rows, mm_ceiling, rounds, b=1):
                                                           is_causal=True, enable_gqa=not expand).transpose(1, 2)
             return run
 
-        cands = {"ours": lambda: library.flash_attention(q, k, v, True, scale, *ranges)[0],
-                 f"door({picked.split(':')[0]})": lambda: ops.attention(q, k, v, causal=True, document_ids=ids)}
+        cands = {"ours": lambda: library.flash_attention(q, k, v, True, scale, *ranges)[0]}
+        if sm90:  # the Hopper forward and backward
+            cands["ours_sm90"] = lambda: library.flash_attention_sm90(q, k, v, True, scale, *ranges)[0]
+        cands[f"door({picked.split(':')[0]})"] = lambda: ops.attention(q, k, v, causal=True, document_ids=ids)
         if docs is None:
             cands["sdpa-cudnn(gqa)"] = sdpa(SDPBackend.CUDNN_ATTENTION, False)
             cands["sdpa-cudnn(kv repeated)"] = sdpa(SDPBackend.CUDNN_ATTENTION, True)
@@ -352,22 +356,32 @@ def bench_attention(rows, mm_ceiling, rounds, b=1):
                 cands["flash_attn"] = lambda: fa(q, k, v, causal=True)
         else:
             cands["sdpa dense mask (before)"] = lambda: reference.attention(q, k, v, True, None, ids)
+        def record(name, label, call):
+            try:
+                with torch.no_grad() if label != "f+b" else torch.enable_grad():
+                    ms_rounds = [time_ms(call, warmup=3, iters=10) for _ in range(rounds)]
+            except Exception as e:  # noqa: BLE001 - a backend that rejects the inputs is a result
+                rows.append(dict(kernel="attention", impl=name, pass_=label, seq=s, heads=hq, kv_heads=hkv,
+                                 error=f"{type(e).__name__}: {str(e)[:160]}"))
+                return
+            ms = min(ms_rounds)
+            tf = fl[label] / ms / 1e9
+            rows.append(dict(kernel="attention", impl=name, pass_=label, ms=ms, ms_rounds=ms_rounds, flops=fl[label],
+                             tflops=tf, fraction_of_matmul=tf / mm_ceiling, seq=s, batch=b, heads=hq, kv_heads=hkv,
+                             head_dim=d, dtype="bf16", documents=None if docs is None else lengths,
+                             door_backend=picked))
+
         for name, fn in cands.items():
             for label in ("fwd", "f+b"):
-                call = (lambda fn=fn: fn().detach()) if label == "fwd" else _grad(fn, (q, k, v), (do,))
-                try:
-                    with torch.no_grad() if label == "fwd" else torch.enable_grad():
-                        ms_rounds = [time_ms(call, warmup=3, iters=10) for _ in range(rounds)]
-                except Exception as e:  # noqa: BLE001 - a backend that rejects the inputs is a result
-                    rows.append(dict(kernel="attention", impl=name, pass_=label, seq=s, heads=hq, kv_heads=hkv,
-                                     error=f"{type(e).__name__}: {str(e)[:160]}"))
-                    continue
-                ms = min(ms_rounds)
-                tf = fl[label] / ms / 1e9
-                rows.append(dict(kernel="attention", impl=name, pass_=label, ms=ms, ms_rounds=ms_rounds, flops=fl[label],
-                                 tflops=tf, fraction_of_matmul=tf / mm_ceiling, seq=s, batch=b, heads=hq, kv_heads=hkv,
-                                 head_dim=d, dtype="bf16", documents=None if docs is None else lengths,
-                                 door_backend=picked))
+                record(name, label, (lambda fn=fn: fn().detach()) if label == "fwd" else _grad(fn, (q, k, v), (do,)))
+        if sm90:  # the two backward kernels alone, from the same out and lse
+            with torch.no_grad():
+                out, lse = library.flash_attention(q, k, v, True, scale, *ranges)
+            qd, kd, vd = q.detach(), k.detach(), v.detach()
+            for name, bwd in (("ours", library.flash_attention_backward),
+                              ("ours_sm90", library.flash_attention_backward_sm90)):
+                record(name, "bwd", lambda bwd=bwd: bwd(do, qd, kd, vd, out, lse, None, True, scale, *ranges[2:])[0])
+            del out, lse
         del q, k, v, do, qkv
         torch.cuda.empty_cache()
 
@@ -402,9 +416,13 @@ def sanitize() -> None:
                 k = qkv[:, :, :, -2].transpose(0, 1).detach().requires_grad_(True)
                 v = qkv[:, :, :, -1].transpose(0, 1).detach().requires_grad_(True)
                 ids = torch.randint(0, 5, (2, n), device="cuda").sort(dim=1).values
+                hopper = hasattr(extension.load(), "flash_attention_backward_sm90") and \
+                    torch.cuda.get_device_capability() == (9, 0)
+                kernels = (library.flash_attention, library.flash_attention_sm90) if hopper else (library.flash_attention,)
                 for ranges in ((None,) * 4, document_ranges(ids)):
-                    out, lse = library.flash_attention(q, k, v, True, d ** -0.5, *ranges)
-                    (out.float().sum() + lse.sum()).backward()
+                    for kernel in kernels:
+                        out, lse = kernel(q, k, v, True, d ** -0.5, *ranges)
+                        (out.float().sum() + lse.sum()).backward()
         for shape in ((5, 3), (130, 264), (3, 40000)):  # element-wise and vector paths, both row paths
             xq = torch.randn(*shape, device="cuda", dtype=dtype)
             for transpose in (False, True):

@@ -31,6 +31,9 @@ void ce_backward_cuda(const torch::Tensor& logits, const torch::Tensor& target, 
 void flash_attn_forward_cuda(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                              torch::Tensor& out, torch::Tensor& lse, const c10::optional<torch::Tensor>& key_lo,
                              const c10::optional<torch::Tensor>& key_hi, bool causal, double scale);
+void flash_attn_forward_sm90_cuda(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                  torch::Tensor& out, torch::Tensor& lse, const c10::optional<torch::Tensor>& key_lo,
+                                  const c10::optional<torch::Tensor>& key_hi, bool causal, double scale);
 void flash_attn_delta_cuda(const torch::Tensor& out, const torch::Tensor& dout,
                            const c10::optional<torch::Tensor>& dlse, torch::Tensor& delta);
 void flash_attn_backward_cuda(const torch::Tensor& dout, const torch::Tensor& q, const torch::Tensor& k,
@@ -38,6 +41,12 @@ void flash_attn_backward_cuda(const torch::Tensor& dout, const torch::Tensor& q,
                               torch::Tensor& dq_acc, torch::Tensor& dk, torch::Tensor& dv,
                               const c10::optional<torch::Tensor>& query_lo,
                               const c10::optional<torch::Tensor>& query_hi, bool causal, double scale, bool partial);
+void flash_attn_backward_sm90_cuda(const torch::Tensor& dout, const torch::Tensor& q, const torch::Tensor& k,
+                                   const torch::Tensor& v, const torch::Tensor& out, const torch::Tensor& lse,
+                                   const c10::optional<torch::Tensor>& dlse, torch::Tensor& dq_acc, torch::Tensor& dk,
+                                   torch::Tensor& dv, const c10::optional<torch::Tensor>& query_lo,
+                                   const c10::optional<torch::Tensor>& query_hi, bool causal, double scale,
+                                   bool partial);
 void fp8_quantize_cuda(const torch::Tensor& x, const std::string& tiling, torch::Tensor& data, torch::Tensor& scale_inv,
                        const c10::optional<torch::Tensor>& data_t, const c10::optional<torch::Tensor>& scale_inv_t,
                        const c10::optional<torch::Tensor>& amax);
@@ -318,11 +327,15 @@ void check_attn(const torch::Tensor& q, const torch::Tensor& k, const torch::Ten
   }
 }
 
-std::vector<torch::Tensor> flash_attention_forward(const torch::Tensor& q_in, const torch::Tensor& k_in,
-                                                   const torch::Tensor& v_in, bool causal, double scale,
-                                                   const c10::optional<torch::Tensor>& key_lo,
-                                                   const c10::optional<torch::Tensor>& key_hi) {
-  const char* op = "flash_attention_forward";
+using AttnForwardLauncher = void (*)(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, torch::Tensor&,
+                                     torch::Tensor&, const c10::optional<torch::Tensor>&,
+                                     const c10::optional<torch::Tensor>&, bool, double);
+
+// [out, lse] of one of the forward kernels (they share arguments, checks and results).
+std::vector<torch::Tensor> attention_forward(AttnForwardLauncher launch, const char* op, const torch::Tensor& q_in,
+                                             const torch::Tensor& k_in, const torch::Tensor& v_in, bool causal,
+                                             double scale, const c10::optional<torch::Tensor>& key_lo,
+                                             const c10::optional<torch::Tensor>& key_hi) {
   check_attn(q_in, k_in, v_in, key_lo, key_hi, q_in.size(1), scale, op);
   auto q = attn_rows(q_in), k = attn_rows(k_in), v = attn_rows(v_in);
   auto out = attn_empty_like(q);
@@ -333,18 +346,36 @@ std::vector<torch::Tensor> flash_attention_forward(const torch::Tensor& q_in, co
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
-  flash_attn_forward_cuda(q, k, v, out, lse, key_lo, key_hi, causal, scale);
+  launch(q, k, v, out, lse, key_lo, key_hi, causal, scale);
   return {out, lse};
 }
 
-// dlse: the gradient arriving at lse (optional; context parallelism merges partial outputs with lse).
-std::vector<torch::Tensor> flash_attention_backward(const torch::Tensor& dout_in, const torch::Tensor& q_in,
-                                                    const torch::Tensor& k_in, const torch::Tensor& v_in,
-                                                    const torch::Tensor& out_in, const torch::Tensor& lse,
-                                                    const c10::optional<torch::Tensor>& dlse, bool causal,
-                                                    double scale, const c10::optional<torch::Tensor>& query_lo,
-                                                    const c10::optional<torch::Tensor>& query_hi) {
-  const char* op = "flash_attention_backward";
+std::vector<torch::Tensor> flash_attention_forward(const torch::Tensor& q, const torch::Tensor& k,
+                                                   const torch::Tensor& v, bool causal, double scale,
+                                                   const c10::optional<torch::Tensor>& key_lo,
+                                                   const c10::optional<torch::Tensor>& key_hi) {
+  return attention_forward(flash_attn_forward_cuda, "flash_attention_forward", q, k, v, causal, scale, key_lo,
+                           key_hi);
+}
+
+// The Hopper kernel (flash_attn_sm90.cu: TMA, wgmma, warp specialisation); same results, sm_90 only.
+std::vector<torch::Tensor> flash_attention_forward_sm90(const torch::Tensor& q, const torch::Tensor& k,
+                                                        const torch::Tensor& v, bool causal, double scale,
+                                                        const c10::optional<torch::Tensor>& key_lo,
+                                                        const c10::optional<torch::Tensor>& key_hi) {
+  return attention_forward(flash_attn_forward_sm90_cuda, "flash_attention_forward_sm90", q, k, v, causal, scale,
+                           key_lo, key_hi);
+}
+
+// [dq, dk, dv] of one of the backward kernels (they share arguments, checks and results): the FA2-style
+// kernel of flash_attn.cu or, with `sm90`, the Hopper kernel of flash_attn_sm90_bwd.cu. dlse: the
+// gradient arriving at lse (optional; context parallelism merges partial outputs with lse).
+std::vector<torch::Tensor> attention_backward(bool sm90, const char* op, const torch::Tensor& dout_in,
+                                              const torch::Tensor& q_in, const torch::Tensor& k_in,
+                                              const torch::Tensor& v_in, const torch::Tensor& out_in,
+                                              const torch::Tensor& lse, const c10::optional<torch::Tensor>& dlse,
+                                              bool causal, double scale, const c10::optional<torch::Tensor>& query_lo,
+                                              const c10::optional<torch::Tensor>& query_hi) {
   check_attn(q_in, k_in, v_in, query_lo, query_hi, k_in.size(1), scale, op);
   for (auto [t, name] : {std::pair{&dout_in, "dout"}, std::pair{&out_in, "out"}}) {
     TORCH_CHECK(t->is_cuda() && t->device() == q_in.device() && t->scalar_type() == at::kBFloat16, op, ": ", name,
@@ -362,15 +393,25 @@ std::vector<torch::Tensor> flash_attention_backward(const torch::Tensor& dout_in
     return {dq.zero_(), attn_empty_like(k).zero_(), attn_empty_like(v).zero_()};
   }
   auto f32 = q.options().dtype(at::kFloat);
-  auto delta = torch::empty({b, hq, sq}, f32);
-  flash_attn_delta_cuda(out, dout, dlse, delta);
+  torch::Tensor delta;
+  if (!sm90) {
+    delta = torch::empty({b, hq, sq}, f32);
+    flash_attn_delta_cuda(out, dout, dlse, delta);
+  }
   auto dq_acc = torch::zeros({b, sq, hq, d}, f32);
+  auto launch = [&](torch::Tensor& dk_out, torch::Tensor& dv_out, bool partial) {
+    if (sm90)
+      flash_attn_backward_sm90_cuda(dout, q, k, v, out, lse, dlse, dq_acc, dk_out, dv_out, query_lo, query_hi, causal,
+                                    scale, partial);
+    else
+      flash_attn_backward_cuda(dout, q, k, v, lse, delta, dq_acc, dk_out, dv_out, query_lo, query_hi, causal, scale,
+                               partial);
+  };
   const bool partial = hq != hkv;
   torch::Tensor dk, dv;
   if (partial) {
     auto dk_part = torch::empty({b, sk, hq, d}, f32), dv_part = torch::empty({b, sk, hq, d}, f32);
-    flash_attn_backward_cuda(dout, q, k, v, lse, delta, dq_acc, dk_part, dv_part, query_lo, query_hi, causal, scale,
-                             true);
+    launch(dk_part, dv_part, true);
     dk = attn_empty_like(k);
     dv = torch::empty_strided(dk.sizes(), dk.strides(), dk.options());
     dk.copy_(dk_part.view({b, sk, hkv, hq / hkv, d}).sum(3));
@@ -378,10 +419,31 @@ std::vector<torch::Tensor> flash_attention_backward(const torch::Tensor& dout_in
   } else {
     dk = attn_empty_like(k);
     dv = torch::empty_strided(dk.sizes(), dk.strides(), dk.options());
-    flash_attn_backward_cuda(dout, q, k, v, lse, delta, dq_acc, dk, dv, query_lo, query_hi, causal, scale, false);
+    launch(dk, dv, false);
   }
   dq.copy_(dq_acc.mul_(scale));
   return {dq, dk, dv};
+}
+
+std::vector<torch::Tensor> flash_attention_backward(const torch::Tensor& dout, const torch::Tensor& q,
+                                                    const torch::Tensor& k, const torch::Tensor& v,
+                                                    const torch::Tensor& out, const torch::Tensor& lse,
+                                                    const c10::optional<torch::Tensor>& dlse, bool causal,
+                                                    double scale, const c10::optional<torch::Tensor>& query_lo,
+                                                    const c10::optional<torch::Tensor>& query_hi) {
+  return attention_backward(false, "flash_attention_backward", dout, q, k, v, out, lse, dlse, causal, scale, query_lo,
+                            query_hi);
+}
+
+// The Hopper kernel (flash_attn_sm90_bwd.cu: TMA, wgmma, warp specialisation); same results, sm_90 only.
+std::vector<torch::Tensor> flash_attention_backward_sm90(const torch::Tensor& dout, const torch::Tensor& q,
+                                                         const torch::Tensor& k, const torch::Tensor& v,
+                                                         const torch::Tensor& out, const torch::Tensor& lse,
+                                                         const c10::optional<torch::Tensor>& dlse, bool causal,
+                                                         double scale, const c10::optional<torch::Tensor>& query_lo,
+                                                         const c10::optional<torch::Tensor>& query_hi) {
+  return attention_backward(true, "flash_attention_backward_sm90", dout, q, k, v, out, lse, dlse, causal, scale,
+                            query_lo, query_hi);
 }
 
 // ---- FP8 (e4m3) quantisation of x [R, C] along its rows, bit for bit as ops/fp8.py's quantize,
@@ -499,8 +561,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "[out, lse] of causal / packed-document GQA attention on bf16 [b, s, heads, d] views",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("causal"), pybind11::arg("scale"),
         pybind11::arg("key_lo"), pybind11::arg("key_hi"));
+  m.def("flash_attention_forward_sm90", &flash_attention_forward_sm90,
+        "flash_attention_forward by the Hopper kernel (TMA, wgmma, warp specialisation; compute capability 9.0)",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("causal"), pybind11::arg("scale"),
+        pybind11::arg("key_lo"), pybind11::arg("key_hi"));
   m.def("flash_attention_backward", &flash_attention_backward,
         "[dq, dk, dv] of flash_attention_forward from out, lse (and an optional lse gradient)",
+        pybind11::arg("dout"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"),
+        pybind11::arg("lse"), pybind11::arg("dlse"), pybind11::arg("causal"), pybind11::arg("scale"),
+        pybind11::arg("query_lo"), pybind11::arg("query_hi"));
+  m.def("flash_attention_backward_sm90", &flash_attention_backward_sm90,
+        "flash_attention_backward by the Hopper kernel (TMA, wgmma, warp specialisation; compute capability 9.0)",
         pybind11::arg("dout"), pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"),
         pybind11::arg("lse"), pybind11::arg("dlse"), pybind11::arg("causal"), pybind11::arg("scale"),
         pybind11::arg("query_lo"), pybind11::arg("query_hi"));

@@ -37,9 +37,6 @@ namespace {
 using namespace mq2;
 using namespace mq2::fa;
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
 // ---------------------------------------------------------------------------------------------
 // Forward
 
@@ -73,21 +70,8 @@ __global__ void __launch_bounds__(kFwdThreads, 1) flash_fwd_kernel(const FwdPara
   const int lo_max = ds ? ds[m_last] : 0;
   const int hi_min = de ? min(p.sk, de[m0]) : p.sk;
 
-  // Visible keys of this thread's two rows: lo <= j < hi and j <= cap.
-  int lo_r[2], hi_r[2], cap_r[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = m0 + warp * 16 + g + 8 * i;
-    if (row < p.sq) {
-      lo_r[i] = ds ? ds[row] : 0;
-      hi_r[i] = de ? min(p.sk, de[row]) : p.sk;
-      cap_r[i] = p.causal ? row + p.causal_offset : INT_MAX;
-    } else {
-      lo_r[i] = 1;
-      hi_r[i] = 0;
-      cap_r[i] = -1;
-    }
-  }
+  // Visible keys of this thread's two rows.
+  const RowKeys rows[2] = {row_keys(p, ds, de, m0 + warp * 16 + g), row_keys(p, ds, de, m0 + warp * 16 + g + 8)};
 
   const bf16* qb = p.q + b * p.q_sb + h * p.q_sh;
   const bf16* kb = p.k + b * p.k_sb + hk * p.k_sh;
@@ -142,35 +126,12 @@ __global__ void __launch_bounds__(kFwdThreads, 1) flash_fwd_kernel(const FwdPara
     }
 
     const bool full = n0 >= lo_max && n0 + BN <= hi_min && (!p.causal || n0 + BN - 1 <= m0 + p.causal_offset);
-    if (!full) {
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = e >> 1, key = n0 + j * 8 + 2 * t + (e & 1);
-          if (key < lo_r[i] || key >= hi_r[i] || key > cap_r[i]) s[j][e] = -INFINITY;
-        }
-    }
+    if (!full) mask_scores(s, n0, t, rows);
 
     // Online softmax over the tile; each quad of lanes shares a row.
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      float mx = row_max[i];
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float base = mx == -INFINITY ? 0.f : mx * p.scale_log2;
-      const float alpha = exp2f(row_max[i] * p.scale_log2 - base);
-      row_max[i] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        s[j][2 * i] = exp2f(fmaf(s[j][2 * i], p.scale_log2, -base));
-        s[j][2 * i + 1] = exp2f(fmaf(s[j][2 * i + 1], p.scale_log2, -base));
-        sum += s[j][2 * i] + s[j][2 * i + 1];
-      }
-      row_sum[i] = row_sum[i] * alpha + sum;
+      const float alpha = softmax_row(s, i, row_max[i], row_sum[i], p.scale_log2);
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) {
         acc[j][2 * i] *= alpha;
@@ -182,10 +143,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1) flash_fwd_kernel(const FwdPara
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       uint32_t a[4];
-      a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      p_fragment(s, kk, a);
 #pragma unroll
       for (int dn = 0; dn < D / 16; ++dn) {
         uint32_t bfr[4];
@@ -201,12 +159,10 @@ __global__ void __launch_bounds__(kFwdThreads, 1) flash_fwd_kernel(const FwdPara
   float* lse_row = p.lse + ((int64_t)b * p.hq + h) * p.sq;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    float l = row_sum[i];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float lse;
+    const float inv = finish_row(row_sum[i], row_max[i], p.scale_log2, lse);
     const int row = m0 + warp * 16 + g + 8 * i;
-    if (t == 0 && row < p.sq) lse_row[row] = l > 0.f ? (row_max[i] * p.scale_log2 + __log2f(l)) * kLn2 : -INFINITY;
+    if (t == 0 && row < p.sq) lse_row[row] = lse;
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
       const int r = warp * 16 + g + 8 * i, c = j * 8 + 2 * t;
@@ -246,20 +202,7 @@ __global__ void flash_bwd_delta_kernel(const bf16* __restrict__ out, const bf16*
   const int h = row % hq;
   const int i = (row / hq) % s;
   const int bi = row / ((int64_t)hq * s);
-  constexpr int PER = D / 32;  // 2 or 4 elements a lane
-  const bf16* o = out + bi * o_sb + i * o_ss + h * o_sh + lane * PER;
-  const bf16* g = dout + bi * d_sb + i * d_ss + h * d_sh + lane * PER;
-  float acc = 0.f;
-  if constexpr (PER == 4) {
-    const Pack<bf16, 4> a = load_pack<bf16, 4>(o), c = load_pack<bf16, 4>(g);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) acc += to_float(a.v[k]) * to_float(c.v[k]);
-  } else {
-    const Pack<bf16, 2> a = load_pack<bf16, 2>(o), c = load_pack<bf16, 2>(g);
-#pragma unroll
-    for (int k = 0; k < 2; ++k) acc += to_float(a.v[k]) * to_float(c.v[k]);
-  }
-  acc = warp_sum(acc);
+  const float acc = row_dot<D>(out + bi * o_sb + i * o_ss + h * o_sh, dout + bi * d_sb + i * d_ss + h * d_sh, lane);
   if (lane == 0) {
     const int64_t idx = ((int64_t)bi * hq + h) * s + i;
     delta[idx] = dlse ? acc - dlse[idx] : acc;
@@ -287,27 +230,12 @@ __global__ void __launch_bounds__(kBwdThreads, 2) flash_bwd_kernel(const BwdPara
   const int* de = p.query_hi ? p.query_hi + (int64_t)b * p.sk : nullptr;
 
   // Queries that see some key of the tile, and the bounds under which a query tile sees all keys.
-  int i_begin = p.causal ? max(0, n0 - p.causal_offset) : 0;
-  if (ds) i_begin = max(i_begin, ds[n0]);
-  const int i_end = de ? min(p.sq, de[n_last]) : p.sq;
+  const QueryTiles tiles = query_tiles<BM>(p, ds, de, n0, n_last);
   const int q_lo_max = ds ? ds[n_last] : 0;
   const int q_hi_min = de ? min(p.sq, de[n0]) : p.sq;
 
-  // This thread's two keys: visible to queries lo <= i < hi with i >= cap.
-  int lo_k[2], hi_k[2], cap_k[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int key = n0 + warp * 16 + g + 8 * i;
-    if (key < p.sk) {
-      lo_k[i] = ds ? ds[key] : 0;
-      hi_k[i] = de ? min(p.sq, de[key]) : p.sq;
-      cap_k[i] = p.causal ? key - p.causal_offset : INT_MIN;
-    } else {
-      lo_k[i] = 1;
-      hi_k[i] = 0;
-      cap_k[i] = INT_MAX;
-    }
-  }
+  // This thread's two keys and the queries that may see them.
+  const KeyQueries keys[2] = {key_queries(p, ds, de, n0 + warp * 16 + g), key_queries(p, ds, de, n0 + warp * 16 + g + 8)};
 
   const bf16* qb = p.q + b * p.q_sb + h * p.q_sh;
   const bf16* dob = p.dout + b * p.do_sb + h * p.do_sh;
@@ -316,8 +244,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2) flash_bwd_kernel(const BwdPara
   const float* lse_row = p.lse + ((int64_t)b * p.hq + h) * p.sq;
   const float* delta_row = p.delta + ((int64_t)b * p.hq + h) * p.sq;
 
-  const int m_start = max(0, i_begin) / BM * BM;
-  const int mtiles = i_end > m_start ? (i_end - m_start + BM - 1) / BM : 0;
+  const int m_start = tiles.start, mtiles = tiles.count;
 
   auto load_rows = [&](int m, int buf) {
     load_tile<BM, D, NT>(sQ + buf * BM * D, qb, p.q_ss, m, p.sq, tid);
@@ -382,23 +309,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2) flash_bwd_kernel(const BwdPara
     const bool full = m0 >= q_lo_max && m0 + BM <= q_hi_min && n0 + BN <= p.sk &&
                       (!p.causal || m0 >= n0 + BN - 1 - p.causal_offset);
     // P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta).
-#pragma unroll
-    for (int j = 0; j < BM / 8; ++j) {
-      const int c = j * 8 + 2 * t;
-      const float2 l2 = *reinterpret_cast<const float2*>(cL + c);
-      const float2 d2 = *reinterpret_cast<const float2*>(cD + c);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float lq = (e & 1) ? l2.y : l2.x, dq = (e & 1) ? d2.y : d2.x;
-        float pv = exp2f(fmaf(st[j][e], p.scale_log2, -lq));
-        if (!full) {
-          const int i = e >> 1, q = m0 + c + (e & 1);
-          if (q < lo_k[i] || q >= hi_k[i] || q < cap_k[i]) pv = 0.f;
-        }
-        st[j][e] = pv;
-        dpt[j][e] = pv * (dpt[j][e] - dq);
-      }
-    }
+    probs_and_dscores(st, dpt, cL, cD, m0, t, keys, full, p.scale_log2);
 
     // dV += P^T dO and dK += dS^T Q (B operands: dO and Q transposed out of shared memory).
 #pragma unroll
@@ -465,35 +376,7 @@ __global__ void __launch_bounds__(kBwdThreads, 2) flash_bwd_kernel(const BwdPara
   }
 
   // dK (scaled) and dV of this warp's 16 keys.
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int key = n0 + warp * 16 + g + 8 * i;
-    if (key >= p.sk) continue;
-    if (p.partial) {
-      float* dkp = static_cast<float*>(p.dk) + b * p.dk_sb + key * p.dk_ss + h * p.dk_sh + 2 * t;
-      float* dvp = static_cast<float*>(p.dv) + b * p.dk_sb + key * p.dk_ss + h * p.dk_sh + 2 * t;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        *reinterpret_cast<float2*>(dkp + j * 8) = make_float2(dk[j][2 * i] * p.scale, dk[j][2 * i + 1] * p.scale);
-        *reinterpret_cast<float2*>(dvp + j * 8) = make_float2(dv[j][2 * i], dv[j][2 * i + 1]);
-      }
-    } else {
-      bf16* dkp = static_cast<bf16*>(p.dk) + b * p.dk_sb + key * p.dk_ss + hk * p.dk_sh + 2 * t;
-      bf16* dvp = static_cast<bf16*>(p.dv) + b * p.dk_sb + key * p.dk_ss + hk * p.dk_sh + 2 * t;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        *reinterpret_cast<uint32_t*>(dkp + j * 8) = pack_bf16(dk[j][2 * i] * p.scale, dk[j][2 * i + 1] * p.scale);
-        *reinterpret_cast<uint32_t*>(dvp + j * 8) = pack_bf16(dv[j][2 * i], dv[j][2 * i + 1]);
-      }
-    }
-  }
-}
-
-template <typename F>
-void with_head_dim(int d, F f) {
-  if (d == 64) f(std::integral_constant<int, 64>{});
-  else if (d == 128) f(std::integral_constant<int, 128>{});
-  else TORCH_CHECK(false, "flash attention: head_dim must be 64 or 128, got ", d);
+  store_dk_dv<D>(p, dk, dv, b, h, hk, n0 + warp * 16 + g, t);
 }
 
 }  // namespace
@@ -508,13 +391,9 @@ const int* opt_int(const c10::optional<at::Tensor>& t) { return t ? t->data_ptr<
 
 }  // namespace
 
-// Validated by bindings.cpp: bf16 CUDA tensors q [b, sq, hq, d], k / v [b, sk, hkv, d] with a
-// contiguous last dimension and 16-byte aligned rows; out like q; lse fp32 [b, hq, sq] contiguous;
-// key_lo / key_hi int32 [b, sq] contiguous or both absent.
-void flash_attn_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                             at::Tensor& lse, const c10::optional<at::Tensor>& key_lo,
-                             const c10::optional<at::Tensor>& key_hi, bool causal, double scale) {
-  const c10::cuda::CUDAGuard guard(q.device());
+FwdParams mq2::fa::make_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                                   at::Tensor& lse, const c10::optional<at::Tensor>& key_lo,
+                                   const c10::optional<at::Tensor>& key_hi, bool causal, double scale) {
   FwdParams p{};
   p.q = cptr<bf16>(q);
   p.k = cptr<bf16>(k);
@@ -531,6 +410,47 @@ void flash_attn_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at:
   p.causal = causal;
   p.causal_offset = p.sk - p.sq;
   p.scale_log2 = static_cast<float>(scale) * kLog2e;
+  return p;
+}
+
+BwdParams mq2::fa::make_bwd_params(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                   const at::Tensor& v, at::Tensor& dq_acc, at::Tensor& dk, at::Tensor& dv,
+                                   const c10::optional<at::Tensor>& query_lo,
+                                   const c10::optional<at::Tensor>& query_hi, bool causal, double scale,
+                                   bool partial) {
+  TORCH_CHECK(dk.strides() == dv.strides(), "flash attention backward: dk and dv must share one layout");
+  BwdParams p{};
+  p.q = cptr<bf16>(q);
+  p.k = cptr<bf16>(k);
+  p.v = cptr<bf16>(v);
+  p.dout = cptr<bf16>(dout);
+  p.dq_acc = dq_acc.data_ptr<float>();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.q_sb = q.stride(0), p.q_ss = q.stride(1), p.q_sh = q.stride(2);
+  p.k_sb = k.stride(0), p.k_ss = k.stride(1), p.k_sh = k.stride(2);
+  p.v_sb = v.stride(0), p.v_ss = v.stride(1), p.v_sh = v.stride(2);
+  p.do_sb = dout.stride(0), p.do_ss = dout.stride(1), p.do_sh = dout.stride(2);
+  p.dk_sb = dk.stride(0), p.dk_ss = dk.stride(1), p.dk_sh = dk.stride(2);
+  p.query_lo = opt_int(query_lo);
+  p.query_hi = opt_int(query_hi);
+  p.b = q.size(0), p.sq = q.size(1), p.hq = q.size(2), p.sk = k.size(1), p.hkv = k.size(2);
+  p.causal = causal;
+  p.causal_offset = p.sk - p.sq;
+  p.partial = partial;
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale) * kLog2e;
+  return p;
+}
+
+// Validated by bindings.cpp: bf16 CUDA tensors q [b, sq, hq, d], k / v [b, sk, hkv, d] with a
+// contiguous last dimension and 16-byte aligned rows; out like q; lse fp32 [b, hq, sq] contiguous;
+// key_lo / key_hi int32 [b, sq] contiguous or both absent.
+void flash_attn_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                             at::Tensor& lse, const c10::optional<at::Tensor>& key_lo,
+                             const c10::optional<at::Tensor>& key_hi, bool causal, double scale) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const FwdParams p = make_fwd_params(q, k, v, out, lse, key_lo, key_hi, causal, scale);
   auto stream = current_stream();
   with_head_dim(q.size(3), [&](auto dc) {
     constexpr int D = decltype(dc)::value;
@@ -569,30 +489,9 @@ void flash_attn_backward_cuda(const at::Tensor& dout, const at::Tensor& q, const
                               at::Tensor& dv, const c10::optional<at::Tensor>& query_lo,
                               const c10::optional<at::Tensor>& query_hi, bool causal, double scale, bool partial) {
   const c10::cuda::CUDAGuard guard(q.device());
-  TORCH_CHECK(dk.strides() == dv.strides(), "flash_attn_backward_cuda: dk and dv must share one layout");
-  BwdParams p{};
-  p.q = cptr<bf16>(q);
-  p.k = cptr<bf16>(k);
-  p.v = cptr<bf16>(v);
-  p.dout = cptr<bf16>(dout);
+  BwdParams p = make_bwd_params(dout, q, k, v, dq_acc, dk, dv, query_lo, query_hi, causal, scale, partial);
   p.lse = lse.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
-  p.dq_acc = dq_acc.data_ptr<float>();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.q_sb = q.stride(0), p.q_ss = q.stride(1), p.q_sh = q.stride(2);
-  p.k_sb = k.stride(0), p.k_ss = k.stride(1), p.k_sh = k.stride(2);
-  p.v_sb = v.stride(0), p.v_ss = v.stride(1), p.v_sh = v.stride(2);
-  p.do_sb = dout.stride(0), p.do_ss = dout.stride(1), p.do_sh = dout.stride(2);
-  p.dk_sb = dk.stride(0), p.dk_ss = dk.stride(1), p.dk_sh = dk.stride(2);
-  p.query_lo = opt_int(query_lo);
-  p.query_hi = opt_int(query_hi);
-  p.b = q.size(0), p.sq = q.size(1), p.hq = q.size(2), p.sk = k.size(1), p.hkv = k.size(2);
-  p.causal = causal;
-  p.causal_offset = p.sk - p.sq;
-  p.partial = partial;
-  p.scale = static_cast<float>(scale);
-  p.scale_log2 = static_cast<float>(scale) * kLog2e;
   auto stream = current_stream();
   with_head_dim(q.size(3), [&](auto dc) {
     constexpr int D = decltype(dc)::value;

@@ -303,9 +303,11 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale
     return out, lse
 
 
-@flash_attention.register_fake
-def _(q, k, v, causal, softmax_scale, key_lo=None, key_hi=None, query_lo=None, query_hi=None):
+def _flash_fake(q, k, v, causal, softmax_scale, key_lo=None, key_hi=None, query_lo=None, query_hi=None):
     return _attn_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+
+
+flash_attention.register_fake(_flash_fake)
 
 
 @custom_op("megatron_qwen2::flash_attention_backward", mutates_args=())
@@ -318,10 +320,27 @@ def flash_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     return dq, dk, dv
 
 
-@flash_attention_backward.register_fake
-def _(dout, q, k, v, out, lse, dlse, causal, softmax_scale, query_lo=None, query_hi=None):
+def _flash_backward_fake(dout, q, k, v, out, lse, dlse, causal, softmax_scale, query_lo=None, query_hi=None):
     dk = _attn_like(k)
     return _attn_like(q), dk, torch.empty_strided(dk.shape, dk.stride(), dtype=dk.dtype, device=dk.device)
+
+
+flash_attention_backward.register_fake(_flash_backward_fake)
+
+
+@custom_op("megatron_qwen2::flash_attention_backward_sm90", mutates_args=())
+def flash_attention_backward_sm90(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                  dlse: Optional[Tensor], causal: bool, softmax_scale: float,
+                                  query_lo: Optional[Tensor] = None,
+                                  query_hi: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """`flash_attention_backward` by the Hopper kernel (csrc/flash_attn_sm90_bwd.cu; compute
+    capability 9.0 only): same arguments and results, dq likewise summed with fp32 atomics."""
+    dq, dk, dv = _ext().flash_attention_backward_sm90(dout, q, k, v, out, lse, dlse, causal, softmax_scale, query_lo,
+                                                      query_hi)
+    return dq, dk, dv
+
+
+flash_attention_backward_sm90.register_fake(_flash_backward_fake)
 
 
 def _flash_setup(ctx, inputs, output):
@@ -334,15 +353,32 @@ def _flash_setup(ctx, inputs, output):
     ctx.causal, ctx.softmax_scale = causal, softmax_scale
 
 
-def _flash_grad(ctx, dout, dlse):
-    q, k, v, out, lse, query_lo, query_hi = ctx.saved_tensors
-    dout = torch.zeros_like(out) if dout is None else dout  # any strides: the kernel reads views
-    dq, dk, dv = flash_attention_backward(dout, q, k, v, out, lse, None if dlse is None else dlse.contiguous(),
-                                          ctx.causal, ctx.softmax_scale, query_lo, query_hi)
-    return dq, dk, dv, None, None, None, None, None, None
+def _flash_grad_by(backward):
+    """The autograd backward of a forward op, running the backward op `backward` from out and lse."""
+    def grad(ctx, dout, dlse):
+        q, k, v, out, lse, query_lo, query_hi = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout  # any strides: the kernel reads views
+        dq, dk, dv = backward(dout, q, k, v, out, lse, None if dlse is None else dlse.contiguous(), ctx.causal,
+                              ctx.softmax_scale, query_lo, query_hi)
+        return dq, dk, dv, None, None, None, None, None, None
+    return grad
 
 
-flash_attention.register_autograd(_flash_grad, setup_context=_flash_setup)
+flash_attention.register_autograd(_flash_grad_by(flash_attention_backward), setup_context=_flash_setup)
+
+
+@custom_op("megatron_qwen2::flash_attention_sm90", mutates_args=())
+def flash_attention_sm90(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float,
+                         key_lo: Optional[Tensor] = None, key_hi: Optional[Tensor] = None,
+                         query_lo: Optional[Tensor] = None, query_hi: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """`flash_attention` by the Hopper kernels (compute capability 9.0 only): the forward of
+    csrc/flash_attn_sm90.cu and the backward of csrc/flash_attn_sm90_bwd.cu."""
+    out, lse = _ext().flash_attention_forward_sm90(q, k, v, causal, softmax_scale, key_lo, key_hi)
+    return out, lse
+
+
+flash_attention_sm90.register_fake(_flash_fake)
+flash_attention_sm90.register_autograd(_flash_grad_by(flash_attention_backward_sm90), setup_context=_flash_setup)
 
 
 # ---- FP8 (e4m3) quantisation of x [R, C] along its rows, bit for bit as ops.fp8.quantize, and of
