@@ -472,9 +472,15 @@ def prints_error(error: BaseException, rank: int) -> bool:
     return True
 
 
+# A rank that leaves an error to another rank's line waits this long before it exits: a launcher
+# (torchrun) stops every rank once one exits, which could otherwise cut the printing rank short.
+SILENT_RANK_EXIT_DELAY_S = 5.0
+
+
 def report_error(error: BaseException, run_dir: Path | None, rank: int, printing: bool) -> int:
     """Print `error: <message>` (one line) where `printing`, a traceback only for a bug or with
-    HYDRA_FULL_ERROR=1, and record the outcome on rank 0; returns the exit code."""
+    HYDRA_FULL_ERROR=1, and record the outcome on rank 0; returns the exit code. A rank that neither
+    prints nor records waits SILENT_RANK_EXIT_DELAY_S first."""
     code = exit_code_of(error)
     if code == EXIT_INTERNAL or os.environ.get("HYDRA_FULL_ERROR") == "1":
         traceback.print_exception(error)
@@ -482,6 +488,8 @@ def report_error(error: BaseException, run_dir: Path | None, rank: int, printing
         print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
     if rank == 0 and run_dir is not None:
         write_outcome(run_dir, code, REASONS.get(code, "error"), getattr(error, "step", None), one_line(error))
+    if not printing and rank != 0:
+        time.sleep(SILENT_RANK_EXIT_DELAY_S)
     return code
 
 
