@@ -95,13 +95,13 @@ def random_batches(vocab: int, gbs: int, seq: int, device: torch.device, seed: i
 
 def packed_documents(gbs: int, seq: int, mean: int, device: torch.device, gen: torch.Generator):
     """(document_ids, position_ids) [gbs, seq] int64 of rows packed with documents whose lengths are
-    uniform in 1 .. 2 mean - 1 tokens, the last one cut at the row end."""
-    lengths = torch.randint(1, 2 * mean, (gbs, seq), device=device, generator=gen)
-    ends = lengths.cumsum(1)
-    pos = torch.arange(seq, device=device).expand(gbs, seq).contiguous()
-    ids = torch.searchsorted(ends, pos, right=True)  # documents ending at or before each position
-    starts = torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], 1)
-    return ids, pos - starts.gather(1, ids)
+    uniform in 1 .. 2 mean - 1 tokens, the last one cut at the row end; positions as the data
+    pipeline counts them (`positions_in_documents`)."""
+    from megatron_qwen2.data.batch import positions_in_documents
+
+    ends = torch.randint(1, 2 * mean, (gbs, seq), generator=gen).cumsum(1)
+    ids = torch.searchsorted(ends, torch.arange(seq).expand(gbs, seq).contiguous(), right=True)
+    return ids.to(device), torch.from_numpy(positions_in_documents(ids.numpy())).to(device)
 
 
 def sync(device: torch.device) -> None:
@@ -183,10 +183,10 @@ class OurStep:
         rows = random_batches(mcfg.vocab_size, args.gbs, args.seq, device, args.seed)
         if documents is None:
             self.batches = (Batch(tokens=r) for r in rows)
-        else:
-            gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-            self.batches = (Batch(tokens=r, document_ids=ids, position_ids=pos) for r in rows
-                            for ids, pos in [packed_documents(args.gbs, args.seq, documents, device, gen)])
+        else:  # one packing for every step, made before the timed steps
+            ids, pos = packed_documents(args.gbs, args.seq, documents, device,
+                                        torch.Generator().manual_seed(args.seed + 1))
+            self.batches = (Batch(tokens=r, document_ids=ids, position_ids=pos) for r in rows)
 
     def __call__(self) -> float:
         return self.step(next(self.batches), self.cfg.optim.lr).loss
@@ -321,17 +321,13 @@ def main(argv=None) -> int:
         rows.append(ours)
         if prof is not None:
             print(format_summary(prof), flush=True)
-        for fp8 in args.fp8:
-            row, fp8_prof = measure_ours(mcfg, args, device, flops_per_token, ceiling, fp8)
-            if fp8_prof is not None:
-                print(format_summary(fp8_prof), flush=True)
-                row["profile"] = fp8_prof
-            rows.append(row)
-        if args.documents is not None:
-            row, docs_prof = measure_ours(mcfg, args, device, flops_per_token, ceiling, documents=args.documents)
-            if docs_prof is not None:
-                print(format_summary(docs_prof), flush=True)
-                row["profile"] = docs_prof
+        variants = [dict(fp8=fp8) for fp8 in args.fp8] + ([] if args.documents is None else
+                                                           [dict(documents=args.documents)])
+        for variant in variants:
+            row, variant_prof = measure_ours(mcfg, args, device, flops_per_token, ceiling, **variant)
+            if variant_prof is not None:
+                print(format_summary(variant_prof), flush=True)
+                row["profile"] = variant_prof
             rows.append(row)
     from bench import train_baselines
 
