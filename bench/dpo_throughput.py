@@ -2,13 +2,17 @@
 Hugging Face models in a plain loop, on the same preference pairs, in the same run.
 
     python bench/dpo_throughput.py --model qwen2_1.5b [--layers N] [--seq 4096] [--mbs 1] [--gbs 8]
-        [--steps 10] [--warmup 3] [--baseline trl hf-loop] [--no-pack] [--device auto|cuda|cpu] [--out FILE]
+        [--steps 10] [--warmup 3] [--recompute none|full] [--baseline trl hf-loop] [--no-pack]
+        [--device auto|cuda|cpu] [--out FILE]
 
 The pairs: `--pairs` prompts and responses of random words (seeded), tokenised with the
 repository's tokenizer (ids below every Qwen2 vocabulary); prompts of `--prompt-words` and responses
 of `--response-words` words (uniform ranges), each response ending with <|endoftext|>. Every system
 trains on those pairs, gbs pairs per optimizer step, mbs pairs per micro-batch, from the same
-initial weights, with its reference equal to the policy's start (so each first loss is ln 2):
+initial weights, with its reference equal to the policy's start (so each first loss is ln 2), and
+`--recompute` sets every system's activation recomputation alike: `full` recomputes each decoder
+layer in the backward (ours train.recompute=full, TRL's and the loop's gradient checkpointing),
+`none` keeps the activations (TRL's DPOConfig checkpoints unless told not to):
 
 - megatron_qwen2: `TrainingStep` with data.format=preference (engine/dpo.py), bf16 compute with fp32
   masters, the frozen reference in bf16 (`ReferenceModel`), rows of `--seq` + 1 tokens packed with
@@ -135,7 +139,7 @@ class OurDpoStep:
         self.cfg = Config(model=mcfg, optim=OptimConfig(lr=LR, warmup_steps=0, schedule="constant", weight_decay=0.0),
                           data=DataConfig(format="preference", paths=["(bench pairs)"], preference_packing=args.pack),
                           train=TrainConfig(seq_length=args.seq, micro_batch_size=args.mbs, global_batch_size=args.gbs,
-                                            dtype="bf16", seed=args.seed),
+                                            dtype="bf16", seed=args.seed, recompute=args.recompute),
                           device=device.type).validate(1)
         torch.manual_seed(args.seed)
         self.step = TrainingStep(self.cfg, Topology.build(self.cfg.parallel, 1, 0), device, init_on_device=True)
@@ -168,6 +172,8 @@ class HFLoopStep:
         self.policy = hf_model(mcfg, args.seed, device)
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.policy.train()
+        if args.recompute == "full":
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=LR, weight_decay=0.0,
                                            fused=device.type == "cuda")
         self.ids, self.args, self.device, self.at = ids, args, device, 0
@@ -238,7 +244,7 @@ def run_trl(mcfg, args, pairs, device) -> dict:
                               max_grad_norm=1.0, beta=BETA, loss_type=["sigmoid"], max_length=None,
                               bf16=device.type == "cuda", use_cpu=device.type == "cpu", logging_steps=1,
                               save_strategy="no", report_to=[], seed=args.seed, dataloader_num_workers=0,
-                              disable_tqdm=True)
+                              disable_tqdm=True, gradient_checkpointing=args.recompute == "full")
         trainer = CountingTrainer(model=policy, ref_model=reference, args=targs,
                                   train_dataset=datasets.Dataset.from_list(pairs), processing_class=hf_tokenizer(),
                                   callbacks=[Timer()])
@@ -282,6 +288,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--pairs", type=int, default=256, help="distinct preference pairs")
     ap.add_argument("--prompt-words", type=int, nargs=2, default=(30, 150), metavar=("MIN", "MAX"))
     ap.add_argument("--response-words", type=int, nargs=2, default=(60, 250), metavar=("MIN", "MAX"))
+    ap.add_argument("--recompute", default="none", choices=("none", "full"),
+                    help="every system's activation recomputation (module docstring)")
     ap.add_argument("--baseline", nargs="*", default=["trl", "hf-loop"], choices=("trl", "hf-loop"))
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--seed", type=int, default=1234)
@@ -303,7 +311,7 @@ def main(argv=None) -> int:
     mean = sum(pair_tokens(i) for i in ids) / len(ids)
     print(f"{device_name()}: {args.model} ({mcfg.num_layers} layers, hidden {mcfg.hidden_size}); {args.pairs} pairs "
           f"of {mean:.0f} tokens on average (longest {longest}) in rows of {args.seq + 1}; mbs {args.mbs}, gbs "
-          f"{args.gbs}; {args.warmup} warm-up + {args.steps} timed steps", flush=True)
+          f"{args.gbs}; recompute {args.recompute}; {args.warmup} warm-up + {args.steps} timed steps", flush=True)
     rows = [measure("megatron_qwen2", lambda: OurDpoStep(mcfg, args, ids, device), args, device)]
     for name in args.baseline:
         make = (lambda: run_trl(mcfg, args, pairs, device)) if name == "trl" else \
@@ -335,7 +343,7 @@ def main(argv=None) -> int:
         "config": {"seq": args.seq, "mbs": args.mbs, "gbs": args.gbs, "steps": args.steps, "warmup": args.warmup,
                    "pairs": args.pairs, "packed": args.pack, "prompt_words": list(args.prompt_words),
                    "response_words": list(args.response_words), "mean_pair_tokens": mean, "longest_pair_tokens": longest,
-                   "beta": BETA, "lr": LR, "seed": args.seed, "ln2": math.log(2)},
+                   "beta": BETA, "lr": LR, "seed": args.seed, "ln2": math.log(2), "recompute": args.recompute},
         "results": rows,
         "comparison": comparison,
     }

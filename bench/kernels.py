@@ -341,19 +341,20 @@ def bench_attention(rows, mm_ceiling, rounds, b=1):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
 
-    from megatron_qwen2.ops.attention import backend_reason, document_ranges
+    from megatron_qwen2.ops.attention import backend_reason, document_ranges, hopper_kernel_available
 
     fa = None
     try:
         from flash_attn import flash_attn_func as fa
     except Exception:  # noqa: BLE001 - not installed on the machine: the row is simply absent
         pass
-    sm90 = hasattr(extension.load(), "flash_attention_backward_sm90") and torch.cuda.get_device_capability() == (9, 0)
-    d = 128
-    shapes = [(4096, 28, 4, None), (8192, 28, 4, None), (4096, 64, 8, None), (8192, 64, 8, None),
-              (8192, 28, 4, "packed")]
+    sm90 = hopper_kernel_available()
+    # (seq, heads, kv heads, head_dim, documents): Qwen2-7B and -72B heads at head_dim 128, Qwen2-0.5B's at 64
+    shapes = [(4096, 28, 4, 128, None), (8192, 28, 4, 128, None), (4096, 64, 8, 128, None), (8192, 64, 8, 128, None),
+              (8192, 28, 4, 128, "packed"), (8192, 64, 8, 128, "packed"), (8192, 14, 2, 64, None),
+              (8192, 14, 2, 64, "packed")]
     gen = torch.Generator().manual_seed(0)
-    for s, hq, hkv, docs in shapes:
+    for s, hq, hkv, d, docs in shapes:
         g = hq // hkv
         # the model's layout: q, k, v as [b, s, heads, d] views of [s, b, ...] buffers
         qkv = torch.randn(s, b, hkv, g + 2, d, device="cuda", dtype=BF16)
@@ -450,7 +451,7 @@ def sanitize() -> None:
             cos, sin = torch.rand(7, 2, 1, d, device="cuda", dtype=dtype), torch.rand(7, 2, 1, d, device="cuda", dtype=dtype)
             (ops.rope(qkv[:, :, :, :2].reshape(7, 2, 6, d), cos, sin).sum() + ops.rope(qkv[:, :, :, 2], cos, sin).sum()).backward()
         if dtype == BF16:
-            from megatron_qwen2.ops.attention import document_ranges
+            from megatron_qwen2.ops.attention import document_ranges, hopper_kernel_available
 
             for d, hq, hkv, n in ((64, 4, 2, 77), (128, 7, 1, 130), (128, 2, 2, 65)):
                 qkv = torch.randn(n, 2, hkv, hq // hkv + 2, d, device="cuda", dtype=dtype)
@@ -458,9 +459,8 @@ def sanitize() -> None:
                 k = qkv[:, :, :, -2].transpose(0, 1).detach().requires_grad_(True)
                 v = qkv[:, :, :, -1].transpose(0, 1).detach().requires_grad_(True)
                 ids = torch.randint(0, 5, (2, n), device="cuda").sort(dim=1).values
-                hopper = hasattr(extension.load(), "flash_attention_backward_sm90") and \
-                    torch.cuda.get_device_capability() == (9, 0)
-                kernels = (library.flash_attention, library.flash_attention_sm90) if hopper else (library.flash_attention,)
+                kernels = (library.flash_attention, library.flash_attention_sm90) if hopper_kernel_available() \
+                    else (library.flash_attention,)
                 for ranges in ((None,) * 4, document_ranges(ids)):
                     for kernel in kernels:
                         out, lse = kernel(q, k, v, True, d ** -0.5, *ranges)

@@ -2,22 +2,26 @@
 
 Backends (`backend()` names the one a call takes, `backend_reason()` says why):
 
+- ``kernel_sm90``: the project's Hopper flash-attention kernels (csrc/flash_attn_sm90.cu and
+  flash_attn_sm90_bwd.cu: TMA, wgmma, warp-specialised warpgroups; compute capability 9.0 only);
+  everything ``kernel`` does, with the same results.
 - ``kernel``: the project's flash-attention kernel (csrc/flash_attn.cu; bf16, head_dim 64 / 128):
   GQA without repeated K/V, packed documents as per-token document ranges, returns the lse.
-  Packed documents on CUDA always take it when the inputs suit it, and MEGATRON_QWEN2_OPS=kernel
-  sends every call it supports there.
 - ``flash_attn``: `flash_attn_func` when the package is importable.
 - ``sdpa``: PyTorch SDPA with the cuDNN backend first in priority (then flash, memory-efficient,
   math: SDPA falls through to the next one that accepts the inputs).
-- ``sdpa_masked``: SDPA with an explicit dense block-diagonal mask (packed documents the kernel
-  cannot take: another dtype or head_dim); slow and O(s^2) memory.
+- ``sdpa_masked``: SDPA with an explicit dense block-diagonal mask (packed documents neither own
+  kernel can take: another dtype or head_dim); slow and O(s^2) memory.
 - ``reference``: CPU inputs or MEGATRON_QWEN2_OPS=reference.
 
-Without documents the fastest of kernel / flash_attn / sdpa is chosen by the head-dim table
-`DENSE_PREFERENCE`, taken from bench/kernels.py on an H200 (bench/results/kernels_attention_*.json).
+Packed documents take the first available of `OWN_KERNELS` (fastest first); one sequence per row
+takes the fastest available in the head-dim table `DENSE_PREFERENCE`. Both orders are measured by
+bench/kernels.py (bench/results/kernels_attention_*.json). MEGATRON_QWEN2_OPS=kernel sends every
+call an own kernel takes to the first available of `OWN_KERNELS`.
 
 Context parallelism uses the functional pair `flash_attention_forward` -> (out, lse) and
-`flash_attention_backward` -> (dq, dk, dv), which run the kernel on CUDA and the reference elsewhere.
+`flash_attention_backward` -> (dq, dk, dv), which run the faster own kernel on CUDA and the
+reference elsewhere.
 """
 
 from __future__ import annotations
@@ -30,15 +34,23 @@ import torch
 from megatron_qwen2.ops import extension, reference
 
 # Fastest first, per head_dim, for causal attention without documents (bf16, s 4096-8192), as
-# measured by bench/kernels.py on an H200 (bench/results/kernels_attention_h200_2026-12-02.json,
-# head_dim 128, 28/4 and 64/8 heads): cuDNN SDPA fwd 434-556 / fwd+bwd 423-540 TFLOP/s, the own
-# kernel 202-239 / 170-204, SDPA's flash backend (flash-attention 2) 201-274 / 221-299. The
-# flash-attn package was not importable there; it is placed by its SDPA twin. Backends that are not
-# available are skipped.
+# measured by bench/kernels.py: on an H200 (bench/results/kernels_attention_h200_2026-12-02.json,
+# head_dim 128, 28/4 and 64/8 heads) cuDNN SDPA fwd 434-556 / fwd+bwd 423-540 TFLOP/s, the own
+# kernel 202-239 / 170-204, SDPA's flash backend (flash-attention 2) 201-274 / 221-299; on an H100
+# (bench/results/kernels_attention_h100-80gb-hbm3_2026-12-07.json, s 8192) the Hopper kernel
+# fwd+bwd 379-406 against cuDNN's 481-498. The flash-attn package was not importable there; it is
+# placed by its SDPA twin. Backends that are not available are skipped.
 DENSE_PREFERENCE: dict[int, tuple[str, ...]] = {
-    64: ("sdpa", "flash_attn", "kernel"),
-    128: ("sdpa", "flash_attn", "kernel"),
+    64: ("sdpa", "kernel_sm90", "flash_attn", "kernel"),
+    128: ("sdpa", "kernel_sm90", "flash_attn", "kernel"),
 }
+
+# The own kernels, fastest first: everything one takes the other takes, with the same results; the
+# Hopper kernel is faster in every measured row (bench/results/kernels_attention_h100-80gb-hbm3_2026-12-07.json,
+# s 8192, 28/4 heads, head_dim 128: packed documents fwd 408 / fwd+bwd 252 TFLOP/s against
+# 188 / 162, plain causal fwd+bwd 406 against 203). Packed documents and the context-parallel pair
+# take the first available.
+OWN_KERNELS = ("kernel_sm90", "kernel")
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,6 +143,31 @@ def _kernel_supports(q, k, v) -> bool:
             and k.shape[-1] == q.shape[-1])
 
 
+@extension._constant
+def _hopper(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+def hopper_kernel_available(device: torch.device | None = None) -> bool:
+    """The extension is built (with the Hopper kernels) and `device` (default: the current CUDA
+    device) has compute capability 9.0."""
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    return _kernel_built() and _hopper(index)
+
+
+def _available(q, k, v, causal: bool) -> dict[str, bool]:
+    """Which CUDA backends take these inputs (sdpa takes all)."""
+    own = _kernel_built() and _kernel_supports(q, k, v) and (not causal or q.shape[1] == k.shape[1])
+    return {"kernel_sm90": own and hopper_kernel_available(q.device), "kernel": own,
+            "flash_attn": (_flash_attn_func() is not None and q.dtype in (torch.bfloat16, torch.float16)
+                           and q.shape[-1] <= 256),
+            "sdpa": True}
+
+
+def _first(order: tuple[str, ...], available: dict[str, bool]) -> Optional[str]:
+    return next((name for name in order if available.get(name)), None)
+
+
 def _choose(q, k, v, causal: bool, document_ids: Optional[torch.Tensor]) -> tuple[str, str]:
     """(backend, reason) for these inputs."""
     mode = extension._mode_now()
@@ -142,20 +179,20 @@ def _choose(q, k, v, causal: bool, document_ids: Optional[torch.Tensor]) -> tupl
     if mode == "kernel" and not built:
         raise RuntimeError("MEGATRON_QWEN2_OPS=kernel but megatron_qwen2._C is not built "
                            "(pip install --no-build-isolation -e . on a CUDA machine)")
-    fits = built and _kernel_supports(q, k, v) and (not causal or q.shape[1] == k.shape[1])
+    available = _available(q, k, v, causal)
+    own = _first(OWN_KERNELS, available)
     if document_ids is not None:
-        if fits:
-            return "kernel", "packed documents: own kernel (varlen, tiles outside the documents skipped)"
-        return "sdpa_masked", ("packed documents but the kernel is " + ("not built" if not built else
+        if own is not None:
+            return own, f"packed documents: the fastest available own kernel of {OWN_KERNELS} (tiles outside the " \
+                        "documents skipped)"
+        return "sdpa_masked", ("packed documents but the own kernels are " + ("not built" if not built else
                                "not for these inputs (bf16, head_dim 64/128, sq == sk)") + ": dense masked SDPA")
-    if mode == "kernel" and fits:
-        return "kernel", "MEGATRON_QWEN2_OPS=kernel"
-    fa_ok = _flash_attn_func() is not None and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256
-    available = {"kernel": fits, "flash_attn": fa_ok, "sdpa": True}
+    if mode == "kernel" and own is not None:
+        return own, "MEGATRON_QWEN2_OPS=kernel"
     order = DENSE_PREFERENCE.get(q.shape[-1], ("sdpa",))
-    for name in order:
-        if available.get(name):
-            return name, f"fastest available for head_dim {q.shape[-1]} in the measured order {order}"
+    name = _first(order, available)
+    if name is not None:
+        return name, f"fastest available for head_dim {q.shape[-1]} in the measured order {order}"
     return "sdpa", "nothing else accepts these inputs"
 
 
@@ -177,6 +214,19 @@ def backend_reason(q, k, v, causal: bool = True, document_ids: "torch.Tensor | P
     docs = packed_documents(document_ids)
     name, why = _choose(q, k, v, causal, None if docs is None else docs.ids)
     return f"{name}: {why}"
+
+
+def _forward_op(own: str):
+    """The custom op of an own kernel's forward (autograd runs its backward)."""
+    from megatron_qwen2.ops import library
+
+    return library.flash_attention_sm90 if own == "kernel_sm90" else library.flash_attention
+
+
+def _backward_op(own: str):
+    from megatron_qwen2.ops import library
+
+    return library.flash_attention_backward_sm90 if own == "kernel_sm90" else library.flash_attention_backward
 
 
 def _sdpa_cuda(q, k, v, causal, softmax_scale):
@@ -208,11 +258,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     document_ids = None if docs is None else docs.ids
     name, _ = _choose(q, k, v, causal, document_ids)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    if name == "kernel":
-        from megatron_qwen2.ops import library
-
+    if name in OWN_KERNELS:
         ranges = docs.ranges if docs is not None else (None,) * 4
-        return library.flash_attention(q, k, v, causal, scale, *ranges)[0]
+        return _forward_op(name)(q, k, v, causal, scale, *ranges)[0]
     if name == "flash_attn":
         return _flash_attn_func()(q, k, v, causal=causal, softmax_scale=softmax_scale)
     if name == "sdpa":
@@ -233,11 +281,10 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     """
     _check_shapes(q, k, v)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    if _kernel_built() and _kernel_supports(q, k, v):
-        from megatron_qwen2.ops import library
-
+    own = _first(OWN_KERNELS, _available(q, k, v, causal=False))
+    if own is not None:
         with torch.no_grad():
-            return library.flash_attention(q, k, v, causal, scale, *(ranges or (None,) * 4))
+            return _forward_op(own)(q, k, v, causal, scale, *(ranges or (None,) * 4))
     with torch.no_grad():
         out, lse = reference.attention_with_lse(q.float(), k.float(), v.float(), causal, scale,
                                                 key_ranges=None if ranges is None else ranges[:2])
@@ -255,12 +302,11 @@ def flash_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     """
     _check_shapes(q, k, v)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    if _kernel_built() and _kernel_supports(q, k, v):
-        from megatron_qwen2.ops import library
-
+    own = _first(OWN_KERNELS, _available(q, k, v, causal=False))
+    if own is not None:
         qr = (None, None) if ranges is None else (ranges.query_lo, ranges.query_hi)
         with torch.no_grad():
-            return library.flash_attention_backward(dout, q, k, v, out, lse, dlse, causal, scale, *qr)
+            return _backward_op(own)(dout, q, k, v, out, lse, dlse, causal, scale, *qr)
     f32 = [t.float() for t in (dout, q, k, v, out)]
     dq, dk, dv = reference.attention_backward_with_lse(*f32, lse.float(), causal, scale,
                                                        key_ranges=None if ranges is None else ranges[:2],

@@ -12,12 +12,13 @@ from bench import dpo_throughput
 pytest.importorskip("transformers")
 
 
-def test_cpu_run_writes_complete_result(tmp_path):
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_cpu_run_writes_complete_result(tmp_path, recompute):
     out = tmp_path / "result.json"
     baselines = ["hf-loop"] + (["trl"] if importlib.util.find_spec("trl") else [])
     argv = ["--model", "tiny", "--layers", "1", "--device", "cpu", "--seq", "128", "--mbs", "2", "--gbs", "2", "--steps", "1",
             "--warmup", "1", "--pairs", "6", "--prompt-words", "3", "10", "--response-words", "3", "12",
-            "--baseline", *baselines, "--out", str(out)]
+            "--baseline", *baselines, "--recompute", recompute, "--out", str(out)]
     assert dpo_throughput.main(argv) == 0
     res = json.loads(out.read_text())
     for key in ("device", "commit", "date", "command", "config", "results", "comparison"):
@@ -28,4 +29,5 @@ def test_cpu_run_writes_complete_result(tmp_path):
         assert row["loss_first"] == pytest.approx(math.log(2), abs=1e-3), row["system"]
         assert len(row["step_times_s"]) == 1
     assert set(res["comparison"]) == set(baselines)
+    assert res["config"]["recompute"] == recompute
     assert res["config"]["packed"]  # our rows of 129 tokens hold several of these short pairs

@@ -257,9 +257,10 @@ def test_door_takes_the_kernel_for_documents_and_is_deterministic():
     gen = torch.Generator().manual_seed(5)
     q, k, v = make_inputs(2, 1024, 28, 4, 128, "model", gen)
     ids = random_documents(2, 1024, "mixed", gen).cuda()
-    assert attn.backend(q, k, v, True, ids) == "kernel"
+    own = "kernel_sm90" if attn.hopper_kernel_available() else "kernel"
+    assert attn.backend(q, k, v, True, ids) == own
     assert attn.backend(q.float(), k.float(), v.float(), True, ids) == "sdpa_masked"
-    assert attn.backend(q, k, v, True) in ("kernel", "sdpa", "flash_attn")
+    assert attn.backend(q, k, v, True) in (own, "sdpa", "flash_attn")
     outs = []
     for _ in range(2):
         qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
@@ -271,6 +272,31 @@ def test_door_takes_the_kernel_for_documents_and_is_deterministic():
         assert torch.equal(a, b)
     ref = reference.attention(q.float(), k.float(), v.float(), True, None, ids)
     assert rel(outs[0][0], ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_door_and_functional_pair_run_the_hopper_kernel_on_hopper():
+    """On compute capability 9.0 packed documents and the context-parallel pair take the Hopper
+    kernels: their results are those ops' own, bit for bit (out, lse, dk, dv)."""
+    _need_ext()
+    if not attn.hopper_kernel_available():
+        pytest.skip(f"compute capability {torch.cuda.get_device_capability()}: the Hopper kernel is not for it")
+    from megatron_qwen2.ops import library
+
+    gen = torch.Generator().manual_seed(17)
+    q, k, v = make_inputs(2, 500, 8, 2, 64, "model", gen)
+    ids = random_documents(2, 500, "mixed", gen).cuda()
+    ranges = attn.document_ranges(ids)
+    assert "kernel_sm90" in attn.backend_reason(q, k, v, True, ids)
+    want_out, want_lse = library.flash_attention_sm90(q, k, v, True, 0.125, *ranges)
+    assert torch.equal(ops.attention(q, k, v, True, 0.125, ids), want_out)
+    out, lse = ops.flash_attention_forward(q, k, v, True, 0.125, ranges)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    dout = torch.randn(out.shape, generator=gen).to("cuda", BF16)
+    _, dk, dv = ops.flash_attention_backward(dout, q, k, v, out, lse, True, 0.125, ranges)
+    _, want_dk, want_dv = library.flash_attention_backward_sm90(dout, q, k, v, out, lse, None, True, 0.125,
+                                                               ranges.query_lo, ranges.query_hi)
+    assert torch.equal(dk, want_dk) and torch.equal(dv, want_dv)
 
 
 @pytest.mark.gpu
