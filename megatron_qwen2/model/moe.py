@@ -101,13 +101,14 @@ class _Fp8GroupedLinear(torch.autograd.Function):
         w8 = fp8.weights.get(weight, rcp, experts=True)
         xq, xt = quantize_pair(_pad_groups(x, keep, sum(padded)), rcp.activation_tiling, rcp.input_dtype)
         y = _unpad_groups(grouped_gemm(xq, w8.w, padded, x.dtype, fp8.grouped_gemms), keep)
-        ctx.save_for_backward(weight, xt.data, xt.scale_inv, keep)
+        ctx.save_for_backward(xt.data, xt.scale_inv, keep)
+        ctx.weight = weight  # the parameter, with its main_grad (parallel/layers.py, _LinearMainGrad)
         ctx.recipe, ctx.padded, ctx.weight8, ctx.grouped = rcp, padded, w8, fp8.grouped_gemms
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        weight, xt_data, xt_scale, keep = ctx.saved_tensors
+        (xt_data, xt_scale, keep), weight = ctx.saved_tensors, ctx.weight
         rcp, padded = ctx.recipe, ctx.padded
         dyq, dyt = quantize_pair(_pad_groups(dy, keep, sum(padded)), rcp.activation_tiling, rcp.grad_dtype)
         dx = _unpad_groups(grouped_gemm(dyq, ctx.weight8.t(), padded, dy.dtype, ctx.grouped), keep)

@@ -74,17 +74,21 @@ class _LinearMainGrad(torch.autograd.Function):
     an uninitialised placeholder, so the gradient buffer's per-parameter hook fires in order; the
     flag `wgrad_in_main_grad` tells it the gradient is already in main_grad. `weight` is the
     parameter itself (any shape [..., in]); it is multiplied as [-1, in].
+
+    The parameter is kept on ctx, not among the saved tensors: under activation recomputation
+    (torch.utils.checkpoint) saved tensors come back as detached aliases, without main_grad. The
+    FP8 functions (`_Fp8Linear`, model/moe.py's grouped one) keep it the same way.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x)
+        ctx.weight, ctx.has_bias = weight, bias is not None
         return F.linear(x, weight.reshape(-1, weight.shape[-1]), bias)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
+        (x,), weight = ctx.saved_tensors, ctx.weight
         w = weight.reshape(-1, weight.shape[-1])
         dx = dy.matmul(w) if ctx.needs_input_grad[0] else None
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
@@ -127,13 +131,14 @@ class _Fp8Linear(torch.autograd.Function):
         y = gemm(xq, w8.w, x.dtype)[:rows]
         if bias is not None:
             y = y + bias
-        ctx.save_for_backward(xt.data, xt.scale_inv, weight)
+        ctx.save_for_backward(xt.data, xt.scale_inv)
+        ctx.weight = weight  # the parameter, with its main_grad (see _LinearMainGrad)
         ctx.recipe, ctx.weight8, ctx.x_shape, ctx.has_bias = rcp, w8, x.shape, bias is not None
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        xt_data, xt_scale, weight = ctx.saved_tensors
+        (xt_data, xt_scale), weight = ctx.saved_tensors, ctx.weight
         rcp, rows = ctx.recipe, dy.numel() // dy.shape[-1]
         dy2 = pad_rows(dy.reshape(rows, dy.shape[-1]), rcp.token_multiple)
         dyq, dyt = quantize_pair(dy2, rcp.activation_tiling, rcp.grad_dtype)
