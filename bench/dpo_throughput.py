@@ -2,8 +2,8 @@
 Hugging Face models in a plain loop, on the same preference pairs, in the same run.
 
     python bench/dpo_throughput.py --model qwen2_1.5b [--layers N] [--seq 4096] [--mbs 1] [--gbs 8]
-        [--steps 10] [--warmup 3] [--recompute none|full] [--baseline trl hf-loop] [--no-pack]
-        [--device auto|cuda|cpu] [--out FILE]
+        [--steps 10] [--warmup 3] [--recompute none|full] [--precompute-reference]
+        [--baseline trl hf-loop] [--no-pack] [--device auto|cuda|cpu] [--out FILE]
 
 The pairs: `--pairs` prompts and responses of random words (seeded), tokenised with the
 repository's tokenizer (ids below every Qwen2 vocabulary); prompts of `--prompt-words` and responses
@@ -17,7 +17,11 @@ layer in the backward (ours train.recompute=full, TRL's and the loop's gradient 
 - megatron_qwen2: `TrainingStep` with data.format=preference (engine/dpo.py), bf16 compute with fp32
   masters, the frozen reference in bf16 (`ReferenceModel`), rows of `--seq` + 1 tokens packed with
   whole pairs (data.preference_packing; `--no-pack`: one pair per row), two documents each, with
-  packed-document attention; a step is gbs rows, mbs rows per micro-batch;
+  packed-document attention; a step is gbs rows, mbs rows per micro-batch. `--precompute-reference`:
+  dpo.precompute_reference=true, the reference's log-probabilities of every pair computed first in
+  one forward-only pass (dpo_reference.dataset_logps) and no reference model in the step; that pass
+  is timed, and each timed step is charged its share of it (pass seconds x the step's tokens / the
+  tokens of all pairs);
 - trl: TRL's DPOTrainer (sigmoid loss, beta 0.1, bf16=True: fp32 weights and autocast, its reference a
   copy of the policy), the pairs given as text; each timed step is one optimizer step of its own
   sampling of the pairs;
@@ -107,15 +111,17 @@ def pair_tokens(ids) -> int:
 
 
 def time_steps(step, device, warmup: int, steps: int) -> dict:
-    """step() -> (loss, tokens fed); warm-up steps untimed."""
+    """step() -> (loss, tokens fed); warm-up steps untimed. A step with a precomputing pass
+    (`step.reference_pass`: seconds, tokens) is charged its share of that pass."""
     losses, times, tokens = [], [], 0
+    seconds, pass_tokens = getattr(step, "reference_pass", None) or (0.0, 1)
     for i in range(warmup + steps):
         began = time.perf_counter()
         loss, fed = step()
         sync(device)
         losses.append(loss)
         if i >= warmup:
-            times.append(time.perf_counter() - began)
+            times.append(time.perf_counter() - began + seconds * fed / pass_tokens)
             tokens += fed
     return {"losses": losses, "step_times_s": times, "tokens": tokens}
 
@@ -131,8 +137,9 @@ class OurDpoStep:
     """TrainingStep with data.format=preference on one device; the reference holds the policy's start."""
 
     def __init__(self, mcfg, args, ids, device):
-        from megatron_qwen2.config import Config, DataConfig, OptimConfig, TrainConfig
+        from megatron_qwen2.config import Config, DataConfig, DpoConfig, OptimConfig, TrainConfig
         from megatron_qwen2.data.preference import Pair, PreferenceDataset
+        from megatron_qwen2.dpo_reference import dataset_logps
         from megatron_qwen2.engine.step import TrainingStep
         from megatron_qwen2.parallel import Topology
 
@@ -140,15 +147,23 @@ class OurDpoStep:
                           data=DataConfig(format="preference", paths=["(bench pairs)"], preference_packing=args.pack),
                           train=TrainConfig(seq_length=args.seq, micro_batch_size=args.mbs, global_batch_size=args.gbs,
                                             dtype="bf16", seed=args.seed, recompute=args.recompute),
-                          device=device.type).validate(1)
+                          dpo=DpoConfig(precompute_reference=args.precompute_reference), device=device.type).validate(1)
         torch.manual_seed(args.seed)
         self.step = TrainingStep(self.cfg, Topology.build(self.cfg.parallel, 1, 0), device, init_on_device=True)
-        with torch.no_grad():  # the reference starts as the policy
-            for ref, p in zip((q for c in self.step.reference.chunks for q in c.parameters()), self.step.params):
-                ref.copy_(p)
+        if self.step.reference is not None:
+            with torch.no_grad():  # the reference starts as the policy
+                for ref, p in zip((q for c in self.step.reference.chunks for q in c.parameters()), self.step.params):
+                    ref.copy_(p)
         arr = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
         pairs = [Pair(arr(p), arr(c), np.ones(len(c), bool), arr(r), np.ones(len(r), bool)) for p, c, r in ids]
         self.data = PreferenceDataset(pairs, args.seq, args.seed, pad_id=0, vocab_size=mcfg.vocab_size, pack=args.pack)
+        self.reference_pass = None  # (seconds, tokens of all pairs) of the precomputing pass
+        if args.precompute_reference:  # the policy's start is the reference
+            sync(device)
+            began = time.perf_counter()
+            self.data.attach_reference(dataset_logps(self.step, self.data))
+            sync(device)
+            self.reference_pass = (time.perf_counter() - began, sum(pair_tokens(i) for i in ids))
         self.ids, self.gbs, self.at = ids, args.gbs, 0
 
     def __call__(self):
@@ -266,6 +281,8 @@ def measure(name: str, make, args, device) -> dict:
         else:
             step = make()
             row = score(name, time_steps(step, device, args.warmup, args.steps), device)
+            if getattr(step, "reference_pass", None):
+                row["reference_pass_s"], row["reference_pass_tokens"] = step.reference_pass
             del step
     except Exception as e:  # noqa: BLE001 - reported in the result
         traceback.print_exc()
@@ -290,6 +307,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--response-words", type=int, nargs=2, default=(60, 250), metavar=("MIN", "MAX"))
     ap.add_argument("--recompute", default="none", choices=("none", "full"),
                     help="every system's activation recomputation (module docstring)")
+    ap.add_argument("--precompute-reference", action="store_true",
+                    help="ours: dpo.precompute_reference=true, the pass charged to the steps (module docstring)")
     ap.add_argument("--baseline", nargs="*", default=["trl", "hf-loop"], choices=("trl", "hf-loop"))
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--seed", type=int, default=1234)
@@ -343,7 +362,8 @@ def main(argv=None) -> int:
         "config": {"seq": args.seq, "mbs": args.mbs, "gbs": args.gbs, "steps": args.steps, "warmup": args.warmup,
                    "pairs": args.pairs, "packed": args.pack, "prompt_words": list(args.prompt_words),
                    "response_words": list(args.response_words), "mean_pair_tokens": mean, "longest_pair_tokens": longest,
-                   "beta": BETA, "lr": LR, "seed": args.seed, "ln2": math.log(2), "recompute": args.recompute},
+                   "beta": BETA, "lr": LR, "seed": args.seed, "ln2": math.log(2), "recompute": args.recompute,
+                   "precompute_reference": args.precompute_reference},
         "results": rows,
         "comparison": comparison,
     }

@@ -96,7 +96,8 @@ def plot(result_file: str, png: str) -> None:
         full.plot(smooth, label=label, linewidth=1)
         n = min(300, len(smooth))
         tail.plot(range(len(smooth) - n, len(smooth)), smooth[-n:], label=label, linewidth=1)
-    full.set(title=f"{data['model']}: loss (20-step mean)", xlabel="step", ylabel="loss")
+    fig.suptitle(f"{data['model']}, {data['device']}: loss (20-step mean)")
+    full.set(title="every step", xlabel="step", ylabel="loss")
     tail.set(title="the last 300 steps", xlabel="step")
     for ax in (full, tail):
         ax.legend()
@@ -143,6 +144,8 @@ def merge(out: str, files: list[str]) -> int:
     configs = [{k: v for k, v in p["config"].items() if k not in ("recipes", "out")} for p in parts]
     if any(c != configs[0] for c in configs):
         raise SystemExit("error: the files were made with different settings: " + ", ".join(files))
+    if len({(p["device"], p["torch"]) for p in parts}) > 1:
+        raise SystemExit("error: the files were measured on different devices or torch versions: " + ", ".join(files))
     runs = sorted((r for p in parts for r in p["runs"]), key=lambda r: r["fp8"] != "none")
     steps = min(len(r["losses"]) for r in runs)  # runs cut short are compared over the steps all made
     runs = [r if len(r["losses"]) == steps else
@@ -150,11 +153,14 @@ def merge(out: str, files: list[str]) -> int:
             for r in runs]
     args = argparse.Namespace(**parts[0]["config"])
     args.recipes = [r["fp8"] for r in runs]
-    write(out, args, ["--recipes", *args.recipes, "(one process per recipe, merged with --merge)"], runs)
+    measured = {k: parts[0][k] for k in ("device", "commit", "date", "torch", "cuda")}  # the first run's
+    write(out, args, ["--recipes", *args.recipes, "(one process per recipe, merged with --merge)"], runs, measured)
     return 0
 
 
-def write(out: str, args, argv, runs: list[dict]) -> None:
+def write(out: str, args, argv, runs: list[dict], measured: dict | None = None) -> None:
+    """The result file of `runs`; `measured` (device, commit, date, torch, cuda) when the runs were
+    made elsewhere, else those of this process."""
     base = next((r for r in runs if r["fp8"] == "none"), None)
     for r in runs:
         if base is not None and r is not base:
@@ -171,8 +177,12 @@ def write(out: str, args, argv, runs: list[dict]) -> None:
                "data": "built-in corpus (Python standard library source), "
                        f"{args.gbs} x {args.seq} tokens per step",
                "config": vars(args), "runs": runs}
-    print(f"wrote {write_result_file(out, payload)}", flush=True)
-    return 0
+    if measured is None:
+        path = write_result_file(out, payload)
+    else:
+        path = Path(out)
+        path.write_text(json.dumps(dict(payload, **measured), indent=1) + "\n")
+    print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -192,8 +192,9 @@ class OurStep:
         return self.step(next(self.batches), self.cfg.optim.lr).loss
 
 
-def ops_in_use(device: torch.device, mcfg=None, seq: int = 128) -> dict:
-    """Which implementation the fused-op doors pick on this device."""
+def ops_in_use(device: torch.device, mcfg=None, seq: int = 128, documents: bool = False) -> dict:
+    """Which implementation the fused-op doors pick on this device (attention: for rows of one
+    sequence, or with `documents` for rows of packed documents)."""
     import importlib
 
     from megatron_qwen2.ops import extension
@@ -201,9 +202,12 @@ def ops_in_use(device: torch.device, mcfg=None, seq: int = 128) -> dict:
     attention_door = importlib.import_module("megatron_qwen2.ops.attention")  # the module, not the function
     built = extension.load() is not None
     try:  # the door's choice for this model's attention shape (it may depend on head dim and length)
-        q = torch.empty(1, seq, mcfg.num_attention_heads, mcfg.kv_channels, dtype=torch.bfloat16, device=device)
-        k = torch.empty(1, seq, mcfg.num_kv_heads, mcfg.kv_channels, dtype=torch.bfloat16, device=device)
-        backend = attention_door.backend(q, k, k)
+        q = torch.empty(1, seq, mcfg.num_attention_heads, mcfg.kv_channels, dtype=torch.bfloat16, device=device,
+                        requires_grad=True)  # a training call
+        k = torch.empty(1, seq, mcfg.num_kv_heads, mcfg.kv_channels, dtype=torch.bfloat16, device=device,
+                        requires_grad=True)
+        ids = torch.zeros(1, seq, dtype=torch.long, device=device) if documents else None
+        backend = attention_door.backend(q, k, k, document_ids=ids)
     except Exception as e:  # noqa: BLE001 - a door that cannot say for these inputs: record that
         backend = f"unknown ({type(e).__name__})"
     return {"ops_mode": extension.mode(), "extension_built": built,
@@ -219,7 +223,7 @@ def measure_ours(mcfg, args, device, flops_per_token: float, ceiling: float | No
     name = "megatron_qwen2" + ("" if fp8 == "none" else f"_fp8_{fp8}") + ("" if documents is None else "_documents")
     result = score(name, timed["step_times_s"], timed["losses"], args.gbs * args.seq,
                    flops_per_token, ceiling, device)
-    result.update(ops_in_use(device, mcfg, args.seq), recompute=args.recompute, fp8=fp8,
+    result.update(ops_in_use(device, mcfg, args.seq, documents is not None), recompute=args.recompute, fp8=fp8,
                   documents_mean_tokens=documents)
     if step.step.fp8 is not None:
         result["fp8_weight_copies_gib"] = step.step.fp8.weights.nbytes() / 2**30

@@ -93,14 +93,17 @@ def _read_on_rank0(path: Path) -> Optional[dict]:
 
 def dataset_logps(trainer: TrainingStep, dataset: PreferenceDataset) -> np.ndarray:
     """[pairs, 2]: the log-probabilities of every pair's responses under the weights the trainer's chunks
-    hold, in global batches of pairs in file order (the last one filled up with the first pairs)."""
+    hold, from the dataset's rows (its packing plan: each pair once), in global batches of rows in plan
+    order (the last one filled up with the first rows)."""
     topo, gbs = trainer.topo, trainer.cfg.train.global_batch_size
-    n, local = len(dataset.pairs), gbs // topo.dp
-    out = np.zeros((n, 2), dtype=np.float64)
-    for start in range(0, n, gbs):
-        indices = np.arange(start, start + gbs) % n
-        rows = dataset.pair_rows(indices[topo.dp_rank * local:(topo.dp_rank + 1) * local])
-        logps = trainer.global_response_logps(rows).numpy()
-        kept = min(gbs, n - start)
-        out[start:start + kept] = logps[:kept]
+    rows, local = dataset.rows, gbs // topo.dp
+    slots = max(len(r) for r in rows)
+    out = np.zeros((len(dataset.pairs), 2), dtype=np.float64)
+    for start in range(0, len(rows), gbs):
+        indices = np.arange(start, start + gbs) % len(rows)
+        mine = indices[topo.dp_rank * local:(topo.dp_rank + 1) * local]
+        logps = trainer.global_response_logps(dataset.make_rows([rows[j] for j in mine]), slots).numpy()
+        for j in range(min(gbs, len(rows) - start)):
+            for slot, pair in enumerate(rows[indices[j]]):
+                out[pair] = logps[j, slot]
     return out

@@ -176,6 +176,27 @@ def test_precomputed_reference_trains_as_the_frozen_model_and_a_resume_reuses_it
     assert all(torch.equal(read_run(resumed)[1][n], pre_state[n]) for n in pre_state)
 
 
+def test_the_precomputed_table_from_packed_rows_equals_one_pair_per_row():
+    """The precomputing pass runs the dataset's own (packed) rows: each pair's log-probabilities are those
+    of the pair alone in a row (fp32 rounding apart), whichever slot of which row it had."""
+    import numpy as np
+
+    from megatron_qwen2.data.preference import PreferenceDataset, load_pairs
+    from megatron_qwen2.dpo_reference import dataset_logps
+    from megatron_qwen2.engine.step import TrainingStep
+    from megatron_qwen2.parallel import Topology
+
+    cfg = config(global_batch_size=2, micro_batch_size=1, seq_length=400)
+    step = TrainingStep(cfg, Topology.build(cfg.parallel, 1, 0), torch.device("cpu"))
+    pairs = load_pairs(PREFERENCE, ensure_chat_tokens(load_tokenizer(None)))
+    packed, single = (PreferenceDataset(pairs, 400, seed=2, pad_id=0, vocab_size=4096, pack=pack)
+                      for pack in (True, False))
+    assert max(len(r) for r in packed.rows) > 1 and len(packed.rows) % 2 == 1  # slots, and a filled-up last batch
+    got, want = dataset_logps(step, packed), dataset_logps(step, single)
+    assert (want < 0).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 def test_a_dpo_run_exports_to_hugging_face(tmp_path):
     from megatron_qwen2.checkpoint import load_model
     from megatron_qwen2.checkpoint.convert import main as convert

@@ -149,11 +149,6 @@ class PreferenceDataset(SampleDataset):
     def samples(self, indices: np.ndarray) -> Batch:
         return self.make_rows([self.rows[r] for r in self.order(indices)])
 
-    def pair_rows(self, pair_indices: np.ndarray) -> Batch:
-        """One row per pair of `pair_indices` (indices into `pairs`, in that order), whether or not the
-        dataset packs (the pass that precomputes the reference's log-probabilities)."""
-        return self.make_rows([[int(i)] for i in pair_indices])
-
     def make_rows(self, rows: Sequence[Sequence[int]]) -> Batch:
         """Rows holding the pairs `rows[j]` (pair indices) each: pair k of a row is its slot k, its chosen
         and rejected documents 2k and 2k + 1; the padding after the last pair is one more document."""

@@ -150,19 +150,20 @@ class TrainingStep:
         return self._sum_over_ranks(result.loss_sum.reshape(1)).item() / self.total_micro
 
     @torch.no_grad()
-    def global_response_logps(self, batch: Batch) -> torch.Tensor:
-        """[global_batch_size, 2] float64 on the CPU of every rank: the log-probabilities of the chosen and
-        rejected response of each row of a global batch of preference rows of one pair each
-        (PreferenceDataset.pair_rows) under the current weights; `batch` holds this dp rank's rows of it
-        (as in __call__). Forwards only."""
+    def global_response_logps(self, batch: Batch, slots: int) -> torch.Tensor:
+        """[global_batch_size, slots, 2] float64 on the CPU of every rank: the log-probabilities of the
+        chosen and rejected response of each pair slot of each row of a global batch of preference rows
+        (PreferenceDataset.make_rows; `slots` at least the most pairs any of its rows holds, absent
+        slots 0) under the current weights; `batch` holds this dp rank's rows of it (as in __call__).
+        Forwards only."""
         self._weights_changed()
         t, topo = self.cfg.train, self.topo
         micro = batch.to(self.device).split(t.micro_batch_size)
         result = self.runner.forward_only(micro, loss_scale=1.0 / self.total_micro, aux_coef=0.0)
-        out = torch.zeros(t.global_batch_size, 2, dtype=torch.float64, device=self.device)
+        out = torch.zeros(t.global_batch_size, slots, 2, dtype=torch.float64, device=self.device)
         if result.sequence_logps and topo.tp_rank == 0 and topo.cp_rank == 0:  # one copy of each row: the last stage's
-            out[topo.dp_rank * self.local_samples:(topo.dp_rank + 1) * self.local_samples] = torch.cat(
-                [result.sequence_logps[i][:, 0] for i in range(len(micro))])
+            local = torch.cat([result.sequence_logps[i] for i in range(len(micro))])
+            out[topo.dp_rank * self.local_samples:(topo.dp_rank + 1) * self.local_samples, :local.shape[1]] = local
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(out)
         return out.cpu()

@@ -15,7 +15,8 @@ Backends (`backend()` names the one a call takes, `backend_reason()` says why):
 - ``reference``: CPU inputs or MEGATRON_QWEN2_OPS=reference.
 
 Packed documents take the first available of `OWN_KERNELS` (fastest first); one sequence per row
-takes the fastest available in the head-dim table `DENSE_PREFERENCE`. Both orders are measured by
+takes the fastest available in the head-dim table `DENSE_PREFERENCE` (training calls: a gradient
+to come) or `DENSE_FORWARD_PREFERENCE` (forward-only calls). Both orders are measured by
 bench/kernels.py (bench/results/kernels_attention_*.json). MEGATRON_QWEN2_OPS=kernel sends every
 call an own kernel takes to the first available of `OWN_KERNELS`.
 
@@ -34,22 +35,28 @@ import torch
 from megatron_qwen2.ops import extension, reference
 
 # Fastest first, per head_dim, for causal attention without documents (bf16, s 4096-8192), as
-# measured by bench/kernels.py: on an H200 (bench/results/kernels_attention_h200_2026-12-02.json,
-# head_dim 128, 28/4 and 64/8 heads) cuDNN SDPA fwd 434-556 / fwd+bwd 423-540 TFLOP/s, the own
-# kernel 202-239 / 170-204, SDPA's flash backend (flash-attention 2) 201-274 / 221-299; on an H100
-# (bench/results/kernels_attention_h100-80gb-hbm3_2026-12-07.json, s 8192) the Hopper kernel
-# fwd+bwd 379-406 against cuDNN's 481-498. The flash-attn package was not importable there; it is
-# placed by its SDPA twin. Backends that are not available are skipped.
+# measured by bench/kernels.py. Training calls (a gradient to come), by forward + backward: on an
+# H200 (bench/results/kernels_attention_h200_2026-12-02.json, head_dim 128, 28/4 and 64/8 heads)
+# cuDNN SDPA 423-540 TFLOP/s, the own kernel 170-204, SDPA's flash backend (flash-attention 2)
+# 221-299; on an H100 (bench/results/kernels_attention_h100-80gb-hbm3_2026-12-07.json) at s 8192
+# cuDNN 488-507, the Hopper kernel 375-397, and at head_dim 64 (14/2 heads) 354 against 260.
+# Forward-only calls (no gradient: a DPO reference, evaluation), on that H100: the Hopper kernel
+# 544-640 against cuDNN's 425-589 at head_dim 128, 394 against 347 at 64. The flash-attn package
+# was not importable there; it is placed by its SDPA twin. Backends not available are skipped.
 DENSE_PREFERENCE: dict[int, tuple[str, ...]] = {
     64: ("sdpa", "kernel_sm90", "flash_attn", "kernel"),
     128: ("sdpa", "kernel_sm90", "flash_attn", "kernel"),
 }
+DENSE_FORWARD_PREFERENCE: dict[int, tuple[str, ...]] = {
+    64: ("kernel_sm90", "sdpa", "flash_attn", "kernel"),
+    128: ("kernel_sm90", "sdpa", "flash_attn", "kernel"),
+}
 
 # The own kernels, fastest first: everything one takes the other takes, with the same results; the
-# Hopper kernel is faster in every measured row (bench/results/kernels_attention_h100-80gb-hbm3_2026-12-07.json,
-# s 8192, 28/4 heads, head_dim 128: packed documents fwd 408 / fwd+bwd 252 TFLOP/s against
-# 188 / 162, plain causal fwd+bwd 406 against 203). Packed documents and the context-parallel pair
-# take the first available.
+# Hopper kernel is the faster in the measured rows (bench/results/kernels_attention_h100-80gb-hbm3_2026-12-07.json,
+# s 8192: packed documents fwd 464-517 / fwd+bwd 284-302 TFLOP/s against 204-218 / 165-177 at
+# head_dim 128, fwd 254 against 141 at 64, where fwd+bwd is level, 125 against 130). Packed
+# documents and the context-parallel pair take the first available.
 OWN_KERNELS = ("kernel_sm90", "kernel")
 
 
@@ -189,22 +196,25 @@ def _choose(q, k, v, causal: bool, document_ids: Optional[torch.Tensor]) -> tupl
                                "not for these inputs (bf16, head_dim 64/128, sq == sk)") + ": dense masked SDPA")
     if mode == "kernel" and own is not None:
         return own, "MEGATRON_QWEN2_OPS=kernel"
-    order = DENSE_PREFERENCE.get(q.shape[-1], ("sdpa",))
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    order = (DENSE_PREFERENCE if training else DENSE_FORWARD_PREFERENCE).get(q.shape[-1], ("sdpa",))
     name = _first(order, available)
     if name is not None:
-        return name, f"fastest available for head_dim {q.shape[-1]} in the measured order {order}"
+        return name, (f"fastest available for head_dim {q.shape[-1]} in the measured order {order} of "
+                      + ("forward + backward" if training else "forward-only calls"))
     return "sdpa", "nothing else accepts these inputs"
 
 
 def backend(q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
             causal: bool = True, document_ids: "torch.Tensor | PackedDocuments | None" = None) -> str:
-    """The backend `attention(q, k, v, causal, document_ids=...)` takes; without tensors, the one of a
-    CUDA bf16 causal call at Qwen2-7B shape (28 / 4 heads, head_dim 128) without documents."""
+    """The backend `attention(q, k, v, causal, document_ids=...)` takes (here, with gradients enabled or
+    not); without tensors, the one of a CUDA bf16 causal training call at Qwen2-7B shape (28 / 4 heads,
+    head_dim 128) without documents."""
     if q is None:
         if not torch.cuda.is_available():
             return "reference"
-        q = torch.empty(1, 1, 28, 128, device="cuda", dtype=torch.bfloat16)
-        k = v = torch.empty(1, 1, 4, 128, device="cuda", dtype=torch.bfloat16)
+        q = torch.empty(1, 1, 28, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = v = torch.empty(1, 1, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     docs = packed_documents(document_ids)
     return _choose(q, k, v, causal, None if docs is None else docs.ids)[0]
 

@@ -81,7 +81,7 @@ def test_a_long_pair_is_cut_keeping_the_prompt_end_and_the_responses_start(tok):
     pair = render_pair({"prompt": "word " * 40, "chosen": "yes " * 30, "rejected": "no " * 30}, tok, "x")
     ds = PreferenceDataset([pair], 63, seed=0, pad_id=0, vocab_size=tok.get_vocab_size())
     assert ds.truncated == 1
-    row = ds.pair_rows(np.array([0]))
+    row = ds.make_rows([[0]])
     p, c, r = cut_lengths(len(pair.prompt), len(pair.chosen), len(pair.rejected), 64)
     tokens = row.tokens[0].numpy()
     assert np.array_equal(tokens[:p], pair.prompt[-p:]) and np.array_equal(tokens[p:p + c], pair.chosen[:c])
@@ -118,7 +118,7 @@ def test_packed_rows_hold_whole_pairs_in_slots(tok):
     for row in range(len(packed)):
         held = [i for i in packed.rows[int(packed.order(np.array([row]))[0])]]
         assert batch.pairs[row].tolist() == [k < len(held) for k in range(batch.pairs.shape[1])]
-        alone = unpacked.pair_rows(np.array(held))
+        alone = unpacked.make_rows([[i] for i in held])
         at = 0
         for slot, i in enumerate(held):  # each slot is the pair's own row, moved along and relabelled
             n = int((alone.document_ids[slot] < 2).sum())  # the pair's tokens

@@ -288,6 +288,9 @@ def test_door_and_functional_pair_run_the_hopper_kernel_on_hopper():
     ids = random_documents(2, 500, "mixed", gen).cuda()
     ranges = attn.document_ranges(ids)
     assert "kernel_sm90" in attn.backend_reason(q, k, v, True, ids)
+    with torch.no_grad():  # one sequence per row: the Hopper forward for forward-only calls, cuDNN to train
+        assert attn.backend(q, k, v, True) == "kernel_sm90"
+    assert attn.backend(q.detach().requires_grad_(True), k, v, True) == "sdpa"
     want_out, want_lse = library.flash_attention_sm90(q, k, v, True, 0.125, *ranges)
     assert torch.equal(ops.attention(q, k, v, True, 0.125, ids), want_out)
     out, lse = ops.flash_attention_forward(q, k, v, True, 0.125, ranges)
