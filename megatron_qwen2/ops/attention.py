@@ -39,9 +39,9 @@ from megatron_qwen2.ops import extension, reference
 # H200 (bench/results/kernels_attention_h200_2026-12-02.json, head_dim 128, 28/4 and 64/8 heads)
 # cuDNN SDPA 423-540 TFLOP/s, the own kernel 170-204, SDPA's flash backend (flash-attention 2)
 # 221-299; on an H100 (bench/results/kernels_attention_h100-80gb-hbm3_2026-12-07.json) at s 8192
-# cuDNN 488-507, the Hopper kernel 375-397, and at head_dim 64 (14/2 heads) 354 against 260.
+# cuDNN 486-500, the Hopper kernel 376-391, and at head_dim 64 (14/2 heads) 337 against 239.
 # Forward-only calls (no gradient: a DPO reference, evaluation), on that H100: the Hopper kernel
-# 544-640 against cuDNN's 425-589 at head_dim 128, 394 against 347 at 64. The flash-attn package
+# 531-638 against cuDNN's 348-617 at head_dim 128, 404 against 316 at 64. The flash-attn package
 # was not importable there; it is placed by its SDPA twin. Backends not available are skipped.
 DENSE_PREFERENCE: dict[int, tuple[str, ...]] = {
     64: ("sdpa", "kernel_sm90", "flash_attn", "kernel"),
@@ -53,10 +53,11 @@ DENSE_FORWARD_PREFERENCE: dict[int, tuple[str, ...]] = {
 }
 
 # The own kernels, fastest first: everything one takes the other takes, with the same results; the
-# Hopper kernel is the faster in the measured rows (bench/results/kernels_attention_h100-80gb-hbm3_2026-12-07.json,
-# s 8192: packed documents fwd 464-517 / fwd+bwd 284-302 TFLOP/s against 204-218 / 165-177 at
-# head_dim 128, fwd 254 against 141 at 64, where fwd+bwd is level, 125 against 130). Packed
-# documents and the context-parallel pair take the first available.
+# Hopper kernel is the faster in every measured row
+# (bench/results/kernels_attention_h100-80gb-hbm3_2026-12-07.json, s 8192: packed documents fwd
+# 447-518 / fwd+bwd 283-287 TFLOP/s against 201-219 / 165-176 at head_dim 128, fwd 248 / fwd+bwd
+# 144 against 135 / 125 at 64). Packed documents and the context-parallel pair take the first
+# available.
 OWN_KERNELS = ("kernel_sm90", "kernel")
 
 
