@@ -2,7 +2,7 @@
 Hugging Face models in a plain loop, on the same preference pairs, in the same run.
 
     python bench/dpo_throughput.py --model qwen2_1.5b [--layers N] [--seq 4096] [--mbs 1] [--gbs 8]
-        [--steps 10] [--warmup 3] [--recompute none|full] [--precompute-reference]
+        [--steps 10] [--warmup 3] [--recompute none|full] [--precompute-reference] [--profile]
         [--baseline trl hf-loop] [--no-pack] [--device auto|cuda|cpu] [--out FILE]
 
 The pairs: `--pairs` prompts and responses of random words (seeded), tokenised with the
@@ -28,6 +28,9 @@ layer in the backward (ours train.recompute=full, TRL's and the loop's gradient 
 - hf-loop: Qwen2ForCausalLM policy (fp32 weights, bf16 autocast, fused AdamW) and a frozen copy as
   the reference, the same sigmoid loss on per-response log-probability sums, chosen and rejected
   rows of a micro-batch padded to their longest.
+
+`--profile` adds torch.profiler over 2 more steps of ours (bench/profile_summary.py: time per op
+class, host and device time per phase, the top kernels), printed and written into its row.
 
 tokens/s counts the tokens of the pairs as each system feeds them (prompt twice, both responses;
 not the padding); peak memory is the device's peak allocated during the system's steps.
@@ -55,6 +58,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import device_name, device_slug, write_result_file  # noqa: E402
+from bench.profile_summary import format_summary, profile_steps  # noqa: E402
 from bench.train_baselines import hf_model  # noqa: E402
 from bench.train_throughput import (check_batch_args, memory, model_config, pick_device, reset_memory,  # noqa: E402
                                     sync)
@@ -283,6 +287,9 @@ def measure(name: str, make, args, device) -> dict:
             row = score(name, time_steps(step, device, args.warmup, args.steps), device)
             if getattr(step, "reference_pass", None):
                 row["reference_pass_s"], row["reference_pass_tokens"] = step.reference_pass
+            if args.profile and name == "megatron_qwen2":
+                row["profile"] = profile_steps(step, device)
+                print(format_summary(row["profile"]), flush=True)
             del step
     except Exception as e:  # noqa: BLE001 - reported in the result
         traceback.print_exc()
@@ -309,6 +316,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="every system's activation recomputation (module docstring)")
     ap.add_argument("--precompute-reference", action="store_true",
                     help="ours: dpo.precompute_reference=true, the pass charged to the steps (module docstring)")
+    ap.add_argument("--profile", action="store_true", help="profile 2 more steps of ours (module docstring)")
     ap.add_argument("--baseline", nargs="*", default=["trl", "hf-loop"], choices=("trl", "hf-loop"))
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--seed", type=int, default=1234)

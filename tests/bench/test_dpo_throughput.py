@@ -19,7 +19,7 @@ def test_cpu_run_writes_complete_result(tmp_path, recompute, precompute):
     argv = ["--model", "tiny", "--layers", "1", "--device", "cpu", "--seq", "128", "--mbs", "2", "--gbs", "2", "--steps", "1",
             "--warmup", "1", "--pairs", "6", "--prompt-words", "3", "10", "--response-words", "3", "12",
             "--baseline", *baselines, "--recompute", recompute, "--out", str(out)]
-    argv += ["--precompute-reference"] if precompute else []
+    argv += ["--precompute-reference", "--profile"] if precompute else []
     assert dpo_throughput.main(argv) == 0
     res = json.loads(out.read_text())
     for key in ("device", "commit", "date", "command", "config", "results", "comparison"):
@@ -31,5 +31,5 @@ def test_cpu_run_writes_complete_result(tmp_path, recompute, precompute):
         assert len(row["step_times_s"]) == 1
     assert set(res["comparison"]) == set(baselines)
     assert res["config"]["recompute"] == recompute and res["config"]["precompute_reference"] == precompute
-    assert ("reference_pass_s" in res["results"][0]) == precompute
+    assert ("reference_pass_s" in res["results"][0]) == ("profile" in res["results"][0]) == precompute
     assert res["config"]["packed"]  # our rows of 129 tokens hold several of these short pairs
