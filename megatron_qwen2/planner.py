@@ -45,11 +45,11 @@ CONTEXT_ALLOWANCE_GIB = 3.0
 # Achieved share of the 989 TFLOP/s peak, from bench/results/tp_step_tp2_micro16_h200_2026-11-23.json:
 # four 72B-shaped layers at tp 2 with sequence parallelism, 16 micro-batches, 452 TFLOP/s per GPU.
 DEFAULT_EFFICIENCY = 0.457
-# train.fp8: the step time of the 7B-width 4-layer slice, bf16 over FP8, each measured beside the
-# other in one run (bench/results/train_throughput_qwen2_7b_fp8_h100.json); the planner divides the
-# bf16 step time by it. The slice's bf16 vocabulary head is a third of its FLOPs, so for a full-depth
-# model this understates the gain.
-FP8_STEP_SPEEDUP = {"tensorwise": 1.113, "rowwise": 1.148, "blockwise": 1.052}
+# train.fp8: the step time of the 7B-width 8-layer slice, bf16 over FP8, each measured beside the
+# other in one run (bench/results/train_throughput_qwen2_7b_8layers_fp8_h100-80gb-hbm3_2026-12-07.json);
+# the planner divides the bf16 step time by it. The slice's bf16 vocabulary head is a fifth of its
+# FLOPs, so for a full-depth model this understates the gain.
+FP8_STEP_SPEEDUP = {"tensorwise": 1.206, "rowwise": 1.179, "blockwise": 1.121}
 # The MoE token exchanges (all-to-all over ep, gather / reduce-scatter over etp) are counted as
 # exposed time at an assumed bandwidth per GPU, not a measured one: NVLink 4 inside a node of 8
 # GPUs (450 GB/s a direction, of which an all-to-all reaches about 80 %) and one 400 Gb/s

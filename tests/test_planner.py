@@ -167,15 +167,17 @@ def test_memory_estimate_against_recorded_gpu_peaks(run):
 
 @pytest.mark.parametrize("fp8", ["tensorwise", "rowwise", "blockwise"])
 def test_fp8_plan_against_the_recorded_fp8_runs(fp8):
-    """Memory and step speed-up of train.fp8 against bench/results/train_throughput_qwen2_7b_fp8_h100.json
-    (the 7B-width slice, micro-batch 2, bf16 and each recipe in one run)."""
+    """Memory and step speed-up of train.fp8 against
+    bench/results/train_throughput_qwen2_7b_8layers_fp8_h100-80gb-hbm3_2026-12-07.json (the 7B-width
+    8-layer slice, micro-batch 2, bf16 and each recipe in one run)."""
     from megatron_qwen2.planner import FP8_STEP_SPEEDUP
 
-    data = json.loads((ROOT / "bench" / "results" / "train_throughput_qwen2_7b_fp8_h100.json").read_text())
+    name = "train_throughput_qwen2_7b_8layers_fp8_h100-80gb-hbm3_2026-12-07.json"
+    data = json.loads((ROOT / "bench" / "results" / name).read_text())
     rows = {r["system"]: r for r in data["results"]}
     bf16, row = rows["megatron_qwen2"], rows[f"megatron_qwen2_fp8_{fp8}"]
     assert FP8_STEP_SPEEDUP[fp8] == pytest.approx(row["tokens_per_s"] / bf16["tokens_per_s"], abs=1e-3)
-    cfg = Config(model=ModelConfig(name="qwen2_7b", **dict(M7, num_layers=4)), parallel=ParallelConfig(),
+    cfg = Config(model=ModelConfig(name="qwen2_7b", **dict(M7, num_layers=8)), parallel=ParallelConfig(),
                  train=TrainConfig(**dict(BF16_4K, micro_batch_size=2, global_batch_size=16, fp8=fp8))).validate(1)
     planned = make_plan(cfg, 1, "h200-141gb", context_gib=0.0).ranks[0].allocated
     measured = row["mem_peak_allocated_gib"] * 2 ** 30
