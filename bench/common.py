@@ -89,11 +89,15 @@ def device_slug(name: str | None = None) -> str:
     return name.replace("NVIDIA ", "").replace(" ", "-").lower()
 
 
-def write_result_file(path: str | Path, payload: dict, commit: str | None = None) -> Path:
-    """Write payload to exactly `path` as JSON, with device, commit, date and versions added."""
-    payload = dict(payload, device=device_name(), commit=git_commit(commit),
-                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   torch=torch.__version__, cuda=torch.version.cuda)
+def write_result_file(path: str | Path, payload: dict, commit: str | None = None,
+                      measured: dict | None = None) -> Path:
+    """Write payload to exactly `path` as JSON, with device, commit, date and versions added: this
+    process's, or `measured` (those keys of results measured elsewhere, e.g. merged result files)."""
+    if measured is None:
+        measured = dict(device=device_name(), commit=git_commit(commit),
+                        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        torch=torch.__version__, cuda=torch.version.cuda)
+    payload = dict(payload, **measured)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")

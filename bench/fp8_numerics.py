@@ -177,12 +177,7 @@ def write(out: str, args, argv, runs: list[dict], measured: dict | None = None) 
                "data": "built-in corpus (Python standard library source), "
                        f"{args.gbs} x {args.seq} tokens per step",
                "config": vars(args), "runs": runs}
-    if measured is None:
-        path = write_result_file(out, payload)
-    else:
-        path = Path(out)
-        path.write_text(json.dumps(dict(payload, **measured), indent=1) + "\n")
-    print(f"wrote {path}", flush=True)
+    print(f"wrote {write_result_file(out, payload, measured=measured)}", flush=True)
 
 
 if __name__ == "__main__":
