@@ -65,6 +65,8 @@ def _extension_setup() -> dict:
         return {}
     _check_cuda_versions(nvcc, torch.version.cuda)
     gencode = os.environ.get("MEGATRON_QWEN2_GENCODE", "-gencode=arch=compute_90a,code=sm_90a").split()
+    # The Hopper attention kernels (csrc/sm90.cuh) exist only in an sm_90a build; the module says so.
+    hopper = [f"-DMQ2_HOPPER_KERNELS={int(any('sm_90a' in g for g in gencode))}"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
     # csrc/*.cuh are included by the .cu files; ninja tracks them through the compiler's depfiles.
     _say(f"building megatron_qwen2._C for CUDA {torch.version.cuda} ({' '.join(gencode)})")
@@ -72,8 +74,8 @@ def _extension_setup() -> dict:
         name="megatron_qwen2._C",
         sources=sources,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *gencode],
+            "cxx": ["-O3", "-std=c++17", *hopper],
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *gencode, *hopper],
         },
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}

@@ -638,9 +638,15 @@ torch::Tensor fp8_transpose(const torch::Tensor& x) {
 }
 }  // namespace
 
+#ifndef MQ2_HOPPER_KERNELS
+#define MQ2_HOPPER_KERNELS 0  // setup.py sets it: 1 when the build targets sm_90a
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "megatron_qwen2 CUDA kernels";
   m.def("version", [] { return std::string("megatron_qwen2._C 0.1.0"); }, "Extension version string.");
+  // Whether the Hopper attention kernels were compiled (an sm_90a target); without them their ops trap.
+  m.attr("hopper_kernels") = pybind11::bool_(MQ2_HOPPER_KERNELS != 0);
   m.def("swiglu_forward", &swiglu_forward, "silu(gate) * up for x = [..., gate | up] (CUDA, contiguous)",
         pybind11::arg("x"));
   m.def("swiglu_backward", &swiglu_backward, "dx of swiglu given x and dy", pybind11::arg("x"),

@@ -153,12 +153,14 @@ def _kernel_supports(q, k, v) -> bool:
 
 @extension._constant
 def _hopper(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) == (9, 0)
+    """The extension holds the Hopper kernels (an sm_90a build) and the device is compute capability 9.0."""
+    return (getattr(extension.load(), "hopper_kernels", False)
+            and torch.cuda.get_device_capability(device_index) == (9, 0))
 
 
 def hopper_kernel_available(device: torch.device | None = None) -> bool:
-    """The extension is built (with the Hopper kernels) and `device` (default: the current CUDA
-    device) has compute capability 9.0."""
+    """The extension is built with the Hopper kernels and `device` (default: the current CUDA device)
+    has compute capability 9.0."""
     index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
     return _kernel_built() and _hopper(index)
 

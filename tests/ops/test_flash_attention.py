@@ -5,6 +5,7 @@ gradient; the custom-op registration; the door's backend choice. CPU tests cover
 bounds and the functional reference pair."""
 
 import importlib
+import os
 
 import pytest
 import torch
@@ -272,6 +273,15 @@ def test_door_takes_the_kernel_for_documents_and_is_deterministic():
         assert torch.equal(a, b)
     ref = reference.attention(q.float(), k.float(), v.float(), True, None, ids)
     assert rel(outs[0][0], ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_the_default_build_holds_the_hopper_kernels():
+    """setup.py's default target is sm_90a, and the module says the Hopper kernels are in it."""
+    _need_ext()
+    if os.environ.get("MEGATRON_QWEN2_GENCODE"):
+        pytest.skip(f"built for MEGATRON_QWEN2_GENCODE={os.environ['MEGATRON_QWEN2_GENCODE']}")
+    assert extension.load().hopper_kernels is True
 
 
 @pytest.mark.gpu
