@@ -5,7 +5,9 @@
 CPU-only profile it counts the self time of the operators. Each entry is put in a class by the
 phase it ran in (the `record_function` ranges the step opens: "optimizer" puts everything in it
 under optimizer) and otherwise by its name. Idle is wall time minus the time the device was busy
-(the union of its kernel intervals, so overlapping streams are not counted twice).
+(the union of its kernel intervals, so overlapping streams are not counted twice). On a GPU it also
+ranks the host's time (operator self time and CUDA runtime calls, synchronisations among them), for
+steps the host cannot keep the device busy in.
 """
 
 from __future__ import annotations
@@ -155,7 +157,20 @@ def summarise_trace(trace, wall_ms: float, steps: int, top: int = 15) -> dict:
                     "percent": 100.0 * v[0] / wall_ms if wall_ms > 0 else 0.0} for n, v in ranked]
     return {"device_busy": on_device, "steps": steps, "wall_ms_per_step": wall_ms / steps,
             "busy_ms_per_step": busy_ms / steps, "classes": classes, "top_kernels": top_kernels,
+            "top_host": _top_host(events, steps, top) if on_device else [],
             "phases": _phases(events, device, steps)}
+
+
+def _top_host(events: list[dict], steps: int, top: int) -> list[dict]:
+    """Where the host's time goes on a GPU profile: the operators' self time and the CUDA runtime
+    calls (launches, and the synchronisations that make the host wait for the device), by name."""
+    host = _self_times([e for e in events if e.get("cat") in ("cpu_op", "cuda_runtime", "cuda_driver")])
+    per_name: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for e, t in host:
+        per_name[e["name"]][0] += t / 1000.0
+        per_name[e["name"]][1] += 1
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"name": n[:160], "ms_per_step": v[0] / steps, "calls_per_step": v[1] / steps} for n, v in ranked]
 
 
 def _phases(events: list[dict], device: list[dict], steps: int) -> list[dict]:
@@ -190,6 +205,10 @@ def format_summary(summary: dict) -> str:
         dev = (f", device span {ph['device_span_ms_per_step']:.1f} ms, busy {ph['device_busy_ms_per_step']:.1f} ms"
                if "device_span_ms_per_step" in ph else "")
         lines.append(f"phase {ph['phase']}: host {ph['host_ms_per_step']:.1f} ms{dev}")
+    if summary.get("top_host"):
+        lines.append(f"top {len(summary['top_host'])} host operators and runtime calls by self time:")
+        lines.append(f"{'ms/step':>9} {'calls':>7}  name")
+        lines.extend(f"{h['ms_per_step']:>9.2f} {h['calls_per_step']:>7.0f}  {h['name'][:100]}" for h in summary["top_host"])
     lines.append(f"top {len(summary['top_kernels'])} by time:")
     lines.append(f"{'ms/step':>9} {'%':>6} {'calls':>7}  {'class':<28} name")
     for k in summary["top_kernels"]:

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from bench import train_throughput
-from bench.profile_summary import CLASSES, classify, summarise_trace
+from bench.profile_summary import CLASSES, classify, format_summary, summarise_trace
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
@@ -117,7 +117,23 @@ def test_summary_counts_phases_overlap_and_idle():
     assert s["busy_ms_per_step"] == pytest.approx(3.0)
     assert by["idle"]["ms_per_step"] == pytest.approx(7.0)
     assert by["idle"]["percent"] == pytest.approx(70.0)
+    assert s["top_host"] == []  # no host events in this trace
     (phase,) = s["phases"]
     assert phase["phase"] == "optimizer"
     assert phase["device_span_ms_per_step"] == pytest.approx(1.0)
     assert phase["device_busy_ms_per_step"] == pytest.approx(0.5)  # 2500-3000: the elementwise kernel runs into it
+
+
+def test_summary_ranks_host_time_by_self_time_on_a_gpu_profile():
+    # An operator of 5 ms whose launch call takes 1 ms (self 4 ms), and a 3 ms synchronisation.
+    trace = {"traceEvents": [
+        {"ph": "X", "cat": "kernel", "name": "sm90_xmma_gemm", "ts": 0, "dur": 1000, "pid": 1, "tid": 7},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5000, "pid": 0, "tid": 1},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 100, "dur": 1000, "pid": 0, "tid": 1},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 6000, "dur": 3000, "pid": 0, "tid": 1},
+    ]}
+    s = summarise_trace(trace, wall_ms=10.0, steps=1)
+    assert [(h["name"], h["ms_per_step"]) for h in s["top_host"]] == [
+        ("aten::mm", pytest.approx(4.0)), ("cudaStreamSynchronize", pytest.approx(3.0)),
+        ("cudaLaunchKernel", pytest.approx(1.0))]
+    assert "cudaStreamSynchronize" in format_summary(s)
