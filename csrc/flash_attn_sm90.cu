@@ -334,23 +334,26 @@ void mq2::sm90::require_hopper(const at::Tensor& t, const char* op) {
 }
 
 CUtensorMap mq2::sm90::tile_map(const at::Tensor& t, int rows, const char* op) {
+  const bool fp32 = t.scalar_type() == at::kFloat;
+  const cuuint64_t elem = fp32 ? 4 : 2;
   const int dim_of[3] = {1, 2, 0};  // map dimensions 1..3 are the view's s, heads, b
   cuuint64_t sizes[4] = {static_cast<cuuint64_t>(t.size(3)), 0, 0, 0};
   cuuint64_t strides[3];
-  cuuint64_t extent = t.size(3) * 2;  // bytes spanned by the dimensions of several elements
+  cuuint64_t extent = t.size(3) * elem;  // bytes spanned by the dimensions of several elements
   for (int dim = 0; dim < 3; ++dim)
-    if (t.size(dim) > 1) extent = std::max<cuuint64_t>(extent, static_cast<cuuint64_t>(t.stride(dim)) * 2 * t.size(dim));
+    if (t.size(dim) > 1)
+      extent = std::max<cuuint64_t>(extent, static_cast<cuuint64_t>(t.stride(dim)) * elem * t.size(dim));
   for (int i = 0; i < 3; ++i) {
     const int dim = dim_of[i];
     sizes[i + 1] = static_cast<cuuint64_t>(t.size(dim));
     // a dimension of one element is never stepped along (its stride may be anything in the view):
     // it is placed outside the others, 16-byte aligned
-    strides[i] = t.size(dim) == 1 ? (extent + 15) / 16 * 16 : static_cast<cuuint64_t>(t.stride(dim)) * 2;
+    strides[i] = t.size(dim) == 1 ? (extent + 15) / 16 * 16 : static_cast<cuuint64_t>(t.stride(dim)) * elem;
   }
-  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(rows), 1, 1};
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(128 / elem), static_cast<cuuint32_t>(rows), 1, 1};
   const cuuint32_t steps[4] = {1, 1, 1, 1};
   CUtensorMap map;
-  const CUresult r = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, t.data_ptr(), sizes, strides, box, steps,
+  const CUresult r = encode_tiled()(&map, fp32 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, t.data_ptr(), sizes, strides, box, steps,
                                     CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                                     CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   TORCH_CHECK(r == CUDA_SUCCESS, op, ": cuTensorMapEncodeTiled failed (CUresult ", r, ") for a tensor of shape ",

@@ -4,8 +4,8 @@
 // bottom-right, packed documents as per-key query ranges [query_lo, query_hi) visiting only the
 // query tiles that can see some key of the block and masking only the tiles that straddle a
 // boundary, strided [b, s, heads, d] views read in place. dq_acc is the fp32 [b, sq, hq, d] sum of
-// the unscaled dQ, accumulated with fp32 atomics (as in flash_attn.cu: dQ is not bitwise
-// reproducible); dK / dV are written once per key without atomics (bf16 of the kv head, or with
+// the unscaled dQ, accumulated with fp32 adds in L2 (TMA reduce-adds; as in flash_attn.cu, dQ is
+// not bitwise reproducible); dK / dV are written once per key without atomics (bf16 of the kv head, or with
 // several query heads per kv head fp32 partials per query head that the binding sums over the group
 // in a fixed order: reproducible).
 //
@@ -18,9 +18,9 @@
 //   most causal queries first. Warpgroup 0 is the producer: it gives its registers away (setmaxnreg)
 //   and one of its threads issues every copy: K and V of the block once, then per 64-query tile Q,
 //   dO (TMA, rank-4 tensor maps [d, s, heads, b], 128-byte swizzle, 64 columns of d per box) and the
-//   tile's lse / delta (bulk copies) into a ring of kStages stages. A "full" mbarrier per stage
-//   completes with the copies' bytes; the consumers free a stage by one arrival per warp on its
-//   "empty" mbarrier (8 per phase) once the products that read it are done.
+//   tile's lse / delta (bulk copies) into a ring of kStages stages (3 for d 64, 2 for d 128). A
+//   "full" mbarrier per stage completes with the copies' bytes; the consumers free a stage by one
+//   arrival per warp on its "empty" mbarrier (8 per phase) once the products that read it are done.
 // - warpgroups 1 and 2 are the consumers, each owning 64 keys of the block; they take the registers
 //   (240 a thread) and keep the dK and dV accumulators of their keys in them across the query tiles.
 //   Per tile, as wgmma from shared memory (both K-major): S^T = K Q^T and dP^T = V dO^T (64 keys x
@@ -29,12 +29,15 @@
 //   operands). dS^T also goes to shared memory (keys x queries, 128-byte swizzle, double buffered)
 //   for dQ = dS K with both operands MN-major (transposed): for d 128 after a barrier of both
 //   consumers each computes 64 of the 128 columns over all 128 keys; for d 64 each computes all
-//   columns over its own 64 keys (a barrier of its own warpgroup). dQ is then added to dq_acc with
-//   fp32 atomics (float2 a thread).
+//   columns over its own 64 keys (a barrier of its own warpgroup). Each consumer writes its dQ tile
+//   to a shared buffer (64 x 64 fp32, two 128-byte swizzled boxes of 32 columns) and one of its
+//   threads adds it to dq_acc with TMA reduce-adds (cp.reduce.async.bulk.tensor), which run while
+//   the consumers go on to the next tile; before the buffer is written again that thread waits
+//   until the adds have read it.
 // - epilogue: dK (times the softmax scale) and dV from registers to global memory.
-// Next steps not taken: overlap of one tile's dQ atomics with the next tile's S / dP (and the two
-// consumers' products in turns), dQ through shared memory and a TMA reduce-add, a deterministic dQ
-// (per-block partials summed in order, or an ordered semaphore), three stages for d 64.
+// Next steps not taken: overlap of one tile's dQ product with the next tile's S / dP (and the two
+// consumers' products in turns), a deterministic dQ (per-block partials summed in order, or an
+// ordered semaphore).
 
 #include "flash_attn.cuh"
 #include "sm90.cuh"
@@ -45,28 +48,33 @@ using namespace mq2;
 using namespace mq2::fa;
 using namespace mq2::sm90;
 
-constexpr int kBN = 128, kBM = 64, kStages = 2, kThreads = 384;  // keys per CTA, queries per tile
+constexpr int kBN = 128, kBM = 64, kThreads = 384;  // keys per CTA, queries per tile
 constexpr int kProducerRegs = 24, kConsumerRegs = 240;          // 128 * 24 + 256 * 240 <= 64K registers
-constexpr int kBarDS = 1;  // named barriers: kBarDS (both consumers, d 128), kBarDS + 1 + cw (one, d 64)
+// named barriers: kBarDS (both consumers, d 128), kBarDS + 1 + cw (one, d 64), kBarDQ + cw (one)
+constexpr int kBarDS = 1, kBarDQ = 4;
 
 // Shared memory of one CTA (byte offsets from a 1024-byte aligned base; every 128-byte swizzle atom,
 // 8 rows of 128 bytes, starts 1024-byte aligned). A tile of R rows x D columns is D / 64 boxes of
 // R rows x 128 bytes, one after the other.
 template <int D>
 struct Smem {
+  static constexpr int kStages = D == 64 ? 3 : 2;    // stages of the Q / dO ring (d 128 has room for 2)
   static constexpr int kChunks = D / 64;             // 64-column boxes along d
   static constexpr int kKVBox = kBN * 128;           // bytes of one box of K or V (128 key rows)
   static constexpr int kKV = kChunks * kKVBox;       // K or V of the block
   static constexpr int kQBox = kBM * 128;            // bytes of one box of Q or dO (64 query rows)
   static constexpr int kQ = kChunks * kQBox;         // one stage of Q or of dO
   static constexpr int kDS = kBN * kBM * 2;          // dS^T: 128 key rows of 64 queries (128 bytes)
+  static constexpr int kDQBox = kBM * 128;          // 64 query rows x 32 fp32 columns of dQ
+  static constexpr int kDQ = 2 * kDQBox;             // one consumer's 64 x 64 tile of dQ
   static constexpr int kRow = kBM * 4;               // one stage of lse or delta (fp32)
   static constexpr int k = 0;
   static constexpr int v = k + kKV;
   static constexpr int q = v + kKV;
   static constexpr int dout = q + kStages * kQ;
   static constexpr int ds = dout + kStages * kQ;     // 2 buffers
-  static constexpr int lse = ds + 2 * kDS;
+  static constexpr int dq = ds + 2 * kDS;            // 2 buffers, one per consumer
+  static constexpr int lse = dq + 2 * kDQ;
   static constexpr int delta = lse + kStages * kRow;
   static constexpr int bars = delta + kStages * kRow;  // kv_full, full[], empty[]
   static constexpr int bytes = bars + 8 * (1 + 2 * kStages);
@@ -105,7 +113,7 @@ template <int D>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_bwd_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_do,
                           const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v,
-                          const BwdParams p, const float* __restrict__ lse_log2, const float* __restrict__ delta,
+                          const __grid_constant__ CUtensorMap tm_dq, const BwdParams p, const float* __restrict__ lse_log2, const float* __restrict__ delta,
                           int rows) {
 #if MQ2_SM90A
   using L = Smem<D>;
@@ -117,7 +125,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t bars = base + L::bars;
   const uint32_t kv_full = bars;
   auto full = [&](int s) { return bars + 8u * (1 + s); };
-  auto empty = [&](int s) { return bars + 8u * (1 + kStages + s); };
+  auto empty = [&](int s) { return bars + 8u * (1 + L::kStages + s); };
 
   const int h = blockIdx.x, b = blockIdx.z;
   const int n0 = blockIdx.y * kBN;  // causal: the first keys are seen by the most queries and go first
@@ -133,7 +141,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int wg = threadIdx.x / 128;
   if (threadIdx.x == 0) {
     mbar_init(kv_full, 1);
-    for (int s = 0; s < kStages; ++s) {
+    for (int s = 0; s < L::kStages; ++s) {
       mbar_init(full(s), 1);
       mbar_init(empty(s), 8);  // one arrival per consumer warp
     }
@@ -157,8 +165,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const float* lse_row = lse_log2 + ((int64_t)b * p.hq + h) * rows;
       const float* delta_row = delta + ((int64_t)b * p.hq + h) * rows;
       for (int it = 0; it < mtiles; ++it) {
-        const int s = it % kStages;
-        const uint32_t phase = (it / kStages) & 1;
+        const int s = it % L::kStages;
+        const uint32_t phase = (it / L::kStages) & 1;
         const int m0 = m_start + it * kBM;
         mbar_wait(empty(s), phase ^ 1);
         mbar_arrive_expect_tx(full(s), 2 * L::kQ + 2 * L::kRow);
@@ -198,13 +206,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const uint32_t k_rows = sK + cw * 64 * 128, v_rows = sV + cw * 64 * 128;  // this warpgroup's keys
   unsigned char* const ds_rows = smem + L::ds + cw * 64 * 128;
-  float* const dq_base = p.dq_acc + ((int64_t)b * p.sq * p.hq + h) * D;
+  const uint32_t dq_s = base + L::dq + cw * L::kDQ;  // this warpgroup's dQ tile
+  unsigned char* const dq_w = smem + L::dq + cw * L::kDQ;
   const int dq_col = D == 128 ? 64 * cw : 0;
 
   if (mtiles > 0) mbar_wait(kv_full, 0);
   for (int it = 0; it < mtiles; ++it) {
-    const int s = it % kStages;
-    const uint32_t phase = (it / kStages) & 1;
+    const int s = it % L::kStages;
+    const uint32_t phase = (it / L::kStages) & 1;
     const int m0 = m_start + it * kBM;
     const uint32_t q_s = sQ + s * L::kQ, do_s = sdO + s * L::kQ, ds_buf = sdS + (it & 1) * L::kDS;
     mbar_wait(full(s), phase);
@@ -274,6 +283,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_commit();
 
     // dQ = dS K, A = dS^T and B = K both MN-major (rows: keys): a 16-key step is 2048 bytes.
+    if (tid == 0) tma_store_wait_read();  // the last tile's dQ add has read dq_s (ordered by the barrier)
     if constexpr (D == 128) {
       named_barrier_sync(kBarDS, 256);  // both halves of dS^T written
       pin(dq);
@@ -296,18 +306,29 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_wait<1>();  // dV, dK done: the stage's Q, dO, lse and delta are no longer read
     pin(dk);
     pin(dv);
-    if (lane == 0) mbar_arrive(empty(s));
+    mbar_arrive_warp(empty(s), lane);
     wgmma_wait<0>();
     pin(dq);
+
+    // dQ to dq_s, two boxes of 32 columns (columns 8 j + 2 t, + 1 of rows g, g + 8 of the warp's 16;
+    // the swizzle puts 16-byte chunk c of row r at slot c ^ (r % 8), r % 8 == g), then one thread
+    // adds the tile to dq_acc with TMA reduce-adds (rows beyond sq dropped) and goes on.
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int q = m0 + warp * 16 + g + 8 * i;
-      if (q >= p.sq) continue;
-      float* dst = dq_base + (int64_t)q * p.hq * D + dq_col + 2 * t;
+    for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int j = 0; j < 8; ++j) atomicAdd(reinterpret_cast<float2*>(dst + j * 8), make_float2(dq[j][2 * i], dq[j][2 * i + 1]));
+      for (int i = 0; i < 2; ++i) {
+        const int r = warp * 16 + g + 8 * i, chunk = (j % 4) * 2 + t / 2;
+        *reinterpret_cast<float2*>(dq_w + (j / 4) * L::kDQBox + r * 128 + ((chunk ^ g) << 4) + 8 * (t % 2)) =
+            make_float2(dq[j][2 * i], dq[j][2 * i + 1]);
+      }
+    fence_proxy_async();
+    named_barrier_sync(kBarDQ + cw, 128);
+    if (tid == 0) {
+      for (int c = 0; c < 2; ++c) tma_reduce_add_4d(&tm_dq, dq_s + c * L::kDQBox, dq_col + 32 * c, m0, h, b);
+      tma_store_commit();
     }
   }
+  if (tid == 0) tma_store_wait_all();
 
   store_dk_dv<D>(p, dk, dv, b, h, hk, nw + warp * 16 + g, t);
 #else
@@ -337,7 +358,7 @@ void flash_attn_backward_sm90_cuda(const at::Tensor& dout_in, const at::Tensor& 
   const int rows = (p.sq + kBM - 1) / kBM * kBM;
   at::Tensor lse_log2 = lse.new_empty({p.b, p.hq, rows}), delta = lse.new_empty({p.b, p.hq, rows});
   const CUtensorMap tm_q = tile_map(q, kBM, op), tm_do = tile_map(dout, kBM, op), tm_k = tile_map(k, kBN, op),
-                    tm_v = tile_map(v, kBN, op);
+                    tm_v = tile_map(v, kBN, op), tm_dq = tile_map(dq_acc, kBM, op);
   auto stream = current_stream();
   with_head_dim(q.size(3), [&](auto dc) {
     constexpr int D = decltype(dc)::value;
@@ -351,7 +372,7 @@ void flash_attn_backward_sm90_cuda(const at::Tensor& dout_in, const at::Tensor& 
     auto kernel = flash_bwd_sm90_kernel<D>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     const dim3 grid(p.hq, (p.sk + kBN - 1) / kBN, p.b);
-    kernel<<<grid, kThreads, smem, stream>>>(tm_q, tm_do, tm_k, tm_v, p, lse_log2.data_ptr<float>(),
+    kernel<<<grid, kThreads, smem, stream>>>(tm_q, tm_do, tm_k, tm_v, tm_dq, p, lse_log2.data_ptr<float>(),
                                              delta.data_ptr<float>(), rows);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

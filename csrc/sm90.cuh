@@ -43,6 +43,14 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
 }
 
+// One arrival for the calling warp (a barrier counting warps): the __syncwarp orders every lane's
+// earlier shared-memory reads before lane 0's arrival, so a producer waiting on `bar` may overwrite
+// what they read.
+__device__ __forceinline__ void mbar_arrive_warp(uint32_t bar, int lane) {
+  __syncwarp();
+  if (lane == 0) mbar_arrive(bar);
+}
+
 // Blocks until the phase with parity `parity` has completed. A fresh barrier is in phase 0, so
 // waiting for parity 1 returns at once (the "previous" phase counts as complete).
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
@@ -88,11 +96,23 @@ __device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, uint32_t sr
                "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
                : "memory");
 }
+// Adds the fp32 box in shared memory at `src` to the box at (c0 .. c3), element by element in L2
+// (atomic with respect to other adds); elements outside the tensor are dropped. Committed and
+// waited for like a store.
+__device__ __forceinline__ void tma_reduce_add_4d(const CUtensorMap* map, uint32_t src, int c0, int c1, int c2,
+                                                  int c3) {
+  asm volatile("cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::
+                   "l"(reinterpret_cast<uint64_t>(map)),
+               "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+               : "memory");
+}
 __device__ __forceinline__ void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 // Waits until the committed stores have read their shared memory (it may then be reused or freed).
 __device__ __forceinline__ void tma_store_wait_read() {
   asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
 }
+// Waits until the committed stores have written global memory.
+__device__ __forceinline__ void tma_store_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
 // Orders this thread's ordinary shared-memory writes before later reads by the async proxy (TMA, wgmma).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
@@ -242,9 +262,9 @@ void require_hopper(const at::Tensor& t, const char* op);
 // map cannot describe: then a contiguous copy.
 at::Tensor tma_readable(const at::Tensor& t);
 
-// Rank-4 map [d, s, heads, b] of a bf16 [b, s, heads, d] view (its strides, last dimension
-// contiguous, rows 16-byte aligned), boxes of 64 columns x `rows` rows, 128-byte swizzle; reads
-// outside the tensor give zeros, writes outside it are dropped.
+// Rank-4 map [d, s, heads, b] of a bf16 or fp32 [b, s, heads, d] view (its strides, last dimension
+// contiguous, rows 16-byte aligned), boxes of 128 bytes of a row (64 bf16 or 32 fp32 columns) x
+// `rows` rows, 128-byte swizzle; reads outside the tensor give zeros, writes outside it are dropped.
 CUtensorMap tile_map(const at::Tensor& t, int rows, const char* op);
 
 }  // namespace sm90
