@@ -136,16 +136,22 @@ def _unpad_groups(y: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor
     return y if keep is None else y.index_select(0, keep)
 
 
-def _expert_weight_grad(weight: torch.Tensor, dws: list[Optional[torch.Tensor]]) -> torch.Tensor:
-    """The gradient for a 3D expert weight from each expert's gradient (None: no rows): added to
-    main_grad expert by expert where there is one (no full-size fp32 copy), else stacked."""
+def _expert_weight_grad(weight: torch.Tensor, dws: "torch.Tensor | list[Optional[torch.Tensor]]") -> torch.Tensor:
+    """The gradient for a 3D expert weight from the experts' gradients (`grouped_weight_gemm`: one
+    [G, out, in] tensor, or one per expert, None for no rows): added to main_grad where there is one
+    (a list expert by expert: no full-size fp32 copy), else returned whole."""
     if hasattr(weight, "main_grad"):
         main = weight.main_grad.view(weight.shape)
-        for e, dw in enumerate(dws):
-            if dw is not None:
-                main[e].add_(dw)
+        if isinstance(dws, torch.Tensor):
+            main.add_(dws)
+        else:
+            for e, dw in enumerate(dws):
+                if dw is not None:
+                    main[e].add_(dw)
         weight.wgrad_in_main_grad = True
         return torch.empty_like(weight)
+    if isinstance(dws, torch.Tensor):
+        return dws.to(weight.dtype)
     return torch.stack([torch.zeros(weight.shape[1:], dtype=weight.dtype, device=weight.device) if dw is None
                         else dw.to(weight.dtype) for dw in dws])
 
