@@ -161,7 +161,8 @@ def layer_activation_tensors(cfg: Config, moe: bool, path: str = "kernels") -> l
         out.append(("gate_up output [s,b,2f]", a * T * 2 * f))
         if ref:
             out.append(("silu(gate)", a * T * f))
-        out.append(("swiglu output = down input [s,b,f]", x8 * T * f))
+        if not fp8:  # with train.fp8 the down projection remakes its FP8 input from the gate_up output
+            out.append(("swiglu output = down input [s,b,f]", a * T * f))
         return out
     k, fe, e = m.moe_top_k, m.moe_ffn_hidden_size // p.etp, m.num_experts
     # Each tp rank routes its T/tp tokens; with balanced experts a rank receives T k / tp rows over
@@ -183,7 +184,8 @@ def layer_activation_tensors(cfg: Config, moe: bool, path: str = "kernels") -> l
         out.append(("shared expert gate_up output", a * T * 2 * fs))
         if ref:
             out.append(("shared silu(gate)", a * T * fs))
-        out.append(("shared swiglu output", x8 * T * fs))
+        if not fp8:
+            out.append(("shared swiglu output", a * T * fs))
         out.append(("shared expert output and gate", a * T * (h + 1)))
     return out
 
@@ -366,8 +368,8 @@ def _rank_memory(cfg: Config, dp: int, params: dict[str, int], largest: int, lay
         "optimizer (masters + Adam m, v)": (master_b + 8) * opt_elems,
     }
     rowwise = t.fp8 == "rowwise"
-    if fp8[0] or fp8[1]:  # ops/fp8.py Fp8Weights: W, and W^T of rowwise and of routed experts, 1 B each
-        mem["FP8 weight copies"] = (2 if rowwise else 1) * fp8[0] + 2 * fp8[1]  # (scales: a few per 128 values)
+    if fp8[0] or fp8[1]:  # ops/fp8.py Fp8Weights: W, and the routed experts' W^T, 1 B each
+        mem["FP8 weight copies"] = fp8[0] + 2 * fp8[1]  # (scales: a few per 128 values)
     act = sum(k * chunk_activation_bytes(cfg, ids, path) for k, ids in zip(live, layer_ids))
     # Backward of a layer: its recomputed activations (when recomputing) plus gradients of the
     # same order of size live at once; one layer's full activations bound that.
@@ -397,11 +399,10 @@ def _rank_memory(cfg: Config, dp: int, params: dict[str, int], largest: int, lay
     # Backward: the .grad of a weight (compute dtype) exists until the hook adds it into main_grad
     # (the largest weight of the model: conservative on stages without the embedding or head).
     # An FP8 weight gradient is an fp32 GEMM output added into main_grad afterwards, slice by
-    # slice (ops/fp8.py WGRAD_SLICE_ELEMENTS); beside it, a dense W^T of one scale or square blocks
-    # is made for the input gradient (1 B per element of the largest dense FP8 weight).
+    # slice (ops/fp8.py WGRAD_SLICE_ELEMENTS); beside it, a dense W^T is made for the input gradient
+    # (1 B per element of the largest dense FP8 weight; rowwise quantises W again, W and W^T: 2 B).
     grad_transient = max((2 if bf16 else 4) * largest, 4 * min(fp8[2], WGRAD_SLICE_ELEMENTS))
-    if not rowwise:
-        grad_transient += fp8[3]
+    grad_transient += (2 if rowwise else 1) * fp8[3]
     mem["grad transient (largest weight)"] = grad_transient
     mem["optimizer step transient"] = step_transient
     return mem

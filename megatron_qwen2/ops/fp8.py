@@ -29,7 +29,7 @@ runs): the quantised values are the same on both, only the product's arithmetic 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -254,11 +254,16 @@ class Fp8Input:
     `stand_in` is x for autograd: a tensor of x's shape, dtype and device through which the layer's
     input gradient reaches the op that made x. `quantize_input` quantises a tensor, which stands in
     for itself; an op that quantises its output as it makes it (`ops.rms_norm_fp8`, `ops.swiglu_fp8`)
-    never writes x, and its stand-in is one element broadcast (`stand_in_for`)."""
+    never writes x, and its stand-in is one element broadcast (`stand_in_for`).
+
+    `remake_t` (source, remake), with remake(source) giving `t` again bit for bit, lets the layer keep
+    `source`, a tensor autograd holds anyway, for its backward instead of `t` (`ops.swiglu_fp8`: the
+    SwiGLU input, which SwiGLU's backward keeps; t is then not held from the forward to the backward)."""
 
     stand_in: torch.Tensor
     q: Fp8Tensor
     t: Fp8Tensor
+    remake_t: Optional[tuple[torch.Tensor, Callable[[torch.Tensor], Fp8Tensor]]] = None
 
 
 def quantize_input(x: torch.Tensor, rcp: Fp8Recipe) -> Fp8Input:
@@ -374,18 +379,22 @@ def grouped_gemm(a: Fp8Tensor, b: Fp8Tensor, counts: list[int], out_dtype: torch
 
 
 def grouped_weight_gemm(a: Fp8Tensor, b: Fp8Tensor, counts: list[int],
-                        grouped: bool = True) -> list[Optional[torch.Tensor]]:
+                        grouped: bool = True) -> "torch.Tensor | list[Optional[torch.Tensor]]":
     """The weight gradients of grouped rows: a [N, M] (dy^T) and b [K, M] (x^T), both quantised along
     M, whose columns are grouped by `counts` (multiples of the recipe's token multiple); for group g
-    a[:, g] @ b[:, g]^T [N, K], None for an empty group. fp32 products one group after another; one
-    torch._scaled_grouped_mm (bf16 products) where it serves."""
+    a[:, g] @ b[:, g]^T [N, K]. Where one torch._scaled_grouped_mm serves: all groups as one bf16
+    [G, N, K] tensor (zero for an empty group). Else fp32 products one group after another, a list
+    (None for an empty group)."""
     n, k = a.data.shape[0], b.data.shape[0]
     if _grouped_on_gpu(a, torch.bfloat16, grouped):
         g = len(counts)
         out = torch._scaled_grouped_mm(a.data, b.data.t(), _per_row(a.scale_inv, n).repeat(g),
                                        _per_row(b.scale_inv, k).repeat(g), offs=_group_ends(counts, a.data.device),
                                        out_dtype=torch.bfloat16)
-        return [out[e] if c else None for e, c in enumerate(counts)]
+        empty = [e for e, c in enumerate(counts) if not c]
+        if empty:
+            out[empty] = 0
+        return out
     dws, start = [], 0
     for c in counts:
         dws.append(gemm(a.cols(start, start + c), b.cols(start, start + c), torch.float32) if c else None)
@@ -414,26 +423,32 @@ def no_fp8_gemms(name: str, capability: tuple[int, int]) -> Optional[str]:
 @dataclass(frozen=True)
 class Fp8Weight:
     """A weight's FP8 copy along its inputs (`w`: the forward's B) and its copy along its outputs
-    (`t()`: the input gradient's B). A rowwise W^T is a quantisation of its own, made with w and kept
-    (`cached_t`). With one scale or square blocks W^T is w transposed: a dense weight's is made when
-    the backward asks and not kept (1 B per parameter less held for the step); routed experts keep
-    theirs, since transposing all the experts' stack for every micro-batch costs more than the
+    (`t()`: the input gradient's B), for one optimizer step. With one scale or square blocks W^T is w
+    transposed; a rowwise W^T is a quantisation of its own, made from the weight (`source`). A dense
+    weight's W^T is made when the backward asks and not kept (1 byte per parameter less held for the
+    step; rowwise quantises W again, about 1 % of the 7B-width step); routed experts keep theirs
+    (`cached_t`), since making all the experts' stack for every micro-batch costs more than the
     bytes it saves (bench/results/fp8_grouped_qwen2_57b_a14b_h100-80gb-hbm3_2026-12-07.json)."""
 
     w: Fp8Tensor
     cached_t: Optional[Fp8Tensor] = None
+    source: Optional[torch.Tensor] = None  # rowwise, not cached: the weight [-1, in] W^T is made from
 
     def t(self) -> Fp8Tensor:
-        return self.cached_t if self.cached_t is not None else self.w.t()
+        if self.cached_t is not None:
+            return self.cached_t
+        if self.source is not None:
+            return quantize_pair(self.source, self.w.tiling, self.w.data.dtype)[1]
+        return self.w.t()
 
     def nbytes(self) -> int:
         return self.w.nbytes() + (0 if self.cached_t is None else self.cached_t.nbytes())
 
 
 def _quantize_weight(w: torch.Tensor, rcp: Fp8Recipe, keep_t: bool = False) -> Fp8Weight:
-    pair = quantize_pair(w.reshape(-1, w.shape[-1]), rcp.weight_tiling, rcp.weight_dtype,
-                         transpose=keep_t or rcp.weight_tiling == "row")
-    return Fp8Weight(*pair)
+    w2 = w.reshape(-1, w.shape[-1])
+    q, t = quantize_pair(w2, rcp.weight_tiling, rcp.weight_dtype, transpose=keep_t)
+    return Fp8Weight(q, t, w2 if rcp.weight_tiling == "row" and not keep_t else None)
 
 
 def _quantize_experts(w: torch.Tensor, rcp: Fp8Recipe) -> Fp8Weight:

@@ -2,11 +2,13 @@
 reference; and with the output handed to an FP8 linear layer already quantised (megatron_qwen2::swiglu_fp8;
 docs/architecture.md, "FP8")."""
 
+import functools
+
 import torch
 
 from megatron_qwen2.ops import extension, library, reference
-from megatron_qwen2.ops.fp8 import (Fp8Input, Fp8Recipe, operand_list, operands_of, padded, quantize_input,
-                                    quantized_by_kernels, stand_in_for)
+from megatron_qwen2.ops.fp8 import (Fp8Input, Fp8Recipe, Fp8Tensor, operand_list, operands_of, padded,
+                                    quantize_input, quantized_by_kernels, stand_in_for)
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
@@ -22,9 +24,9 @@ class _SwigluFp8(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, rcp: Fp8Recipe):
-        f, tiling = x.shape[-1] // 2, rcp.activation_tiling
-        x2 = x.reshape(-1, 2 * f).contiguous()
-        q, t, _ = operands_of(library.swiglu_fp8(x2, tiling, padded(x2.shape[0], rcp.token_multiple)), tiling)
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        q, t = _kernel_operands(x2, rcp)
+        f = x.shape[-1] // 2
         ctx.save_for_backward(x2)
         ctx.x_shape = x.shape
         operands = operand_list(q, t)
@@ -37,13 +39,31 @@ class _SwigluFp8(torch.autograd.Function):
         return library.swiglu_backward(x, dy.reshape(x.shape[0], -1).contiguous()).view(ctx.x_shape), None
 
 
+def _kernel_operands(x2: torch.Tensor, rcp: Fp8Recipe) -> tuple[Fp8Tensor, Fp8Tensor]:
+    """The two operands of swiglu(x2) (x2 [rows, 2f] contiguous) by the compiled kernel."""
+    tiling = rcp.activation_tiling
+    q, t, _ = operands_of(library.swiglu_fp8(x2, tiling, padded(x2.shape[0], rcp.token_multiple)), tiling)
+    return q, t
+
+
+def _remade_t(x: torch.Tensor, rcp: Fp8Recipe) -> Fp8Tensor:
+    """The x^T operand of swiglu_fp8(x, rcp), made again from x (bit for bit: the same op on the same x)."""
+    if quantized_by_kernels(rcp, x):
+        return _kernel_operands(x.reshape(-1, x.shape[-1]).contiguous(), rcp)[1]
+    return quantize_input(swiglu(x), rcp).t
+
+
 def swiglu_fp8(x: torch.Tensor, rcp: Fp8Recipe) -> Fp8Input:
     """swiglu(x) as the input of an FP8 linear layer under `rcp`: quantize_input(swiglu(x), rcp), whose
-    values the compiled kernels give without writing y where they run."""
+    values the compiled kernels give without writing y where they run. The layer remakes the x^T
+    operand from x in its backward (`Fp8Input.remake_t`): x is kept for SwiGLU's own backward, and
+    the 1 byte per element of x^T is not held between the passes."""
     if x.shape[-1] % 2:
         raise ValueError(f"swiglu takes [..., 2f], got last dimension {x.shape[-1]}")
+    remake = (x, functools.partial(_remade_t, rcp=rcp))
     if not quantized_by_kernels(rcp, x):
-        return quantize_input(swiglu(x), rcp)
+        xin = quantize_input(swiglu(x), rcp)
+        return Fp8Input(xin.stand_in, xin.q, xin.t, remake_t=remake)
     stand_in, *operands = _SwigluFp8.apply(x, rcp)
     q, t, _ = operands_of(operands, rcp.activation_tiling)
-    return Fp8Input(stand_in, q, t)
+    return Fp8Input(stand_in, q, t, remake_t=remake)

@@ -119,7 +119,8 @@ class _Fp8Linear(torch.autograd.Function):
     x comes as an `Fp8Input` (its quantisations along the features and along the tokens, the token
     rows padded with zeros to the recipe's multiple: the weight gradient reduces over them); `x` is its
     stand-in, whose gradient is the input gradient. W and W^T come from the model's `Fp8Weights`.
-    Saved for backward: x^T quantised along the tokens (FP8, half the bytes of a bf16 x).
+    Saved for backward: x^T quantised along the tokens (FP8, half the bytes of a bf16 x), or where the
+    input says how to remake it (`Fp8Input.remake_t`) the tensor it is remade from.
     """
 
     @staticmethod
@@ -131,19 +132,28 @@ class _Fp8Linear(torch.autograd.Function):
         y = gemm(xq, w8.w, x.dtype)[:rows]
         if bias is not None:
             y = y + bias
-        ctx.save_for_backward(xt.data, xt.scale_inv)
+        if xin.remake_t is None:
+            ctx.save_for_backward(xt.data, xt.scale_inv)
+            ctx.remake_t = None
+        else:
+            source, ctx.remake_t = xin.remake_t
+            ctx.save_for_backward(source)
         ctx.weight = weight  # the parameter, with its main_grad (see _LinearMainGrad)
         ctx.recipe, ctx.weight8, ctx.x_shape, ctx.has_bias = rcp, w8, x.shape, bias is not None
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        (xt_data, xt_scale), weight = ctx.saved_tensors, ctx.weight
-        rcp, rows = ctx.recipe, dy.numel() // dy.shape[-1]
+        weight, rcp, rows = ctx.weight, ctx.recipe, dy.numel() // dy.shape[-1]
+        if ctx.remake_t is None:
+            xt = Fp8Tensor(*ctx.saved_tensors, rcp.activation_tiling)
+        else:
+            with torch.no_grad():
+                xt = ctx.remake_t(*ctx.saved_tensors)
         dy2 = pad_rows(dy.reshape(rows, dy.shape[-1]), rcp.token_multiple)
         dyq, dyt = quantize_pair(dy2, rcp.activation_tiling, rcp.grad_dtype)
         dx = gemm(dyq, ctx.weight8.t(), dy.dtype)[:rows].view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        dw = add_weight_grad(weight, weight_gemm_slices(dyt, Fp8Tensor(xt_data, xt_scale, rcp.activation_tiling)))
+        dw = add_weight_grad(weight, weight_gemm_slices(dyt, xt))
         db = dy2.sum(0) if ctx.has_bias else None
         return dx, dw, db, None, None
 

@@ -160,7 +160,21 @@ def test_weights_are_quantised_once_until_cleared():
     again = weights.get(w, r)
     assert again is not first
     torch.testing.assert_close(again.w.dequantize(), first.w.dequantize() * 2.0)
-    assert weights.nbytes() == 2 * w.numel() + (128 + 256) * 4  # W and W^T, one fp32 scale per row each
+    assert weights.nbytes() == w.numel() + 128 * 4  # W, one fp32 scale per row (W^T is made when asked)
+
+
+def test_a_rowwise_weight_makes_its_transpose_when_asked_and_keeps_none():
+    """A rowwise dense W^T is W^T quantised along its own rows, made from the weight when the backward
+    asks and not kept; routed experts keep theirs."""
+    w = torch.randn(256, 384)
+    weights, r = Fp8Weights(), recipe("rowwise")
+    copy = weights.get(w, r)
+    assert copy.cached_t is None and weights.nbytes() == w.numel() + 256 * 4
+    expected = quantize(w.t().contiguous(), "row")
+    assert torch.equal(copy.t().data.view(torch.uint8), expected.data.view(torch.uint8))
+    assert torch.equal(copy.t().scale_inv, expected.scale_inv)
+    experts = weights.get(torch.randn(2, 256, 384), r, experts=True)
+    assert experts.cached_t is not None and experts.cached_t.data.shape == (2, 384, 256)
 
 
 @pytest.mark.parametrize("name", ["tensorwise", "blockwise"])

@@ -88,3 +88,44 @@ def test_a_sequence_parallel_layer_refuses_a_quantised_input():
     assert isinstance(x, Fp8Input)
     with pytest.raises(ValueError, match="all-gathers its input"):
         layer(x)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while fn() runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_the_down_projection_keeps_the_swiglu_input_not_its_quantised_output(name):
+    """With the SwiGLU output handed over quantised, the down projection remakes its x^T operand in
+    backward from the SwiGLU input that SwiGLU keeps anyway: the MLP holds x^T's bytes less between
+    the passes than with the quantisation in the layer, and its gradients are the same bit for bit."""
+    from megatron_qwen2.model.mlp import MLP
+
+    rcp = recipe(name)
+    torch.manual_seed(0)
+    x = torch.randn(40, 2, 128)
+    held, grads = {}, {}
+    for fused in (True, False):
+        mlp = MLP(128, 256, fp8=Fp8(rcp, Fp8Weights(), fused_quantization=fused))
+        torch.manual_seed(1)
+        torch.nn.init.normal_(mlp.gate_up.weight, std=0.05)
+        torch.nn.init.normal_(mlp.down.weight, std=0.05)
+        xi = x.clone().requires_grad_(True)
+        out = []
+        held[fused] = _saved_bytes(lambda: out.append(mlp(xi)))
+        out[0].square().sum().backward()
+        grads[fused] = [xi.grad, mlp.gate_up.weight.grad, mlp.down.weight.grad]
+    h = torch.randn(80, 512)  # the SwiGLU input of 80 tokens
+    xt = quantize_input(ops.swiglu(h), rcp).t
+    assert held[False] - held[True] == xt.data.nbytes + xt.scale_inv.nbytes
+    for a, b in zip(grads[True], grads[False]):
+        assert torch.equal(a, b)
