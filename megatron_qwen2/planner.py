@@ -49,7 +49,7 @@ DEFAULT_EFFICIENCY = 0.457
 # other in one run (bench/results/train_throughput_qwen2_7b_8layers_fp8_h100-80gb-hbm3_2026-12-07.json);
 # the planner divides the bf16 step time by it. The slice's bf16 vocabulary head is a fifth of its
 # FLOPs, so for a full-depth model this understates the gain.
-FP8_STEP_SPEEDUP = {"tensorwise": 1.206, "rowwise": 1.179, "blockwise": 1.121}
+FP8_STEP_SPEEDUP = {"tensorwise": 1.179, "rowwise": 1.131, "blockwise": 1.111}
 # The MoE token exchanges (all-to-all over ep, gather / reduce-scatter over etp) are counted as
 # exposed time at an assumed bandwidth per GPU, not a measured one: NVLink 4 inside a node of 8
 # GPUs (450 GB/s a direction, of which an all-to-all reaches about 80 %) and one 400 Gb/s
