@@ -426,7 +426,7 @@ class Fp8Weight:
     (`t()`: the input gradient's B), for one optimizer step. With one scale or square blocks W^T is w
     transposed; a rowwise W^T is a quantisation of its own, made from the weight (`source`). A dense
     weight's W^T is made when the backward asks and not kept (1 byte per parameter less held for the
-    step; rowwise quantises W again, about 1 % of the 7B-width step); routed experts keep theirs
+    step; rowwise quantises W again, a few % of the 7B-width step); routed experts keep theirs
     (`cached_t`), since making all the experts' stack for every micro-batch costs more than the
     bytes it saves (bench/results/fp8_grouped_qwen2_57b_a14b_h100-80gb-hbm3_2026-12-07.json)."""
 
