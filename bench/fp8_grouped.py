@@ -4,7 +4,7 @@
 
 Forward and backward (input and weight gradients) of the two grouped linears of one
 Qwen2-57B-A14B MoE layer on one GPU (64 experts, hidden 3584, expert FFN 2560, top-8: 8 x tokens
-rows, spread over the experts by a uniform random router), through `model.moe.grouped_linear`:
+rows, spread over the experts by a uniform random router), through `model.moe.expert_mlp`:
 bf16 (`torch._grouped_mm`, the baseline), and each FP8 recipe with `Fp8.grouped_gemms` on (one
 grouped GEMM where the recipe has one) and off (one GEMM per expert). The quantisation of
 activations and gradients is timed with the GEMMs; the weights' FP8 copies are made once before
@@ -27,8 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import matmul_ceiling_tflops, time_ms, write_result  # noqa: E402
 from bench.profile_summary import format_summary, profile_steps  # noqa: E402
-from megatron_qwen2.model.moe import grouped_linear  # noqa: E402
-from megatron_qwen2.ops import swiglu  # noqa: E402
+from megatron_qwen2.model.moe import expert_mlp  # noqa: E402
 from megatron_qwen2.ops.fp8 import Fp8, Fp8Weights, recipe  # noqa: E402
 
 EXPERTS, HIDDEN, FFN, TOP_K = 64, 3584, 2560, 8
@@ -52,7 +51,7 @@ def main(argv=None) -> int:
 
     def step(fp8):
         def run():
-            out = grouped_linear(swiglu(grouped_linear(x, gate_up, counts, fp8)), down, counts, fp8)
+            out = expert_mlp(x, gate_up, down, counts, fp8)
             torch.autograd.grad(out, (x, gate_up, down), dy)
         return run
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from megatron_qwen2 import ops
 from megatron_qwen2.config import ModelConfig
 from megatron_qwen2.model.mlp import MLP
-from megatron_qwen2.ops.fp8 import Fp8, Fp8Tensor, grouped_gemm, grouped_weight_gemm, quantize_pair
+from megatron_qwen2.ops.fp8 import Fp8, Fp8Tensor, grouped_gemm, grouped_weight_gemm, padded, quantize_pair
 from megatron_qwen2.parallel.cp import sum_over_cp
 from megatron_qwen2.parallel.expert_dispatch import TokenDispatcher, capacity_mask, expert_capacity
 from megatron_qwen2.parallel.mappings import gather_from_sp, scatter_to_sp
@@ -66,12 +66,13 @@ def _use_grouped_mm(x: torch.Tensor) -> bool:
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int], fp8: Optional[Fp8] = None) -> torch.Tensor:
     """Rows of x grouped by expert (counts[i] rows for expert i) times weight[i]^T: [M, in] -> [M, out].
 
-    In FP8 when `fp8` is given (`_Fp8GroupedLinear`); else one grouped GEMM where available,
-    else one matmul per expert (empty groups included, so that every weight stays in the graph);
-    never a loop over tokens.
+    In FP8 when `fp8` is given (`_Fp8GroupedLinear`, on groups padded to the recipe's token
+    multiple: `in_padded_groups`); else one grouped GEMM where available, else one matmul per
+    expert (empty groups included, so that every weight stays in the graph); never a loop over tokens.
     """
     if fp8 is not None:
-        return _Fp8GroupedLinear.apply(x, weight, counts, fp8)
+        return in_padded_groups(lambda xp, groups: _Fp8GroupedLinear.apply(xp, weight, groups, fp8),
+                                x, counts, fp8.recipe.token_multiple)
     if _use_grouped_mm(x):
         offsets = torch.tensor(counts, device=x.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         return _ContiguousGrad.apply(torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets))
@@ -81,14 +82,37 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int], fp8
     return torch.cat([F.linear(chunk, weights[i]) for i, chunk in enumerate(torch.split(x, counts))])
 
 
-class _Fp8GroupedLinear(torch.autograd.Function):
-    """grouped_linear with the forward, input-gradient and weight-gradient GEMMs in FP8 (ops/fp8.py).
+def expert_mlp(rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: list[int],
+               fp8: Optional[Fp8] = None) -> torch.Tensor:
+    """The routed experts' SwiGLU MLP on rows grouped by expert (counts[i] rows for expert i):
+    down_i(swiglu(gate_up_i(x))). In FP8 the groups are padded once for both grouped linears, not
+    around each: zero rows stay zero through both and through SwiGLU."""
+    def mlp(x, groups):
+        return grouped_linear(ops.swiglu(grouped_linear(x, gate_up, groups, fp8)), down, groups, fp8)
+    if fp8 is None:
+        return mlp(rows, counts)
+    return in_padded_groups(mlp, rows, counts, fp8.recipe.token_multiple)
 
-    Each expert's rows are padded with zero rows to the recipe's token multiple, so that every
-    group starts where a GEMM may start reading and no 1 x 128 tile along the tokens spans two
-    experts. Each operand is then quantised once for all experts, as a linear layer's is
-    (`_Fp8Linear`, parallel/layers.py): tensorwise and rowwise scales are those of all the layer's
-    rows (zero rows change no amax), 1 x 128 tiles lie within one expert. The products are
+
+def in_padded_groups(fn, x: torch.Tensor, counts: list[int], multiple: int) -> torch.Tensor:
+    """fn(x', counts') with x's groups each padded with zero rows to a multiple of `multiple` rows
+    (x', counts' their sizes), the padding rows of its result dropped: the layout FP8 grouped GEMMs
+    take (every group starts where a GEMM may start reading; no 1 x 128 tile along the tokens spans
+    two experts). Padding and dropping are each other's backward."""
+    padded_counts = [padded(c, multiple) for c in counts]
+    if padded_counts == counts:
+        return fn(x, counts)
+    keep = _rows_kept(counts, padded_counts, x.device)
+    return _DropPadding.apply(fn(_PadGroups.apply(x, keep, sum(padded_counts)), padded_counts), keep)
+
+
+class _Fp8GroupedLinear(torch.autograd.Function):
+    """grouped_linear with the forward, input-gradient and weight-gradient GEMMs in FP8 (ops/fp8.py),
+    on groups whose sizes are multiples of the recipe's token multiple (`in_padded_groups`).
+
+    Each operand is quantised once for all experts, as a linear layer's is (`_Fp8Linear`,
+    parallel/layers.py): tensorwise and rowwise scales are those of all the layer's rows (zero
+    padding rows change no amax), 1 x 128 tiles lie within one expert. The products are
     `grouped_gemm` and `grouped_weight_gemm`: one grouped GEMM where the recipe has one, else one
     GEMM per expert. Experts without rows get no gradient.
     """
@@ -96,44 +120,63 @@ class _Fp8GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, counts: list[int], fp8: Fp8):
         rcp = fp8.recipe
-        padded = [-(-c // rcp.token_multiple) * rcp.token_multiple for c in counts]
-        keep = _rows_kept(counts, padded, x.device)
         w8 = fp8.weights.get(weight, rcp, experts=True)
-        xq, xt = quantize_pair(_pad_groups(x, keep, sum(padded)), rcp.activation_tiling, rcp.input_dtype)
-        y = _unpad_groups(grouped_gemm(xq, w8.w, padded, x.dtype, fp8.grouped_gemms), keep)
-        ctx.save_for_backward(xt.data, xt.scale_inv, keep)
+        xq, xt = quantize_pair(x, rcp.activation_tiling, rcp.input_dtype)
+        y = grouped_gemm(xq, w8.w, counts, x.dtype, fp8.grouped_gemms)
+        ctx.save_for_backward(xt.data, xt.scale_inv)
         ctx.weight = weight  # the parameter, with its main_grad (parallel/layers.py, _LinearMainGrad)
-        ctx.recipe, ctx.padded, ctx.weight8, ctx.grouped = rcp, padded, w8, fp8.grouped_gemms
+        ctx.recipe, ctx.counts, ctx.weight8, ctx.grouped = rcp, counts, w8, fp8.grouped_gemms
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        (xt_data, xt_scale, keep), weight = ctx.saved_tensors, ctx.weight
-        rcp, padded = ctx.recipe, ctx.padded
-        dyq, dyt = quantize_pair(_pad_groups(dy, keep, sum(padded)), rcp.activation_tiling, rcp.grad_dtype)
-        dx = _unpad_groups(grouped_gemm(dyq, ctx.weight8.t(), padded, dy.dtype, ctx.grouped), keep)
-        dws = grouped_weight_gemm(dyt, Fp8Tensor(xt_data, xt_scale, rcp.activation_tiling), padded, ctx.grouped)
+        (xt_data, xt_scale), weight = ctx.saved_tensors, ctx.weight
+        rcp, counts = ctx.recipe, ctx.counts
+        dyq, dyt = quantize_pair(dy, rcp.activation_tiling, rcp.grad_dtype)
+        dx = grouped_gemm(dyq, ctx.weight8.t(), counts, dy.dtype, ctx.grouped)
+        dws = grouped_weight_gemm(dyt, Fp8Tensor(xt_data, xt_scale, rcp.activation_tiling), counts, ctx.grouped)
         return dx, _expert_weight_grad(weight, dws), None, None
 
 
-def _rows_kept(counts: list[int], padded: list[int], device: torch.device) -> Optional[torch.Tensor]:
-    """The indices of the real rows among the padded groups' (None when no group is padded)."""
-    if counts == padded:
-        return None
+def _rows_kept(counts: list[int], padded_counts: list[int], device: torch.device) -> torch.Tensor:
+    """The indices of the real rows among the padded groups'."""
     starts = [0]
-    for p in padded[:-1]:
+    for p in padded_counts[:-1]:
         starts.append(starts[-1] + p)
     return torch.cat([torch.arange(s, s + c) for s, c in zip(starts, counts)]).to(device)
 
 
-def _pad_groups(x: torch.Tensor, keep: Optional[torch.Tensor], rows: int) -> torch.Tensor:
-    if keep is None:
-        return x
+def _pad_groups(x: torch.Tensor, keep: torch.Tensor, rows: int) -> torch.Tensor:
     return x.new_zeros(rows, x.shape[1]).index_copy_(0, keep, x)
 
 
-def _unpad_groups(y: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
-    return y if keep is None else y.index_select(0, keep)
+class _PadGroups(torch.autograd.Function):
+    """x's rows placed at `keep` among `rows` zero rows; backward: the gradient's rows at `keep`."""
+
+    @staticmethod
+    def forward(ctx, x, keep, rows: int):
+        ctx.save_for_backward(keep)
+        return _pad_groups(x, keep, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad.index_select(0, keep), None, None
+
+
+class _DropPadding(torch.autograd.Function):
+    """y's rows at `keep`; backward: the gradient placed at `keep` among zero rows."""
+
+    @staticmethod
+    def forward(ctx, y, keep):
+        ctx.save_for_backward(keep)
+        ctx.rows = y.shape[0]
+        return y.index_select(0, keep)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return _pad_groups(grad, keep, ctx.rows), None
 
 
 def _expert_weight_grad(weight: torch.Tensor, dws: "torch.Tensor | list[Optional[torch.Tensor]]") -> torch.Tensor:
@@ -197,8 +240,7 @@ class Experts(nn.Module):
 
     def forward(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """rows [M, h] grouped by local expert (counts[i] rows each) -> expert outputs [M, h]."""
-        hidden = ops.swiglu(grouped_linear(rows, self.gate_up_weight, counts, self.fp8))
-        return grouped_linear(hidden, self.down_weight, counts, self.fp8)
+        return expert_mlp(rows, self.gate_up_weight, self.down_weight, counts, self.fp8)
 
 
 def _share(t: torch.Tensor, tp_group: Optional[dist.ProcessGroup]) -> torch.Tensor:

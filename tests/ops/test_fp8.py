@@ -232,6 +232,31 @@ def test_blockwise_operands_are_padded_to_whole_groups_of_k_blocks(tiling):
 
 
 @pytest.mark.parametrize("name", RECIPES)
+def test_expert_mlp_pads_once_and_matches_padding_around_each_linear(name):
+    """The experts' MLP pads the groups once for both FP8 grouped linears; its output and every
+    gradient are bit for bit those of padding around each linear (zero rows stay zero)."""
+    from megatron_qwen2 import ops
+    from megatron_qwen2.model.moe import expert_mlp
+
+    torch.manual_seed(6)
+    counts = [37, 0, 130, 5]
+    x = torch.randn(sum(counts), 128)
+    gate_up, down = torch.randn(4, 2 * 64, 128) * 0.05, torch.randn(4, 128, 64) * 0.05
+    dy = torch.randn(sum(counts), 128)
+    runs = []
+    for once in (True, False):
+        fp8 = Fp8(recipe(name), Fp8Weights())
+        xg, gu, dn = (t.clone().requires_grad_() for t in (x, gate_up, down))
+        y = (expert_mlp(xg, gu, dn, counts, fp8) if once
+             else grouped_linear(ops.swiglu(grouped_linear(xg, gu, counts, fp8)), dn, counts, fp8))
+        y.backward(dy)
+        runs.append((y, xg.grad, gu.grad, dn.grad))
+    for once, each in zip(*runs):
+        assert torch.equal(once, each)
+    assert runs[0][0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", RECIPES)
 def test_experts_quantise_each_operand_once_for_all_experts(name):
     """The experts' rows are quantised as one tensor (tensorwise and rowwise scales over all of
     them), each expert's rows padded to the recipe's token multiple; the products are those of the
