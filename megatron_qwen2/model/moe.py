@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from megatron_qwen2 import ops
 from megatron_qwen2.config import ModelConfig
 from megatron_qwen2.model.mlp import MLP
-from megatron_qwen2.ops.fp8 import Fp8, Fp8Tensor, grouped_gemm, grouped_weight_gemm, padded, quantize_pair
+from megatron_qwen2.ops.fp8 import (Fp8, Fp8Input, grouped_gemm, grouped_weight_gemm, keep_t, padded, quantize_input,
+                                    quantize_pair, t_again)
 from megatron_qwen2.parallel.cp import sum_over_cp
 from megatron_qwen2.parallel.expert_dispatch import TokenDispatcher, capacity_mask, expert_capacity
 from megatron_qwen2.parallel.mappings import gather_from_sp, scatter_to_sp
@@ -63,16 +64,25 @@ def _use_grouped_mm(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int], fp8: Optional[Fp8] = None) -> torch.Tensor:
+def grouped_linear(x: Union[torch.Tensor, Fp8Input], weight: torch.Tensor, counts: list[int],
+                   fp8: Optional[Fp8] = None) -> torch.Tensor:
     """Rows of x grouped by expert (counts[i] rows for expert i) times weight[i]^T: [M, in] -> [M, out].
 
     In FP8 when `fp8` is given (`_Fp8GroupedLinear`, on groups padded to the recipe's token
-    multiple: `in_padded_groups`); else one grouped GEMM where available, else one matmul per
-    expert (empty groups included, so that every weight stays in the graph); never a loop over tokens.
+    multiple: `in_padded_groups`; x may come quantised as its `Fp8Input` when its groups are
+    padded already); else one grouped GEMM where available, else one matmul per expert (empty
+    groups included, so that every weight stays in the graph); never a loop over tokens.
     """
+    if isinstance(x, Fp8Input):
+        multiple = fp8.recipe.token_multiple if fp8 is not None else 0
+        if not multiple or any(c % multiple for c in counts):
+            raise ValueError("an FP8-quantised input reached a grouped linear layer without FP8 or with groups "
+                             f"not padded to the recipe's token multiple ({multiple})")
+        return _Fp8GroupedLinear.apply(x.stand_in, weight, counts, fp8, x)
     if fp8 is not None:
-        return in_padded_groups(lambda xp, groups: _Fp8GroupedLinear.apply(xp, weight, groups, fp8),
-                                x, counts, fp8.recipe.token_multiple)
+        return in_padded_groups(
+            lambda xp, groups: _Fp8GroupedLinear.apply(xp, weight, groups, fp8, quantize_input(xp, fp8.recipe)),
+            x, counts, fp8.recipe.token_multiple)
     if _use_grouped_mm(x):
         offsets = torch.tensor(counts, device=x.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         return _ContiguousGrad.apply(torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets))
@@ -86,9 +96,12 @@ def expert_mlp(rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, co
                fp8: Optional[Fp8] = None) -> torch.Tensor:
     """The routed experts' SwiGLU MLP on rows grouped by expert (counts[i] rows for expert i):
     down_i(swiglu(gate_up_i(x))). In FP8 the groups are padded once for both grouped linears, not
-    around each: zero rows stay zero through both and through SwiGLU."""
+    around each (zero rows stay zero through both and through SwiGLU), and SwiGLU hands its output
+    to the down projection quantised (`ops.swiglu_fp8`) as a dense MLP's does."""
     def mlp(x, groups):
-        return grouped_linear(ops.swiglu(grouped_linear(x, gate_up, groups, fp8)), down, groups, fp8)
+        h = grouped_linear(x, gate_up, groups, fp8)
+        fused = fp8 is not None and fp8.fused_quantization
+        return grouped_linear(ops.swiglu_fp8(h, fp8.recipe) if fused else ops.swiglu(h), down, groups, fp8)
     if fp8 is None:
         return mlp(rows, counts)
     return in_padded_groups(mlp, rows, counts, fp8.recipe.token_multiple)
@@ -110,32 +123,33 @@ class _Fp8GroupedLinear(torch.autograd.Function):
     """grouped_linear with the forward, input-gradient and weight-gradient GEMMs in FP8 (ops/fp8.py),
     on groups whose sizes are multiples of the recipe's token multiple (`in_padded_groups`).
 
-    Each operand is quantised once for all experts, as a linear layer's is (`_Fp8Linear`,
-    parallel/layers.py): tensorwise and rowwise scales are those of all the layer's rows (zero
-    padding rows change no amax), 1 x 128 tiles lie within one expert. The products are
-    `grouped_gemm` and `grouped_weight_gemm`: one grouped GEMM where the recipe has one, else one
-    GEMM per expert. Experts without rows get no gradient.
+    x comes as its `Fp8Input` (x the stand-in) and is saved for backward as a linear layer's is
+    (`_Fp8Linear`, parallel/layers.py). Each operand is quantised once for all experts: tensorwise
+    and rowwise scales are those of all the layer's rows (zero padding rows change no amax), 1 x 128
+    tiles lie within one expert. The products are `grouped_gemm` and `grouped_weight_gemm`: one
+    grouped GEMM where the recipe has one, else one GEMM per expert. Experts without rows get no
+    gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, counts: list[int], fp8: Fp8):
+    def forward(ctx, x, weight, counts: list[int], fp8: Fp8, xin: Fp8Input):
         rcp = fp8.recipe
         w8 = fp8.weights.get(weight, rcp, experts=True)
-        xq, xt = quantize_pair(x, rcp.activation_tiling, rcp.input_dtype)
-        y = grouped_gemm(xq, w8.w, counts, x.dtype, fp8.grouped_gemms)
-        ctx.save_for_backward(xt.data, xt.scale_inv)
+        y = grouped_gemm(xin.q, w8.w, counts, x.dtype, fp8.grouped_gemms)
+        saved, ctx.remake_t = keep_t(xin)
+        ctx.save_for_backward(*saved)
         ctx.weight = weight  # the parameter, with its main_grad (parallel/layers.py, _LinearMainGrad)
         ctx.recipe, ctx.counts, ctx.weight8, ctx.grouped = rcp, counts, w8, fp8.grouped_gemms
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        (xt_data, xt_scale), weight = ctx.saved_tensors, ctx.weight
-        rcp, counts = ctx.recipe, ctx.counts
+        weight, rcp, counts = ctx.weight, ctx.recipe, ctx.counts
+        xt = t_again(ctx.saved_tensors, ctx.remake_t, rcp.activation_tiling)
         dyq, dyt = quantize_pair(dy, rcp.activation_tiling, rcp.grad_dtype)
         dx = grouped_gemm(dyq, ctx.weight8.t(), counts, dy.dtype, ctx.grouped)
-        dws = grouped_weight_gemm(dyt, Fp8Tensor(xt_data, xt_scale, rcp.activation_tiling), counts, ctx.grouped)
-        return dx, _expert_weight_grad(weight, dws), None, None
+        dws = grouped_weight_gemm(dyt, xt, counts, ctx.grouped)
+        return dx, _expert_weight_grad(weight, dws), None, None, None
 
 
 def _rows_kept(counts: list[int], padded_counts: list[int], device: torch.device) -> torch.Tensor:

@@ -29,7 +29,7 @@ runs): the quantised values are the same on both, only the product's arithmetic 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -264,6 +264,24 @@ class Fp8Input:
     q: Fp8Tensor
     t: Fp8Tensor
     remake_t: Optional[tuple[torch.Tensor, Callable[[torch.Tensor], Fp8Tensor]]] = None
+
+
+def keep_t(xin: Fp8Input) -> tuple[tuple[torch.Tensor, ...], Optional[Callable[[torch.Tensor], Fp8Tensor]]]:
+    """What an FP8 layer saves for its backward to have xin.t again (`t_again`): t's data and
+    scales, or the tensor it is remade from (`Fp8Input.remake_t`) and how."""
+    if xin.remake_t is None:
+        return (xin.t.data, xin.t.scale_inv), None
+    source, remake = xin.remake_t
+    return (source,), remake
+
+
+def t_again(saved: Sequence[torch.Tensor], remake: Optional[Callable[[torch.Tensor], Fp8Tensor]],
+            tiling: str) -> Fp8Tensor:
+    """The x^T operand from what `keep_t` had saved."""
+    if remake is None:
+        return Fp8Tensor(*saved, tiling)
+    with torch.no_grad():
+        return remake(*saved)
 
 
 def quantize_input(x: torch.Tensor, rcp: Fp8Recipe) -> Fp8Input:

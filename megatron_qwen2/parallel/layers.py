@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron_qwen2.ops.fp8 import (Fp8, Fp8Input, Fp8Tensor, gemm, pad_rows, quantize_input, quantize_pair,
+from megatron_qwen2.ops.fp8 import (Fp8, Fp8Input, gemm, keep_t, pad_rows, quantize_input, quantize_pair, t_again,
                                     weight_gemm_slices)
 from megatron_qwen2.parallel.mappings import (copy_to_tp, gather_from_sp, reduce_from_tp,
                                               reduce_scatter_to_sp)
@@ -128,16 +128,11 @@ class _Fp8Linear(torch.autograd.Function):
         rcp = fp8.recipe
         rows = x.numel() // x.shape[-1]
         w8 = fp8.weights.get(weight, rcp)
-        xq, xt = xin.q, xin.t
-        y = gemm(xq, w8.w, x.dtype)[:rows]
+        y = gemm(xin.q, w8.w, x.dtype)[:rows]
         if bias is not None:
             y = y + bias
-        if xin.remake_t is None:
-            ctx.save_for_backward(xt.data, xt.scale_inv)
-            ctx.remake_t = None
-        else:
-            source, ctx.remake_t = xin.remake_t
-            ctx.save_for_backward(source)
+        saved, ctx.remake_t = keep_t(xin)
+        ctx.save_for_backward(*saved)
         ctx.weight = weight  # the parameter, with its main_grad (see _LinearMainGrad)
         ctx.recipe, ctx.weight8, ctx.x_shape, ctx.has_bias = rcp, w8, x.shape, bias is not None
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -145,11 +140,7 @@ class _Fp8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         weight, rcp, rows = ctx.weight, ctx.recipe, dy.numel() // dy.shape[-1]
-        if ctx.remake_t is None:
-            xt = Fp8Tensor(*ctx.saved_tensors, rcp.activation_tiling)
-        else:
-            with torch.no_grad():
-                xt = ctx.remake_t(*ctx.saved_tensors)
+        xt = t_again(ctx.saved_tensors, ctx.remake_t, rcp.activation_tiling)
         dy2 = pad_rows(dy.reshape(rows, dy.shape[-1]), rcp.token_multiple)
         dyq, dyt = quantize_pair(dy2, rcp.activation_tiling, rcp.grad_dtype)
         dx = gemm(dyq, ctx.weight8.t(), dy.dtype)[:rows].view(ctx.x_shape) if ctx.needs_input_grad[0] else None
