@@ -214,11 +214,12 @@ def quantize_reference(x: torch.Tensor, tiling: str, dtype: torch.dtype = E4M3) 
         raise ValueError(f"quantize takes a 2D tensor, got shape {tuple(x.shape)}")
     x = x.contiguous()
     r, c = x.shape
+    # An empty group has amax 0 (an expert-parallel rank may be routed no rows), as in the kernels.
     if tiling == "tensor":
-        scale = _scale(x.abs().amax(), dtype)
+        scale = _scale(x.abs().amax() if x.numel() else x.new_zeros(()), dtype)
         return Fp8Tensor(_cast(x, scale, dtype), scale.reciprocal(), tiling)
     if tiling == "row":
-        scale = _scale(x.abs().amax(dim=1, keepdim=True), dtype)
+        scale = _scale(x.abs().amax(dim=1, keepdim=True) if c else x.new_zeros(r, 1), dtype)
         return Fp8Tensor(_cast(x, scale, dtype), scale.reciprocal(), tiling)
     nc = -(-c // BLOCK)
     if tiling == "1x128":
@@ -292,8 +293,9 @@ def quantize_input(x: torch.Tensor, rcp: Fp8Recipe) -> Fp8Input:
 
 def quantized_by_kernels(rcp: Fp8Recipe, *tensors: torch.Tensor) -> bool:
     """Whether the compiled ops that quantise their output as they make it (ops.rms_norm_fp8,
-    ops.swiglu_fp8) serve these inputs: CUDA, built, one dtype, e4m3 activations."""
-    return rcp.input_dtype is E4M3 and extension.use_kernel(*tensors)
+    ops.swiglu_fp8) serve these inputs: CUDA, built, one dtype, e4m3 activations, some rows (an
+    expert-parallel rank may be routed none)."""
+    return rcp.input_dtype is E4M3 and extension.use_kernel(*tensors) and tensors[0].numel() > 0
 
 
 def stand_in_for(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
@@ -367,10 +369,10 @@ def _group_ends(counts: list[int], device: torch.device) -> torch.Tensor:
 
 
 def _grouped_on_gpu(a: Fp8Tensor, out_dtype: torch.dtype, grouped: bool) -> bool:
-    """Whether one torch._scaled_grouped_mm serves a grouped product: CUDA, one scale per tensor or
-    row (Hopper has no grouped blockwise GEMM), a bf16 output."""
-    return (grouped and a.data.is_cuda and a.tiling in ("tensor", "row") and out_dtype == torch.bfloat16
-            and hasattr(torch, "_scaled_grouped_mm"))
+    """Whether one torch._scaled_grouped_mm serves a grouped product: CUDA, some rows, one scale per
+    tensor or row (Hopper has no grouped blockwise GEMM), a bf16 output."""
+    return (grouped and a.data.is_cuda and a.data.numel() > 0 and a.tiling in ("tensor", "row")
+            and out_dtype == torch.bfloat16 and hasattr(torch, "_scaled_grouped_mm"))
 
 
 def _per_row(scale_inv: torch.Tensor, rows: int) -> torch.Tensor:

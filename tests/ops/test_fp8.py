@@ -257,6 +257,21 @@ def test_expert_mlp_pads_once_and_matches_padding_around_each_linear(name):
 
 
 @pytest.mark.parametrize("name", RECIPES)
+def test_expert_mlp_with_no_rows(name):
+    """An expert-parallel rank routed no token runs its experts' MLP in FP8: no rows out, zero weight
+    gradients."""
+    from megatron_qwen2.model.moe import expert_mlp
+
+    x = torch.randn(0, 128, requires_grad=True)
+    gate_up = torch.randn(4, 2 * 64, 128, requires_grad=True)
+    down = torch.randn(4, 128, 64, requires_grad=True)
+    y = expert_mlp(x, gate_up, down, [0, 0, 0, 0], Fp8(recipe(name), Fp8Weights()))
+    y.sum().backward()
+    assert y.shape == (0, 128) and x.grad.shape == (0, 128)
+    assert not gate_up.grad.any() and not down.grad.any()
+
+
+@pytest.mark.parametrize("name", RECIPES)
 def test_experts_quantise_each_operand_once_for_all_experts(name):
     """The experts' rows are quantised as one tensor (tensorwise and rowwise scales over all of
     them), each expert's rows padded to the recipe's token multiple; the products are those of the
