@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from megatron_qwen2 import ops
 from megatron_qwen2.config import ModelConfig
 from megatron_qwen2.model.mlp import MLP
-from megatron_qwen2.ops.fp8 import (Fp8, Fp8Input, grouped_gemm, grouped_weight_gemm, keep_t, padded, quantize_input,
-                                    quantize_pair, t_again)
+from megatron_qwen2.ops.fp8 import (Fp8, Fp8Input, group_ends, grouped_gemm, grouped_weight_gemm, host_to_device,
+                                    keep_t, padded, quantize_input, quantize_pair, t_again)
 from megatron_qwen2.parallel.cp import sum_over_cp
 from megatron_qwen2.parallel.expert_dispatch import TokenDispatcher, capacity_mask, expert_capacity
 from megatron_qwen2.parallel.mappings import gather_from_sp, scatter_to_sp
@@ -84,8 +84,7 @@ def grouped_linear(x: Union[torch.Tensor, Fp8Input], weight: torch.Tensor, count
             lambda xp, groups: _Fp8GroupedLinear.apply(xp, weight, groups, fp8, quantize_input(xp, fp8.recipe)),
             x, counts, fp8.recipe.token_multiple)
     if _use_grouped_mm(x):
-        offsets = torch.tensor(counts, device=x.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        return _ContiguousGrad.apply(torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets))
+        return _ContiguousGrad.apply(torch._grouped_mm(x, weight.transpose(1, 2), offs=group_ends(counts, x.device)))
     # unbind, not weight[i]: its backward stacks the experts' gradients once, where indexing
     # would add a full-size zero-padded gradient per expert.
     weights = weight.unbind(0)
@@ -157,7 +156,7 @@ def _rows_kept(counts: list[int], padded_counts: list[int], device: torch.device
     starts = [0]
     for p in padded_counts[:-1]:
         starts.append(starts[-1] + p)
-    return torch.cat([torch.arange(s, s + c) for s, c in zip(starts, counts)]).to(device)
+    return host_to_device(torch.cat([torch.arange(s, s + c) for s, c in zip(starts, counts)]), device)
 
 
 def _pad_groups(x: torch.Tensor, keep: torch.Tensor, rows: int) -> torch.Tensor:

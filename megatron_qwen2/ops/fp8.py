@@ -364,8 +364,15 @@ def weight_gemm_slices(dyt: Fp8Tensor, xt: Fp8Tensor):
         yield r, gemm(dyt.rows(r, min(r + step, n)), xt, torch.float32)
 
 
-def _group_ends(counts: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU through pinned memory, so that the host does not wait
+    for the device's queue to drain (a copy from pageable memory does)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def group_ends(counts: list[int], device: torch.device) -> torch.Tensor:
+    """The end row of each group, the int32 offsets grouped GEMMs take."""
+    return host_to_device(torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32), device)
 
 
 def _grouped_on_gpu(a: Fp8Tensor, out_dtype: torch.dtype, grouped: bool) -> bool:
@@ -389,7 +396,7 @@ def grouped_gemm(a: Fp8Tensor, b: Fp8Tensor, counts: list[int], out_dtype: torch
     if _grouped_on_gpu(a, out_dtype, grouped):
         scale_b = b.scale_inv.reshape(g, -1).expand(g, n).contiguous()
         return torch._scaled_grouped_mm(a.data, b.data.transpose(1, 2), _per_row(a.scale_inv, a.data.shape[0]),
-                                        scale_b, offs=_group_ends(counts, a.data.device), out_dtype=out_dtype)
+                                        scale_b, offs=group_ends(counts, a.data.device), out_dtype=out_dtype)
     out, start = a.data.new_empty((a.data.shape[0], n), dtype=out_dtype), 0
     for e, c in enumerate(counts):
         if c:
@@ -409,7 +416,7 @@ def grouped_weight_gemm(a: Fp8Tensor, b: Fp8Tensor, counts: list[int],
     if _grouped_on_gpu(a, torch.bfloat16, grouped):
         g = len(counts)
         out = torch._scaled_grouped_mm(a.data, b.data.t(), _per_row(a.scale_inv, n).repeat(g),
-                                       _per_row(b.scale_inv, k).repeat(g), offs=_group_ends(counts, a.data.device),
+                                       _per_row(b.scale_inv, k).repeat(g), offs=group_ends(counts, a.data.device),
                                        out_dtype=torch.bfloat16)
         empty = [e for e, c in enumerate(counts) if not c]
         if empty:
