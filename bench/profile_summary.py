@@ -27,7 +27,8 @@ PHASE_CLASSES = {"optimizer": "optimizer"}
 
 # Checked in order: the first class whose pattern matches the (lower-cased) name wins.
 _PATTERNS = [
-    ("communication", r"nccl|all_?reduce|reduce_?scatter|all_?gather|alltoall|all_to_all|c10d|broadcast|sendrecv"),
+    # NCCL's broadcast kernels carry "nccl"; a bare "broadcast" is in GEMM epilogue names (scale vectors).
+    ("communication", r"nccl|all_?reduce|reduce_?scatter|all_?gather|alltoall|all_to_all|c10d|sendrecv"),
     ("optimizer", r"adam|_fused_adamw|fused_adam"),
     ("attention", r"flash|fmha|sdpa|scaled_dot_product|attention|attn|cudnn.*(fprop|bprop|native)"),
     ("cross-entropy/softmax", r"cross_?entropy|softmax|nll_loss|xent|logsumexp|\bce_(fwd|bwd)"),

@@ -98,6 +98,8 @@ def test_classify_names():
     assert classify("void ce_fwd_kernel<__nv_bfloat16, 8>(...)") == "cross-entropy/softmax"
     assert classify("void rms_fwd_fast<__nv_bfloat16>(...)") == "norm/activation/elementwise"
     assert classify("ncclDevKernel_AllReduce_Sum_f32_RING_LL") == "communication"
+    assert classify("ncclDevKernel_Broadcast_RING_LL") == "communication"
+    assert classify("cutlass::device_kernel<GemmUniversal<GroupProblemShape, Sm90RowBroadcast>>") == "GEMM"
     assert classify("Memcpy DtoD (Device -> Device)") == "memcpy/other"
 
 
