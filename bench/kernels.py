@@ -401,9 +401,11 @@ def bench_attention(rows, mm_ceiling, rounds, b=1):
             cands["sdpa dense mask (before)"] = lambda: reference.attention(q, k, v, True, None, ids)
         def record(name, label, call):
             try:
+                picked = None  # the door's choice in this grad mode, with its reason
                 with torch.no_grad() if label != "f+b" else torch.enable_grad():
-                    picked = backend_reason(q, k, v, True, ids)  # the door's choice in this grad mode
-                    name = f"door({picked.split(':')[0]})" if name == "door" else name
+                    if name == "door":
+                        picked = backend_reason(q, k, v, True, ids)
+                        name = f"door({picked.split(':')[0]})"
                     ms_rounds = [time_ms(call, warmup=3, iters=10) for _ in range(rounds)]
             except Exception as e:  # noqa: BLE001 - a backend that rejects the inputs is a result
                 rows.append(dict(kernel="attention", impl=name, pass_=label, seq=s, heads=hq, kv_heads=hkv,

@@ -19,8 +19,10 @@
 //   and one of its threads issues every copy: K and V of the block once, then per 64-query tile Q,
 //   dO (TMA, rank-4 tensor maps [d, s, heads, b], 128-byte swizzle, 64 columns of d per box) and the
 //   tile's lse / delta (bulk copies) into a ring of kStages stages (3 for d 64, 2 for d 128). A
-//   "full" mbarrier per stage completes with the copies' bytes; the consumers free a stage by one
-//   arrival per warp on its "empty" mbarrier (8 per phase) once the products that read it are done.
+//   "full" mbarrier per stage completes with the copies' bytes; every consumer thread frees a stage
+//   by its own arrival on the stage's "empty" mbarrier (256 per phase), after a proxy fence, once
+//   the products that read it are done: each thread's generic reads of lse / delta are ordered
+//   before the producer's next bulk copy into the stage by that thread's own release.
 // - warpgroups 1 and 2 are the consumers, each owning 64 keys of the block; they take the registers
 //   (240 a thread) and keep the dK and dV accumulators of their keys in them across the query tiles.
 //   Per tile, as wgmma from shared memory (both K-major): S^T = K Q^T and dP^T = V dO^T (64 keys x
@@ -143,7 +145,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_init(kv_full, 1);
     for (int s = 0; s < L::kStages; ++s) {
       mbar_init(full(s), 1);
-      mbar_init(empty(s), 8);  // one arrival per consumer warp
+      mbar_init(empty(s), 256);  // one arrival per consumer thread (after its own reads of the stage)
     }
     mbar_init_fence();
   }
@@ -306,7 +308,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_wait<1>();  // dV, dK done: the stage's Q, dO, lse and delta are no longer read
     pin(dk);
     pin(dv);
-    mbar_arrive_warp(empty(s), lane);
+    fence_proxy_async();  // this thread's generic reads of lse / delta before the producer's next bulk copy
+    mbar_arrive(empty(s));
     wgmma_wait<0>();
     pin(dq);
 

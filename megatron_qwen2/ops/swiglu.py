@@ -24,9 +24,9 @@ class _SwigluFp8(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, rcp: Fp8Recipe):
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        q, t = _kernel_operands(x2, rcp)
-        f = x.shape[-1] // 2
+        f, tiling = x.shape[-1] // 2, rcp.activation_tiling
+        x2 = x.reshape(-1, 2 * f).contiguous()
+        q, t, _ = operands_of(library.swiglu_fp8(x2, tiling, padded(x2.shape[0], rcp.token_multiple)), tiling)
         ctx.save_for_backward(x2)
         ctx.x_shape = x.shape
         operands = operand_list(q, t)
@@ -39,18 +39,9 @@ class _SwigluFp8(torch.autograd.Function):
         return library.swiglu_backward(x, dy.reshape(x.shape[0], -1).contiguous()).view(ctx.x_shape), None
 
 
-def _kernel_operands(x2: torch.Tensor, rcp: Fp8Recipe) -> tuple[Fp8Tensor, Fp8Tensor]:
-    """The two operands of swiglu(x2) (x2 [rows, 2f] contiguous) by the compiled kernel."""
-    tiling = rcp.activation_tiling
-    q, t, _ = operands_of(library.swiglu_fp8(x2, tiling, padded(x2.shape[0], rcp.token_multiple)), tiling)
-    return q, t
-
-
 def _remade_t(x: torch.Tensor, rcp: Fp8Recipe) -> Fp8Tensor:
     """The x^T operand of swiglu_fp8(x, rcp), made again from x (bit for bit: the same op on the same x)."""
-    if quantized_by_kernels(rcp, x):
-        return _kernel_operands(x.reshape(-1, x.shape[-1]).contiguous(), rcp)[1]
-    return quantize_input(swiglu(x), rcp).t
+    return swiglu_fp8(x, rcp).t
 
 
 def swiglu_fp8(x: torch.Tensor, rcp: Fp8Recipe) -> Fp8Input:
