@@ -184,6 +184,19 @@ def test_fp8_plan_against_the_recorded_fp8_runs(fp8):
     assert planned / measured - 1 == pytest.approx(0, abs=0.05)
 
 
+def test_fp8_speeds_up_a_dense_step_and_takes_a_moe_step_as_bf16s():
+    """train.fp8 divides a dense model's step by the measured speed-up; a model with routed experts
+    (measured x0.95 in FP8) keeps its bf16 step time, and the plan says so."""
+    from megatron_qwen2.planner import FP8_STEP_SPEEDUP, format_plan
+
+    for model, factor in ((tiny(), FP8_STEP_SPEEDUP["tensorwise"]), (tiny(**MOE), 1.0)):
+        steps = [make_plan(config(model, ParallelConfig(), 1, fp8=fp8), 1).step_time_s
+                 for fp8 in ("none", "tensorwise")]
+        assert steps[0] / steps[1] == pytest.approx(factor)
+    text = format_plan(make_plan(config(tiny(**MOE), ParallelConfig(), 1, fp8="tensorwise"), 1))
+    assert "FP8 step taken as bf16's" in text
+
+
 def test_readme_states_the_validation_figures():
     # README.md's planner paragraph names each validation run with the error this test computes.
     readme = (ROOT / "README.md").read_text()
