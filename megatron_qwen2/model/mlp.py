@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from megatron_qwen2 import ops
-from megatron_qwen2.ops.fp8 import Fp8, Fp8Input
+from megatron_qwen2.ops.fp8 import Fp8, Fp8Input, fused_recipe
 from megatron_qwen2.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 
@@ -24,7 +24,7 @@ class MLP(nn.Module):
                                       sequence_parallel=sequence_parallel, fp8=fp8)
         # SwiGLU hands its output quantised to the FP8 down projection, which takes it as it is under
         # any layout (docs/architecture.md, "FP8").
-        self.fp8_out = fp8.recipe if fp8 is not None and fp8.fused_quantization else None
+        self.fp8_out = fused_recipe(fp8)
 
     def forward(self, x: Union[torch.Tensor, Fp8Input]) -> torch.Tensor:
         h = self.gate_up(x)

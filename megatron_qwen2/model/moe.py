@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from megatron_qwen2 import ops
 from megatron_qwen2.config import ModelConfig
 from megatron_qwen2.model.mlp import MLP
-from megatron_qwen2.ops.fp8 import (Fp8, Fp8Input, group_ends, grouped_gemm, grouped_weight_gemm, host_to_device,
-                                    keep_t, padded, quantize_input, quantize_pair, t_again)
+from megatron_qwen2.ops.fp8 import (Fp8, Fp8Input, fused_recipe, group_ends, grouped_gemm, grouped_weight_gemm,
+                                    host_to_device, keep_t, padded, quantize_input, quantize_pair, t_again)
 from megatron_qwen2.parallel.cp import sum_over_cp
 from megatron_qwen2.parallel.expert_dispatch import TokenDispatcher, capacity_mask, expert_capacity
 from megatron_qwen2.parallel.mappings import gather_from_sp, scatter_to_sp
@@ -99,8 +99,8 @@ def expert_mlp(rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, co
     to the down projection quantised (`ops.swiglu_fp8`) as a dense MLP's does."""
     def mlp(x, groups):
         h = grouped_linear(x, gate_up, groups, fp8)
-        fused = fp8 is not None and fp8.fused_quantization
-        return grouped_linear(ops.swiglu_fp8(h, fp8.recipe) if fused else ops.swiglu(h), down, groups, fp8)
+        fused = fused_recipe(fp8)
+        return grouped_linear(ops.swiglu(h) if fused is None else ops.swiglu_fp8(h, fused), down, groups, fp8)
     if fp8 is None:
         return mlp(rows, counts)
     return in_padded_groups(mlp, rows, counts, fp8.recipe.token_multiple)

@@ -23,7 +23,7 @@ from megatron_qwen2.model.mlp import MLP
 from megatron_qwen2.model.moe import MoEBlock, MoEStats, load_balancing_loss
 from megatron_qwen2.model.norm import RMSNorm
 from megatron_qwen2.model.rope import RotaryEmbedding
-from megatron_qwen2.ops.fp8 import Fp8
+from megatron_qwen2.ops.fp8 import Fp8, fused_recipe
 from megatron_qwen2.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megatron_qwen2.parallel.mappings import copy_to_tp, gather_from_sp, gather_from_tp
 from megatron_qwen2.parallel.shard import shard_of
@@ -54,7 +54,7 @@ class DecoderLayer(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer_idx)
         # A norm hands its output quantised to the FP8 projection it feeds (QKV; a dense MLP's gate |
         # up) unless sequence parallelism all-gathers it in between (docs/architecture.md, "FP8").
-        fused = fp8.recipe if fp8 is not None and fp8.fused_quantization and not sp else None
+        fused = None if sp else fused_recipe(fp8)
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sequence_parallel=sp, fp8_out=fused)
         self.attention = SelfAttention(cfg, topo, fp8)
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, sequence_parallel=sp,

@@ -530,7 +530,13 @@ class Fp8:
     # Routed experts' products as one grouped GEMM where the recipe has one on the device (else,
     # and when False, one GEMM per expert: bench/fp8_grouped.py measures the two).
     grouped_gemms: bool = True
-    # The ops that make a dense linear layer's input (RMSNorm, SwiGLU) hand it over quantised
+    # The ops that make a linear layer's input (RMSNorm, SwiGLU) hand it over quantised
     # (`Fp8Input`) where nothing stands between them and the GEMM; False quantises in the layer
     # (the same values; bench/kernels.py times the two).
     fused_quantization: bool = True
+
+
+def fused_recipe(fp8: Optional[Fp8]) -> Optional[Fp8Recipe]:
+    """The recipe an op that makes an FP8 layer's input quantises its output with (`fp8_out` of
+    RMSNorm, `ops.swiglu_fp8`), or None: no FP8, or `fused_quantization` off."""
+    return fp8.recipe if fp8 is not None and fp8.fused_quantization else None
