@@ -43,14 +43,6 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
 }
 
-// One arrival for the calling warp (a barrier counting warps): the __syncwarp orders every lane's
-// earlier shared-memory reads before lane 0's arrival, so a producer waiting on `bar` may overwrite
-// what they read.
-__device__ __forceinline__ void mbar_arrive_warp(uint32_t bar, int lane) {
-  __syncwarp();
-  if (lane == 0) mbar_arrive(bar);
-}
-
 // Blocks until the phase with parity `parity` has completed. A fresh barrier is in phase 0, so
 // waiting for parity 1 returns at once (the "previous" phase counts as complete).
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
