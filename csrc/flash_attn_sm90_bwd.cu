@@ -14,8 +14,9 @@
 //   lse * log2(e) (+inf for a row that sees no key, so that its P is 0) into [b, hq, rows] buffers,
 //   rows = sq rounded up to the query tile (the padding is (+inf, 0): P = dS = 0), which the
 //   producer copies with plain bulk copies.
-// - one CTA of three warpgroups per (query head, 128-key block, batch row), the keys that see the
-//   most causal queries first. Warpgroup 0 is the producer: it gives its registers away (setmaxnreg)
+// - one CTA of three warpgroups per (128-key block, query head, batch row), in groups of 8 key blocks
+//   of one head side by side (they share Q / dO reads and dQ rows in L2), the groups of keys that see
+//   the most causal queries first. Warpgroup 0 is the producer: it gives its registers away (setmaxnreg)
 //   and one of its threads issues every copy: K and V of the block once, then per 64-query tile Q,
 //   dO (TMA, rank-4 tensor maps [d, s, heads, b], 128-byte swizzle, 64 columns of d per box) and the
 //   tile's lse / delta (bulk copies) into a ring of kStages stages (3 for d 64, 2 for d 128). A
@@ -51,6 +52,7 @@ using namespace mq2::fa;
 using namespace mq2::sm90;
 
 constexpr int kBN = 128, kBM = 64, kThreads = 384;  // keys per CTA, queries per tile
+constexpr int kKeyGroup = 8;  // key blocks of a head that run side by side (the grid's x)
 constexpr int kProducerRegs = 24, kConsumerRegs = 240;          // 128 * 24 + 256 * 240 <= 64K registers
 // named barriers: kBarDS (both consumers, d 128), kBarDS + 1 + cw (one, d 64), kBarDQ + cw (one)
 constexpr int kBarDS = 1, kBarDQ = 4;
@@ -129,8 +131,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto full = [&](int s) { return bars + 8u * (1 + s); };
   auto empty = [&](int s) { return bars + 8u * (1 + L::kStages + s); };
 
-  const int h = blockIdx.x, b = blockIdx.z;
-  const int n0 = blockIdx.y * kBN;  // causal: the first keys are seen by the most queries and go first
+  // kKeyGroup key blocks of a head run side by side: they read the same Q / dO tiles and add into the
+  // same dQ rows, which then stay in L2. The groups go in key order, every head's first group before
+  // any second one: causal, the first keys are seen by the most queries and go first.
+  const int groups = (p.sk + kKeyGroup * kBN - 1) / (kKeyGroup * kBN);
+  const int n0 = ((blockIdx.z % groups) * kKeyGroup + blockIdx.x) * kBN, h = blockIdx.y, b = blockIdx.z / groups;
+  if (n0 >= p.sk) return;
   const int hk = h / (p.hq / p.hkv);
   const int n_last = min(n0 + kBN, p.sk) - 1;
   const int* ds = p.query_lo ? p.query_lo + (int64_t)b * p.sk : nullptr;
@@ -374,7 +380,7 @@ void flash_attn_backward_sm90_cuda(const at::Tensor& dout_in, const at::Tensor& 
     constexpr int smem = Smem<D>::launch_bytes;
     auto kernel = flash_bwd_sm90_kernel<D>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    const dim3 grid(p.hq, (p.sk + kBN - 1) / kBN, p.b);
+    const dim3 grid(kKeyGroup, p.hq, (p.sk + kKeyGroup * kBN - 1) / (kKeyGroup * kBN) * p.b);
     kernel<<<grid, kThreads, smem, stream>>>(tm_q, tm_do, tm_k, tm_v, tm_dq, p, lse_log2.data_ptr<float>(),
                                              delta.data_ptr<float>(), rows);
   });

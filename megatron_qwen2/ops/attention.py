@@ -40,10 +40,10 @@ from megatron_qwen2.ops import extension, reference
 # cuDNN SDPA 423-540 TFLOP/s, the own kernel 170-204, SDPA's flash backend (flash-attention 2)
 # 221-299; on an H100 (bench/results/kernels_attention_h100-80gb-hbm3_2026-12-07.json) at s 8192
 # cuDNN 486-500, the Hopper kernel 376-391, and at head_dim 64 (14/2 heads) 337 against 239. Its
-# backward with dQ by TMA reduce-adds runs alone at 439 / 300-304 (28/4, 64/8) and 285-302 at
-# head_dim 64, and the pair forward + backward at 445 / 415 against cuDNN's 487-508 / 502-508, and
-# 314 against 332-348 at head_dim 64 (bench/results/kernels_attention_same-run_h100-80gb-hbm3_2026-12-07.json):
-# below cuDNN.
+# backward with dQ by TMA reduce-adds and the key blocks of a head in groups side by side runs
+# alone at 435 / 426 (28/4, 64/8) and 300 at head_dim 64, and the pair forward + backward at
+# 437 / 452 against cuDNN's 485 / 511, and 312 against 346 at head_dim 64
+# (bench/results/kernels_attention_key-groups_h100-80gb-hbm3_2026-12-07.json): below cuDNN.
 # Forward-only calls (no gradient: a DPO reference, evaluation), on that H100: the Hopper kernel
 # 531-638 against cuDNN's 348-617 at head_dim 128, 404 against 316 at 64. The flash-attn package
 # was not importable there; it is placed by its SDPA twin. Backends not available are skipped.
