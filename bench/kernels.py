@@ -175,8 +175,9 @@ def bench_permute(rows, ceiling, rounds, tokens=16384, h=3584, experts=64, k=8):
     nb = {"fwd": tokens * h * e + rows_b + 4 * tokens * k, "bwd": rows_b + tokens * h * e + 4 * tokens * k}
     nb["f+b"] = nb["fwd"] + nb["bwd"]
     impls = {
-        "kernel": {"fwd": lambda: ext.permute_forward(x, flat, k), "bwd": lambda: ext.permute_backward(dperm, flat, k),
-                   "f+b": _grad(lambda: library.permute(xg, flat, k), (xg,), (dperm,))},
+        "kernel": {"fwd": lambda: ext.permute_forward(x, flat, k, flat.numel()),
+                   "bwd": lambda: ext.permute_backward(dperm, flat, k),
+                   "f+b": _grad(lambda: library.permute(xg, flat, k, flat.numel()), (xg,), (dperm,))},
         "door(+index sort)": {"fwd": ("eager", lambda: ops.permute(x, routing, experts))},  # a host sync: no graph
         "eager": {"fwd": lambda: gather(x, src), "f+b": _grad(lambda: gather(xg, src), (xg,), (dperm,))},
         "compile": {"fwd": lambda: cgather(x, src), "f+b": _grad(lambda: cgather(xg, src), (xg,), (dperm,))},

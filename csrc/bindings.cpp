@@ -170,18 +170,22 @@ std::vector<torch::Tensor> rms_norm_backward(const torch::Tensor& dy, const torc
   return {dx, dw};
 }
 
-// ---- MoE permutation: x [tokens, h]; row_map int32 [tokens * k]; probs fp32 [tokens, k].
+// ---- MoE permutation: x [tokens, h]; row_map int32 [tokens * k]; probs fp32 [tokens, k]. The
+// permuted rows may hold more than tokens * k rows (experts' groups padded for FP8 GEMMs): the rows
+// no copy maps to are zero in the permuted rows and in their gradient.
 void check_row_map(const torch::Tensor& row_map, int64_t n, const torch::Tensor& like, const char* op) {
   check_aux(row_map, at::kInt, {n}, like, op, "row_map");
 }
 
-torch::Tensor permute_forward(const torch::Tensor& x, const torch::Tensor& row_map, int64_t k) {
+torch::Tensor permute_forward(const torch::Tensor& x, const torch::Tensor& row_map, int64_t k, int64_t rows) {
   const char* op = "permute_forward";
   check_input(x, op, "x");
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [tokens, hidden], got shape ", x.sizes());
   TORCH_CHECK(k > 0, op, ": top-k must be > 0, got ", k);
   check_row_map(row_map, x.size(0) * k, x, op);
-  auto out = torch::empty({x.size(0) * k, x.size(1)}, x.options());
+  TORCH_CHECK(rows >= x.size(0) * k, op, ": rows (", rows, ") below tokens * k = ", x.size(0) * k);
+  auto out = rows > x.size(0) * k ? torch::zeros({rows, x.size(1)}, x.options())
+                                  : torch::empty({rows, x.size(1)}, x.options());
   if (out.numel() > 0) permute_forward_cuda(x, row_map, out, x.size(0), k, x.size(1));
   return out;
 }
@@ -189,10 +193,12 @@ torch::Tensor permute_forward(const torch::Tensor& x, const torch::Tensor& row_m
 torch::Tensor permute_backward(const torch::Tensor& dout, const torch::Tensor& row_map, int64_t k) {
   const char* op = "permute_backward";
   check_input(dout, op, "dout");
-  TORCH_CHECK(dout.dim() == 2, op, ": dout must be 2-D [tokens * k, hidden], got shape ", dout.sizes());
-  TORCH_CHECK(k > 0 && dout.size(0) % k == 0, op, ": rows of dout (", dout.size(0), ") must be a multiple of k = ", k);
-  const int64_t tokens = dout.size(0) / k;
-  check_row_map(row_map, dout.size(0), dout, op);
+  TORCH_CHECK(dout.dim() == 2, op, ": dout must be 2-D [rows >= tokens * k, hidden], got shape ", dout.sizes());
+  TORCH_CHECK(k > 0 && row_map.numel() % k == 0, op, ": row_map's ", row_map.numel(),
+              " entries are no multiple of k = ", k);
+  const int64_t tokens = row_map.numel() / k;
+  TORCH_CHECK(dout.size(0) >= tokens * k, op, ": dout has ", dout.size(0), " rows, below tokens * k = ", tokens * k);
+  check_row_map(row_map, tokens * k, dout, op);
   auto dx = torch::empty({tokens, dout.size(1)}, dout.options());
   if (dx.numel() > 0) permute_backward_cuda(dout, row_map, dx, tokens, k, dout.size(1));
   return dx;
@@ -204,7 +210,7 @@ torch::Tensor unpermute_forward(const torch::Tensor& y, const torch::Tensor& row
   TORCH_CHECK(y.dim() == 2, op, ": y must be 2-D [tokens * k, hidden], got shape ", y.sizes());
   TORCH_CHECK(probs.dim() == 2, op, ": probs must be 2-D [tokens, k], got shape ", probs.sizes());
   const int64_t tokens = probs.size(0), k = probs.size(1);
-  TORCH_CHECK(y.size(0) == tokens * k, op, ": y has ", y.size(0), " rows, expected tokens * k = ", tokens * k);
+  TORCH_CHECK(y.size(0) >= tokens * k, op, ": y has ", y.size(0), " rows, below tokens * k = ", tokens * k);
   check_aux(probs, at::kFloat, {tokens, k}, y, op, "probs");
   check_row_map(row_map, tokens * k, y, op);
   auto out = torch::empty({tokens, y.size(1)}, y.options());
@@ -219,12 +225,12 @@ std::vector<torch::Tensor> unpermute_backward(const torch::Tensor& dout, const t
   check_input(y, op, "y");
   TORCH_CHECK(y.dim() == 2 && probs.dim() == 2, op, ": y must be [tokens * k, hidden] and probs [tokens, k]");
   const int64_t tokens = probs.size(0), k = probs.size(1);
-  TORCH_CHECK(y.size(0) == tokens * k, op, ": y has ", y.size(0), " rows, expected tokens * k = ", tokens * k);
+  TORCH_CHECK(y.size(0) >= tokens * k, op, ": y has ", y.size(0), " rows, below tokens * k = ", tokens * k);
   check_same(y, dout, op, "dout");
   check_shape(dout, {tokens, y.size(1)}, op, "dout");
   check_aux(probs, at::kFloat, {tokens, k}, y, op, "probs");
   check_row_map(row_map, tokens * k, y, op);
-  auto dy = torch::empty_like(y);
+  auto dy = y.size(0) > tokens * k ? torch::zeros_like(y) : torch::empty_like(y);
   auto dprobs = torch::zeros_like(probs);
   if (dy.numel() > 0) unpermute_backward_cuda(dout, y, row_map, probs, dy, dprobs, tokens, k, y.size(1));
   return {dy, dprobs};
@@ -656,7 +662,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_backward", &rms_norm_backward, "[dx, dweight] of RMSNorm (dsum: gradient arriving at x itself)",
         pybind11::arg("dy"), pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("rstd"), pybind11::arg("dsum"));
   m.def("permute_forward", &permute_forward, "expert-sorted copies of x's rows", pybind11::arg("x"),
-        pybind11::arg("row_map"), pybind11::arg("k"));
+        pybind11::arg("row_map"), pybind11::arg("k"), pybind11::arg("rows"));
   m.def("permute_backward", &permute_backward, "dx of permute_forward", pybind11::arg("dout"), pybind11::arg("row_map"),
         pybind11::arg("k"));
   m.def("unpermute_forward", &unpermute_forward, "probability-weighted sum of each token's expert rows",

@@ -361,9 +361,10 @@ class MoEBlock(nn.Module):
             keep = capacity_mask(experts, weights, self.num_experts, cap)
             dropped = int((~keep).sum())
             keep = _share(keep, self.tp_group)
+        fp8 = self.experts.fp8  # FP8 experts take each expert's rows padded: permute pads them
         rows, counts, state = self.dispatcher.dispatch(
             scatter_to_sp(tokens, self.tp_group), scatter_to_sp(weights, self.tp_group),
-            _share(experts, self.tp_group), keep)
+            _share(experts, self.tp_group), keep, 1 if fp8 is None else fp8.recipe.token_multiple)
         routed = self.dispatcher.combine(self.experts(rows, counts), state)  # this tp rank's share
         if self.sp_group is None:
             routed = gather_from_sp(routed, self.tp_group, grad_is_partial=False)

@@ -141,13 +141,14 @@ def _(ids, num_experts):
 
 
 @custom_op("megatron_qwen2::permute", mutates_args=())
-def permute(x: Tensor, row_map: Tensor, k: int) -> Tensor:
-    return _ext().permute_forward(x, row_map, k)
+def permute(x: Tensor, row_map: Tensor, k: int, rows: int) -> Tensor:
+    """out [rows, h] (rows >= T*k): out[row_map[t*k + j]] = x[t]; rows no copy maps to are zero."""
+    return _ext().permute_forward(x, row_map, k, rows)
 
 
 @permute.register_fake
-def _(x, row_map, k):
-    return x.new_empty(x.shape[0] * k, x.shape[1])
+def _(x, row_map, k, rows):
+    return x.new_empty(rows, x.shape[1])
 
 
 @custom_op("megatron_qwen2::permute_backward", mutates_args=())
@@ -157,7 +158,7 @@ def permute_backward(dout: Tensor, row_map: Tensor, k: int) -> Tensor:
 
 @permute_backward.register_fake
 def _(dout, row_map, k):
-    return dout.new_empty(dout.shape[0] // k, dout.shape[1])
+    return dout.new_empty(row_map.numel() // k, dout.shape[1])
 
 
 def _permute_setup(ctx, inputs, output):
@@ -167,7 +168,7 @@ def _permute_setup(ctx, inputs, output):
 
 def _permute_grad(ctx, dout):
     (row_map,) = ctx.saved_tensors
-    return permute_backward(dout.contiguous(), row_map, ctx.k), None, None
+    return permute_backward(dout.contiguous(), row_map, ctx.k), None, None, None
 
 
 permute.register_autograd(_permute_grad, setup_context=_permute_setup)

@@ -135,14 +135,17 @@ class TokenDispatcher:
         self.num_local = num_experts // self.ep
 
     def dispatch(self, x: torch.Tensor, probs: torch.Tensor, expert_ids: torch.Tensor,
-                 keep: Optional[torch.Tensor] = None):
+                 keep: Optional[torch.Tensor] = None, multiple: int = 1):
         """x [T, h], probs/expert_ids [T, k], keep [T, k] bool or None (dropless)
-        -> (rows [M, h], counts per local expert, state)."""
+        -> (rows [M, h], counts per local expert, state). With multiple > 1 the rows of each expert
+        from each source rank come padded with zero rows to a multiple of `multiple` (the layout of
+        FP8 grouped GEMMs, `ops.permute`): every count is a multiple of it, and the padding travels
+        with the rows."""
         e = self.num_experts
         ids, drop = expert_ids, keep is not None
         if drop:
             ids = expert_ids.masked_fill(~keep, e)  # the dropped sort into a bin past the last expert
-        rows, row_map, counts = ops.permute(x, ids, e + drop)  # row_map [T, k]: sorted row of copy (t, j)
+        rows, row_map, counts = ops.permute(x, ids, e + drop, multiple)  # row_map [T, k]: sorted row of copy (t, j)
         state = DispatchState(row_map=row_map, probs=probs, num_tokens=x.shape[0])
         if drop:
             state.dropped = int(counts[e])

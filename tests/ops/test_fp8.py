@@ -257,6 +257,31 @@ def test_expert_mlp_pads_once_and_matches_padding_around_each_linear(name):
 
 
 @pytest.mark.parametrize("name", RECIPES)
+def test_experts_padded_by_the_permutation_equal_padding_in_the_experts(name):
+    """The dispatcher's permutation pads each expert's rows for the FP8 grouped GEMMs; the block's
+    output and every gradient are bit for bit those of padding inside the experts' MLP."""
+    from megatron_qwen2.model.moe import expert_mlp
+    from megatron_qwen2.parallel.expert_dispatch import TokenDispatcher
+
+    torch.manual_seed(7)
+    tokens, k, experts, h, f = 40, 2, 4, 128, 64
+    x, probs, dy = torch.randn(tokens, h), torch.rand(tokens, k), torch.randn(tokens, h)
+    ids = torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)])
+    gate_up, down = torch.randn(experts, 2 * f, h) * 0.05, torch.randn(experts, h, f) * 0.05
+    runs = []
+    for multiple in (recipe(name).token_multiple, 1):
+        xg, gu, dn = (t.clone().requires_grad_() for t in (x, gate_up, down))
+        dispatcher = TokenDispatcher(experts, None)
+        rows, counts, state = dispatcher.dispatch(xg, probs, ids, None, multiple)
+        assert all(c % multiple == 0 for c in counts)
+        y = dispatcher.combine(expert_mlp(rows, gu, dn, counts, Fp8(recipe(name), Fp8Weights())), state)
+        y.backward(dy)
+        runs.append((y, xg.grad, gu.grad, dn.grad))
+    for padded_there, padded_here in zip(*runs):
+        assert torch.equal(padded_there, padded_here)
+
+
+@pytest.mark.parametrize("name", RECIPES)
 def test_expert_mlp_with_no_rows(name):
     """An expert-parallel rank routed no token runs its experts' MLP in FP8: no rows out, zero weight
     gradients."""

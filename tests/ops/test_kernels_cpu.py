@@ -40,6 +40,30 @@ def test_unpermute_reference_and_gradients():
                                     (x, probs))
 
 
+@pytest.mark.parametrize("multiple", [4, 16])
+def test_permute_pads_each_expert_group(multiple):
+    """With `multiple` each expert's group is padded with zero rows to a multiple of it: the same
+    rows in the same order at each group's padded start, counts padded, unpermute and gradients as
+    without padding."""
+    gen = torch.Generator().manual_seed(multiple)
+    tokens, k, experts, h = 13, 3, 6, 5
+    routing = _routing(tokens, k, experts, gen)
+    x = torch.randn(tokens, h, dtype=torch.float64, generator=gen, requires_grad=True)
+    probs = torch.rand(tokens, k, dtype=torch.float64, generator=gen, requires_grad=True)
+    plain, row_map, counts = ops.permute(x, routing, experts)
+    padded, padded_map, groups = ops.permute(x, routing, experts, multiple)
+    assert groups.tolist() == [-(-c // multiple) * multiple for c in counts.tolist()]
+    assert padded.shape == (sum(groups.tolist()), h) and padded_map.dtype == torch.int32
+    start = padded_start = 0
+    for c, g in zip(counts.tolist(), groups.tolist()):
+        assert torch.equal(padded[padded_start:padded_start + c], plain[start:start + c])
+        assert not padded[padded_start + c:padded_start + g].any()
+        start, padded_start = start + c, padded_start + g
+    torch.testing.assert_close(ops.unpermute(padded, padded_map, probs), ops.unpermute(plain, row_map, probs))
+    assert torch.autograd.gradcheck(
+        lambda a, p: ops.unpermute(ops.permute(a, routing, experts, multiple)[0] ** 2, padded_map, p), (x, probs))
+
+
 def test_permute_rejects_bad_input():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="routing_map"):
@@ -49,7 +73,9 @@ def test_permute_rejects_bad_input():
     with pytest.raises(ValueError, match="num_experts"):
         ops.permute(x, torch.zeros(4, 1, dtype=torch.long), 0)
     with pytest.raises(ValueError, match="expert_out"):
-        ops.unpermute(torch.randn(5, 3), torch.zeros(4, 1, dtype=torch.int32), torch.rand(4, 1))
+        ops.unpermute(torch.randn(3, 3), torch.zeros(4, 1, dtype=torch.int32), torch.rand(4, 1))
+    with pytest.raises(ValueError, match="multiple"):
+        ops.permute(x, torch.zeros(4, 1, dtype=torch.long), 8, 0)
 
 
 def test_add_rms_norm_reference_and_checks():
@@ -94,7 +120,7 @@ def test_custom_ops_are_registered_with_fake_kernels():
         x = torch.empty(6, 32)
         y, rstd = library.rms_norm(x, torch.empty(32), 1e-6)
         assert y.shape == (6, 32) and rstd.shape == (6,) and rstd.dtype == torch.float32
-        assert library.permute(x, torch.empty(12, dtype=torch.int32), 2).shape == (12, 32)
+        assert library.permute(x, torch.empty(12, dtype=torch.int32), 2, 16).shape == (16, 32)
         assert library.unpermute(torch.empty(12, 32), torch.empty(12, dtype=torch.int32),
                                  torch.empty(6, 2)).shape == (6, 32)
         assert library.swiglu(x).shape == (6, 16)

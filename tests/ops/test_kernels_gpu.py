@@ -333,7 +333,7 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(library.swiglu, (torch.randn(4, 32, device="cuda", requires_grad=True),))
     _, row_map, _ = ops.permute(x.detach(), torch.randint(0, 4, (6, 2), device="cuda"), 4)
     flat = row_map.reshape(-1)
-    torch.library.opcheck(library.permute, (x, flat, 2))
+    torch.library.opcheck(library.permute, (x, flat, 2, 12))
     y = torch.randn(12, 64, device="cuda", requires_grad=True)
     torch.library.opcheck(library.unpermute, (y, flat, torch.rand(6, 2, device="cuda", requires_grad=True)))
     cos, sin = torch.rand(5, 1, 1, 16, device="cuda"), torch.rand(5, 1, 1, 16, device="cuda")
