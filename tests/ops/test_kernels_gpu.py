@@ -197,6 +197,35 @@ def test_permute_unpermute_match_reference(dtype, tokens, k, experts, h):
     check(dx, dx_ref, dtype)
 
 
+@pytest.mark.parametrize("multiple", [16, 128])
+def test_padded_permute_matches_the_reference(multiple):
+    """The kernels with each expert's group padded (ops.permute multiple): the same rows, rows and
+    counts as the CPU reference, zero padding rows in the permuted rows and in their gradient, and
+    the same unpermute and input gradient as without padding."""
+    tokens, k, experts, h = 300, 8, 64, 1000
+    x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    routing = torch.stack([torch.randperm(experts, device="cuda")[:k] for _ in range(tokens)])
+    probs = torch.rand(tokens, k, device="cuda", requires_grad=True)
+    padded, padded_map, groups = ops.permute(x, routing, experts, multiple)
+    ref, ref_map, ref_groups = ops.permute(x.detach().cpu(), routing.cpu(), experts, multiple)
+    assert torch.equal(padded.cpu(), ref) and torch.equal(padded_map.cpu(), ref_map)
+    assert torch.equal(groups.cpu(), ref_groups) and (groups % multiple == 0).all()
+    plain, row_map, _ = ops.permute(x, routing, experts)
+    y = ops.unpermute(padded, padded_map, probs)
+    assert torch.equal(y, ops.unpermute(plain, row_map, probs))
+    dy = torch.randn_like(y)
+    dpadded, dprobs = torch.autograd.grad(y, (padded, probs), dy, retain_graph=True)
+    dplain, dprobs_plain = torch.autograd.grad(ops.unpermute(plain, row_map, probs), (plain, probs), dy)
+    mapped = torch.zeros(padded.shape[0], dtype=torch.bool, device="cuda")
+    mapped[padded_map.reshape(-1).long()] = True
+    assert not dpadded[~mapped].any() and torch.equal(dpadded[padded_map.reshape(-1).long()],
+                                                     dplain[row_map.reshape(-1).long()])
+    assert torch.equal(dprobs, dprobs_plain)
+    dx, = torch.autograd.grad(padded, x, dpadded)
+    dx_plain, = torch.autograd.grad(plain, x, dplain)
+    assert torch.equal(dx, dx_plain)
+
+
 def test_permute_zero_token_experts_and_determinism():
     tokens, k, experts, h = 2048, 8, 64, 3584
     routing = torch.randint(0, 8, (tokens, k), device="cuda")  # experts 8..63 get no token
