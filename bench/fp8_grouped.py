@@ -6,9 +6,10 @@ Forward and backward (input and weight gradients) of the two grouped linears of 
 Qwen2-57B-A14B MoE layer on one GPU (64 experts, hidden 3584, expert FFN 2560, top-8: 8 x tokens
 rows, spread over the experts by a uniform random router), through `model.moe.expert_mlp`:
 bf16 (`torch._grouped_mm`, the baseline), and each FP8 recipe with `Fp8.grouped_gemms` on (one
-grouped GEMM where the recipe has one) and off (one GEMM per expert). The quantisation of
-activations and gradients is timed with the GEMMs; the weights' FP8 copies are made once before
-timing, as the training step makes them once per optimizer step. TFLOP/s over the 6 x rows x
+grouped GEMM where the recipe has one) and off (one GEMM per expert), and the grouped recipes again
+on rows whose groups the token permutation padded (as the dispatcher hands them to FP8 experts).
+The quantisation of activations and gradients is timed with the GEMMs; the weights' FP8 copies are
+made once before timing, as the training step makes them once per optimizer step. TFLOP/s over the 6 x rows x
 hidden x FFN x 3 FLOPs of the two linears, against the bf16 matmul rate measured here.
 `--profile` adds, per row, where its time goes: the op-class table and the top kernels
 (`profile_summary.profile_steps`), so that GEMM time and the quantisation and copies around it are
@@ -49,10 +50,21 @@ def main(argv=None) -> int:
     dy = torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16)
     flops = 3 * 2 * rows * HIDDEN * 3 * FFN  # forward + two backward GEMMs of gate_up (2F) and down (F)
 
-    def step(fp8):
+    # The rows as the dispatcher hands them to FP8 experts: each expert's group padded by the token
+    # permutation (ops.permute multiple), so the experts run no pad or drop copy.
+    multiple = recipe("tensorwise").token_multiple  # rowwise's too: the recipes with a grouped GEMM
+    groups = [-(-c // multiple) * multiple for c in counts]
+    group_starts = [sum(groups[:e]) for e in range(EXPERTS)]
+    keep = torch.cat([torch.arange(start, start + c) for start, c in zip(group_starts, counts)]).cuda()
+    x_padded = x.detach().new_zeros(sum(groups), HIDDEN).index_copy_(0, keep, x.detach()).requires_grad_()
+    dy_padded = dy.new_zeros(sum(groups), HIDDEN).index_copy_(0, keep, dy)
+
+    def step(fp8, padded_rows=False):
+        rows_in, groups_in, dy_in = (x_padded, groups, dy_padded) if padded_rows else (x, counts, dy)
+
         def run():
-            out = expert_mlp(x, gate_up, down, counts, fp8)
-            torch.autograd.grad(out, (x, gate_up, down), dy)
+            out = expert_mlp(rows_in, gate_up, down, groups_in, fp8)
+            torch.autograd.grad(out, (rows_in, gate_up, down), dy_in)
         return run
 
     ceiling = matmul_ceiling_tflops()
@@ -71,6 +83,8 @@ def main(argv=None) -> int:
         step(fp8)()  # the weights' FP8 copies, made once
         how = "torch._scaled_grouped_mm" if grouped else "one GEMM per expert"
         results.append(measure(name, how, step(fp8)))
+        if grouped:
+            results.append(measure(name, how + ", rows padded by the permutation", step(fp8, padded_rows=True)))
     base = results[0][2]
     print(f"Qwen2-57B-A14B experts, {rows} rows over {EXPERTS} experts (max/mean {max(counts) * EXPERTS / rows:.2f}); "
           f"bf16 matmul ceiling {ceiling:.0f} TFLOP/s")
