@@ -177,17 +177,20 @@ def layer_activation_tensors(cfg: Config, moe: bool, path: str = "kernels") -> l
     k, fe, e = m.moe_top_k, m.moe_ffn_hidden_size // p.etp, m.num_experts
     # Each tp rank routes its T/tp tokens; with balanced experts a rank receives T k / tp rows over
     # ep and runs its etp slice of the FFN (fe / etp) on the rows of its etp group (etp times as many).
-    sent, rows = T * k / tp, T * k / tp * p.etp
+    # With train.fp8 the permutation pads each expert's rows with zero rows to the recipe's token
+    # multiple: half a multiple per expert on average, and the padding travels with the rows.
+    sent = T * k / tp + (e * (recipe(t.fp8).token_multiple - 1) / 2 if fp8 else 0)
+    rows = sent * p.etp
     out.append(("MoE tokens (gathered over sp) [s,b,h]", a * T * h))
     out.append(("router probs fp32 [T,E]", 4 * T * e))
     out.append(("routing ids, row map (int64), top-k weights", 28 * T * k))
-    out.append(("routed rows [T k etp/tp, h]", x8 * rows * h))
-    out.append(("expert gate_up output [T k etp/tp, 2 fe/etp]", a * rows * 2 * fe))
+    out.append(("routed rows [(T k/tp + pad) etp, h]", x8 * rows * h))
+    out.append(("expert gate_up output [(T k/tp + pad) etp, 2 fe/etp]", a * rows * 2 * fe))
     if ref:
         out.append(("expert silu(gate)", a * rows * fe))
     if not fp8:  # with train.fp8 the experts' down projection remakes its FP8 input as the dense one does
         out.append(("expert swiglu output [T k etp/tp, fe/etp]", a * rows * fe))
-    out.append(("expert outputs before combine [T k/tp, h]", a * sent * h))
+    out.append(("expert outputs before combine [T k/tp + pad, h]", a * sent * h))
     fs = m.shared_expert_ffn_hidden_size // tp
     if fs:
         if fp8:  # its FP8 copy of the tokens; in bf16 it keeps the block's own
