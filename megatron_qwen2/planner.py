@@ -60,9 +60,9 @@ EXCHANGE_GBPS = {"nvlink": 360.0, "infiniband": 40.0}
 
 def fp8_step_speedup(cfg: Config) -> float:
     """How much faster train.fp8 makes the step: FP8_STEP_SPEEDUP for a dense model. A model with
-    routed experts is taken at its bf16 step time: its routed experts measure x1.06-1.07 of bf16 in
-    FP8 (bench/results/fp8_grouped_permutation_padded_qwen2_57b_a14b_h100-80gb-hbm3_2026-12-07.json),
-    and no whole MoE step with grouped FP8 experts has been measured."""
+    routed experts is taken at its bf16 step time: a step of one 57B-A14B-width MoE layer measures
+    x0.98-0.99 of bf16's in FP8
+    (bench/results/train_throughput_qwen2_57b_a14b_1layer_fp8_h100-80gb-hbm3_2026-12-07.json)."""
     if cfg.train.fp8 == "none" or cfg.model.num_experts:
         return 1.0
     return FP8_STEP_SPEEDUP[cfg.train.fp8]
@@ -536,7 +536,7 @@ def format_plan(plan: Plan) -> str:
               f"pipeline bubble: simulated {plan.bubble_simulated:.1%}, textbook (p-1)/(v m+p-1) "
               f"{plan.bubble_textbook:.1%}",
               f"assumed efficiency {plan.efficiency:.1%} of {GPUS[plan.gpu]['peak_tflops']:.0f} TFLOP/s"
-              + ("" if t.fp8 == "none" else ", FP8 step taken as bf16's (routed experts measured x1.06)"
+              + ("" if t.fp8 == "none" else ", FP8 step taken as bf16's (an MoE layer measured x0.99)"
                  if plan.cfg.model.num_experts else f", FP8 step {fp8_step_speedup(plan.cfg):.2f}x faster (measured)")
               + ("" if not plan.exchange_s else f", + MoE token exchanges {plan.exchange_s:.2f} s (assumed bandwidth)")
               + f" -> step {plan.step_time_s:.2f} s, MFU {plan.mfu:.1%}, "

@@ -34,19 +34,16 @@ import torch
 
 from megatron_qwen2.ops import extension, reference
 
-# Fastest first, per head_dim, for causal attention without documents (bf16, s 4096-8192), as
-# measured by bench/kernels.py. Training calls (a gradient to come), by forward + backward: on an
-# H200 (bench/results/kernels_attention_h200_2026-12-02.json, head_dim 128, 28/4 and 64/8 heads)
-# cuDNN SDPA 423-540 TFLOP/s, the own kernel 170-204, SDPA's flash backend (flash-attention 2)
-# 221-299; on an H100 (bench/results/kernels_attention_h100-80gb-hbm3_2026-12-07.json) at s 8192
-# cuDNN 486-500, the Hopper kernel 376-391, and at head_dim 64 (14/2 heads) 337 against 239. Its
-# backward with dQ by TMA reduce-adds and the key blocks of a head in groups side by side runs
-# alone at 435 / 426 (28/4, 64/8) and 300 at head_dim 64, and the pair forward + backward at
-# 437 / 452 against cuDNN's 485 / 511, and 312 against 346 at head_dim 64
-# (bench/results/kernels_attention_key-groups_h100-80gb-hbm3_2026-12-07.json): below cuDNN.
-# Forward-only calls (no gradient: a DPO reference, evaluation), on that H100: the Hopper kernel
-# 531-638 against cuDNN's 348-617 at head_dim 128, 404 against 316 at 64. The flash-attn package
-# was not importable there; it is placed by its SDPA twin. Backends not available are skipped.
+# Fastest first, per head_dim, for causal attention without documents (bf16, s 4096-8192), by the
+# GPU time bench/kernels.py measures. Training calls (a gradient to come), by forward + backward on
+# an H100 at s 8192 (bench/results/kernels_attention_gpu-time_h100-80gb-hbm3_2026-12-07.json):
+# cuDNN SDPA 527 / 509 TFLOP/s (28/4, 64/8 heads), the Hopper kernel 490 / 472, and 376 against 352
+# at head_dim 64 (14/2); on an H200 the own kernel 170-204 and SDPA's flash backend
+# (flash-attention 2) 221-299 against cuDNN's 423-540
+# (bench/results/kernels_attention_h200_2026-12-02.json). Forward-only calls (no gradient: a DPO
+# reference, evaluation): the Hopper kernel 668 / 652 against cuDNN's 607 / 633, 442 against 393
+# at head_dim 64. The flash-attn package was not importable there; it is placed by its SDPA twin.
+# Backends not available are skipped.
 DENSE_PREFERENCE: dict[int, tuple[str, ...]] = {
     64: ("sdpa", "kernel_sm90", "flash_attn", "kernel"),
     128: ("sdpa", "kernel_sm90", "flash_attn", "kernel"),
