@@ -107,7 +107,7 @@ class DispatchState:
     row_map: torch.Tensor
     probs: torch.Tensor
     num_tokens: int
-    dropped: int = 0  # token copies the capacity limit dropped: rows past the experts' at the end of the sorted buffer
+    dropped: int = 0  # rows past the experts' at the end of the sorted buffer: the dropped copies (padded)
     input_splits: Optional[list[int]] = None
     output_splits: Optional[list[int]] = None
     regroup: Optional[torch.Tensor] = None  # rows in [source rank][expert] order -> [expert][source rank]
