@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import matmul_ceiling_tflops, time_ms, write_result  # noqa: E402
 from bench.profile_summary import format_summary, profile_steps  # noqa: E402
-from megatron_qwen2.model.moe import expert_mlp  # noqa: E402
-from megatron_qwen2.ops.fp8 import Fp8, Fp8Weights, recipe  # noqa: E402
+from megatron_qwen2.model.moe import _pad_groups, _rows_kept, expert_mlp  # noqa: E402
+from megatron_qwen2.ops.fp8 import Fp8, Fp8Weights, padded, recipe  # noqa: E402
 
 EXPERTS, HIDDEN, FFN, TOP_K = 64, 3584, 2560, 8
 
@@ -53,11 +53,10 @@ def main(argv=None) -> int:
     # The rows as the dispatcher hands them to FP8 experts: each expert's group padded by the token
     # permutation (ops.permute multiple), so the experts run no pad or drop copy.
     multiple = recipe("tensorwise").token_multiple  # rowwise's too: the recipes with a grouped GEMM
-    groups = [-(-c // multiple) * multiple for c in counts]
-    group_starts = [sum(groups[:e]) for e in range(EXPERTS)]
-    keep = torch.cat([torch.arange(start, start + c) for start, c in zip(group_starts, counts)]).cuda()
-    x_padded = x.detach().new_zeros(sum(groups), HIDDEN).index_copy_(0, keep, x.detach()).requires_grad_()
-    dy_padded = dy.new_zeros(sum(groups), HIDDEN).index_copy_(0, keep, dy)
+    groups = [padded(c, multiple) for c in counts]
+    keep = _rows_kept(counts, groups, x.device)
+    x_padded = _pad_groups(x.detach(), keep, sum(groups)).requires_grad_()
+    dy_padded = _pad_groups(dy, keep, sum(groups))
 
     def step(fp8, padded_rows=False):
         rows_in, groups_in, dy_in = (x_padded, groups, dy_padded) if padded_rows else (x, counts, dy)
