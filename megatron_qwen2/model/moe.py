@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple, Optional, Union
+from typing import Iterator, Mapping, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -192,24 +192,28 @@ class _DropPadding(torch.autograd.Function):
         return _pad_groups(grad, keep, ctx.rows), None
 
 
-def _expert_weight_grad(weight: torch.Tensor, dws: "torch.Tensor | list[Optional[torch.Tensor]]") -> torch.Tensor:
+def _expert_weight_grad(weight: torch.Tensor,
+                        dws: "torch.Tensor | Iterator[tuple[int, torch.Tensor]]") -> torch.Tensor:
     """The gradient for a 3D expert weight from the experts' gradients (`grouped_weight_gemm`: one
-    [G, out, in] tensor, or one per expert, None for no rows): added to main_grad where there is one
-    (a list expert by expert: no full-size fp32 copy), else returned whole."""
+    [G, out, in] tensor, or (expert, gradient) for each expert with rows), added to main_grad where
+    there is one. Autograd is then handed a placeholder: the [G, out, in] tensor itself where it has
+    the weight's dtype (no second weight-sized tensor beside it), else an uninitialised one (the
+    experts' fp32 gradients are added one at a time: no fp32 copy of the whole)."""
     if hasattr(weight, "main_grad"):
         main = weight.main_grad.view(weight.shape)
+        weight.wgrad_in_main_grad = True
         if isinstance(dws, torch.Tensor):
             main.add_(dws)
-        else:
-            for e, dw in enumerate(dws):
-                if dw is not None:
-                    main[e].add_(dw)
-        weight.wgrad_in_main_grad = True
+            return dws if dws.dtype == weight.dtype else torch.empty_like(weight)
+        for e, dw in dws:
+            main[e].add_(dw)
         return torch.empty_like(weight)
     if isinstance(dws, torch.Tensor):
         return dws.to(weight.dtype)
-    return torch.stack([torch.zeros(weight.shape[1:], dtype=weight.dtype, device=weight.device) if dw is None
-                        else dw.to(weight.dtype) for dw in dws])
+    grad = torch.zeros_like(weight)
+    for e, dw in dws:
+        grad[e].copy_(dw)
+    return grad
 
 
 class _ContiguousGrad(torch.autograd.Function):

@@ -28,8 +28,9 @@ runs): the quantised values are the same on both, only the product's arithmetic 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -406,12 +407,12 @@ def grouped_gemm(a: Fp8Tensor, b: Fp8Tensor, counts: list[int], out_dtype: torch
 
 
 def grouped_weight_gemm(a: Fp8Tensor, b: Fp8Tensor, counts: list[int],
-                        grouped: bool = True) -> "torch.Tensor | list[Optional[torch.Tensor]]":
+                        grouped: bool = True) -> "torch.Tensor | Iterator[tuple[int, torch.Tensor]]":
     """The weight gradients of grouped rows: a [N, M] (dy^T) and b [K, M] (x^T), both quantised along
     M, whose columns are grouped by `counts` (multiples of the recipe's token multiple); for group g
     a[:, g] @ b[:, g]^T [N, K]. Where one torch._scaled_grouped_mm serves: all groups as one bf16
-    [G, N, K] tensor (zero for an empty group). Else fp32 products one group after another, a list
-    (None for an empty group)."""
+    [G, N, K] tensor (zero for an empty group). Else (group, fp32 product) for each group with rows,
+    made one after another as they are taken, so that one group's product exists at a time."""
     n, k = a.data.shape[0], b.data.shape[0]
     if _grouped_on_gpu(a, torch.bfloat16, grouped):
         g = len(counts)
@@ -422,11 +423,9 @@ def grouped_weight_gemm(a: Fp8Tensor, b: Fp8Tensor, counts: list[int],
         if empty:
             out[empty] = 0
         return out
-    dws, start = [], 0
-    for c in counts:
-        dws.append(gemm(a.cols(start, start + c), b.cols(start, start + c), torch.float32) if c else None)
-        start += c
-    return dws
+    starts = itertools.accumulate(counts, initial=0)
+    return ((e, gemm(a.cols(s, s + c), b.cols(s, s + c), torch.float32))
+            for e, (s, c) in enumerate(zip(starts, counts)) if c)
 
 
 def fp8_unsupported(device: torch.device) -> Optional[str]:

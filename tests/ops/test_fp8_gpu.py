@@ -154,3 +154,37 @@ def test_grouped_expert_gemms_match_one_gemm_per_expert(name):
     assert rel(y, y_loop) < 1e-3 and rel(dx, dx_loop) < 1e-3
     for e, c in enumerate(counts):
         assert rel(dw[e], dw_loop[e]) < 4e-3 if c else torch.equal(dw[e], torch.zeros_like(dw[e]))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_fp8_expert_backward_holds_no_more_than_bf16s(name):
+    """With the gradient buffer's main_grad (the weight gradient added into it, autograd handed a
+    placeholder that the hook drops), the FP8 experts' backward peaks within a tenth of the weight's
+    bf16 bytes of the bf16 experts' backward: no second weight-sized tensor beside the gradient."""
+    torch.manual_seed(4)
+    counts = [128, 0, 64, 64, 32, 96, 128, 0]  # few rows: the weight-sized tensors dominate
+    w0 = torch.randn(len(counts), 4096, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+    x0 = torch.randn(sum(counts), 2048, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(sum(counts), 4096, device="cuda", dtype=torch.bfloat16)
+
+    def backward_peak(fp8):
+        w = w0.clone().requires_grad_()
+        w.main_grad = torch.zeros(w.shape, device="cuda", dtype=torch.float32)
+
+        def on_grad(p):  # as engine/grad_buffer.py's hook
+            if not getattr(p, "wgrad_in_main_grad", False):
+                p.main_grad.add_(p.grad)
+            p.wgrad_in_main_grad, p.grad = False, None
+        w.register_post_accumulate_grad_hook(on_grad)
+        y = grouped_linear(x0.clone().requires_grad_(), w, counts, fp8)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        y.backward(dy)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before, w.main_grad
+
+    bf16_peak, bf16_grad = backward_peak(None)
+    fp8_peak, fp8_grad = backward_peak(Fp8(recipe(name), Fp8Weights()))
+    assert fp8_peak <= bf16_peak + 0.1 * w0.numel() * 2, (fp8_peak, bf16_peak)
+    assert rel(fp8_grad, bf16_grad.double()) < GRAD_REL
