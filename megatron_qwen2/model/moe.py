@@ -207,6 +207,7 @@ def _expert_weight_grad(weight: torch.Tensor,
             return dws if dws.dtype == weight.dtype else torch.empty_like(weight)
         for e, dw in dws:
             main[e].add_(dw)
+            del dw  # freed before the next product, and before the placeholder
         return torch.empty_like(weight)
     if isinstance(dws, torch.Tensor):
         return dws.to(weight.dtype)
