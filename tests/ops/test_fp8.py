@@ -219,6 +219,32 @@ def test_fp8_experts_match_their_bf16_reference(name):
     assert torch.equal(w.grad[1], torch.zeros_like(w.grad[1]))  # no rows, no gradient
 
 
+def test_each_experts_weight_gradient_is_freed_once_added():
+    """Where the experts' weight gradients come one GEMM at a time, each is added to main_grad and
+    freed before the next is made and before the placeholder for autograd: one expert's fp32
+    gradient exists at a time."""
+    import weakref
+
+    from megatron_qwen2.model.moe import _expert_weight_grad
+
+    w = torch.zeros(3, 4, 5)
+    w.main_grad = torch.zeros(3, 4, 5)
+    made = []
+
+    def products():
+        for e in (0, 2):
+            assert all(r() is None for r in made), "an earlier expert's gradient is still held"
+            dw = torch.full((4, 5), float(e + 1))
+            made.append(weakref.ref(dw))
+            yield e, dw
+            del dw
+        assert all(r() is None for r in made), "the last expert's gradient is still held"
+
+    placeholder = _expert_weight_grad(w, products())
+    assert placeholder.shape == w.shape and w.wgrad_in_main_grad
+    assert torch.equal(w.main_grad, torch.stack([torch.full((4, 5), 1.0), torch.zeros(4, 5), torch.full((4, 5), 3.0)]))
+
+
 @pytest.mark.parametrize("tiling", ["1x128", "128x128"])
 def test_blockwise_operands_are_padded_to_whole_groups_of_k_blocks(tiling):
     from megatron_qwen2.ops.fp8 import K_BLOCK_GROUP, _whole_k_groups
