@@ -5,6 +5,7 @@ the same products up to accumulation order), and a training step."""
 import pytest
 import torch
 
+from megatron_qwen2.engine.grad_buffer import GradBuffer
 from megatron_qwen2.model.moe import expert_mlp, grouped_linear
 from megatron_qwen2.ops.fp8 import Fp8, Fp8Weights, gemm, quantize, recipe
 from megatron_qwen2.parallel.layers import linear
@@ -168,14 +169,8 @@ def test_fp8_expert_backward_holds_no_more_than_bf16s(name):
     dy = torch.randn(sum(counts), 4096, device="cuda", dtype=torch.bfloat16)
 
     def backward_peak(fp8):
-        w = w0.clone().requires_grad_()
-        w.main_grad = torch.zeros(w.shape, device="cuda", dtype=torch.float32)
-
-        def on_grad(p):  # as engine/grad_buffer.py's hook
-            if not getattr(p, "wgrad_in_main_grad", False):
-                p.main_grad.add_(p.grad)
-            p.wgrad_in_main_grad, p.grad = False, None
-        w.register_post_accumulate_grad_hook(on_grad)
+        w = torch.nn.Parameter(w0.clone())
+        grads = GradBuffer([w], overlap=False)  # main_grad and the hook that drops autograd's gradient
         y = grouped_linear(x0.clone().requires_grad_(), w, counts, fp8)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
