@@ -163,9 +163,11 @@ def test_fp8_expert_backward_holds_no_more_than_bf16s(name):
     placeholder that the hook drops), the FP8 experts' backward peaks within a tenth of the weight's
     bf16 bytes of the bf16 experts' backward: no second weight-sized tensor beside the gradient."""
     torch.manual_seed(4)
-    counts = [128, 0, 64, 64, 32, 96, 128, 0]  # few rows: the weight-sized tensors dominate
-    w0 = torch.randn(len(counts), 4096, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
-    x0 = torch.randn(sum(counts), 2048, device="cuda", dtype=torch.bfloat16)
+    # Few rows, so that the weight-sized tensors dominate: the FP8 backward's own activation-sized
+    # tensors (each group padded to 128 rows for blockwise, dy's FP8 copies) stay under the bound.
+    counts = [128, 0, 64, 64, 32, 96, 128, 0]
+    w0 = torch.randn(len(counts), 4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    x0 = torch.randn(sum(counts), 4096, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(sum(counts), 4096, device="cuda", dtype=torch.bfloat16)
 
     def backward_peak(fp8):
@@ -179,7 +181,13 @@ def test_fp8_expert_backward_holds_no_more_than_bf16s(name):
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before, w.main_grad
 
-    bf16_peak, bf16_grad = backward_peak(None)
-    fp8_peak, fp8_grad = backward_peak(Fp8(recipe(name), Fp8Weights()))
+    def steady_backward_peak(fp8):
+        # The second backward's: the first also allocates what outlives it once per process (the
+        # backward thread's cuBLASLt workspace, at its first GEMM there), not once per step.
+        backward_peak(fp8)
+        return backward_peak(fp8)
+
+    bf16_peak, bf16_grad = steady_backward_peak(None)
+    fp8_peak, fp8_grad = steady_backward_peak(Fp8(recipe(name), Fp8Weights()))
     assert fp8_peak <= bf16_peak + 0.1 * w0.numel() * 2, (fp8_peak, bf16_peak)
     assert rel(fp8_grad, bf16_grad.double()) < GRAD_REL
