@@ -48,6 +48,30 @@ def _check_cuda_versions(nvcc: str, torch_cuda: str) -> None:
         _say(f"note: nvcc is CUDA {nvcc_version}, torch was built with CUDA {torch_cuda} (same major version: fine)")
 
 
+def _cublaslt(cuda_home: str) -> dict:
+    """Where cublasLt.h and libcublasLt are (csrc/fp8_gemm.cpp calls cuBLASLt): the CUDA toolkit's, else
+    those of the nvidia-cublas wheel torch depends on. CUDAExtension arguments, or a clear stop."""
+    roots = [os.path.join(cuda_home, "include")] if cuda_home else []
+    libs = [os.path.join(cuda_home, d, "libcublasLt.so") for d in ("lib64", "lib")] if cuda_home else []
+    try:
+        import nvidia  # the namespace package of NVIDIA's pip wheels
+
+        for base in nvidia.__path__:
+            roots += sorted(glob.glob(os.path.join(base, "*", "include")))
+            libs += sorted(glob.glob(os.path.join(base, "*", "lib", "libcublasLt.so*")))
+    except ImportError:
+        pass
+    include = next((r for r in roots if os.path.exists(os.path.join(r, "cublasLt.h"))), None)
+    library = next((lib for lib in libs if os.path.exists(lib)), None)
+    if include is None or library is None:
+        raise SystemExit("megatron_qwen2: cublasLt.h or libcublasLt not found (looked in CUDA_HOME and the nvidia "
+                         "pip packages); install the CUDA toolkit's cuBLAS or `pip install nvidia-cublas`, or set "
+                         "MEGATRON_QWEN2_NO_EXT=1 to install without the extension")
+    lib_dir = os.path.dirname(library)
+    return {"include_dirs": [include], "library_dirs": [lib_dir], "runtime_library_dirs": [lib_dir],
+            "libraries": [":" + os.path.basename(library)]}
+
+
 def _extension_setup() -> dict:
     if os.environ.get("MEGATRON_QWEN2_NO_EXT") == "1":
         _say("MEGATRON_QWEN2_NO_EXT=1, installing pure Python (PyTorch fallbacks for every op)")
@@ -73,6 +97,7 @@ def _extension_setup() -> dict:
     ext = CUDAExtension(
         name="megatron_qwen2._C",
         sources=sources,
+        **_cublaslt(CUDA_HOME),
         extra_compile_args={
             "cxx": ["-O3", "-std=c++17", *hopper],
             "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *gencode, *hopper],

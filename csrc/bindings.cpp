@@ -51,6 +51,9 @@ void fp8_quantize_cuda(const torch::Tensor& x, const std::string& tiling, torch:
                        const c10::optional<torch::Tensor>& data_t, const c10::optional<torch::Tensor>& scale_inv_t,
                        const c10::optional<torch::Tensor>& amax);
 void fp8_transpose_cuda(const torch::Tensor& x, torch::Tensor& y, int64_t groups, int64_t rows, int64_t cols);
+void fp8_gemm_accumulate_cuda(const torch::Tensor& a, const torch::Tensor& a_scale_inv, const std::string& a_tiling,
+                              const torch::Tensor& b, const torch::Tensor& b_scale_inv, const std::string& b_tiling,
+                              torch::Tensor& out);
 bool rms_norm_fp8_forward_cuda(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
                                const torch::Tensor& w, c10::optional<torch::Tensor>& sum_out, torch::Tensor& rstd,
                                const std::string& tiling, torch::Tensor& data, torch::Tensor& scale_inv,
@@ -642,6 +645,59 @@ torch::Tensor fp8_transpose(const torch::Tensor& x) {
   if (x.numel() > 0) fp8_transpose_cuda(x, y, groups, x.size(-2), x.size(-1));
   return y;
 }
+
+// ---- out [M, N] (fp32) += a [M, K] @ b [N, K]^T on FP8 codes quantised along K (fp8_gemm.cpp): a
+// and b row-major with unit column stride (a row stride of their own: column slices serve), scales
+// in the layouts ops/fp8.py's Fp8Tensor names for each tiling.
+
+void check_fp8_operand(const torch::Tensor& x, const torch::Tensor& scale_inv, const std::string& tiling,
+                       const char* name) {
+  const char* op = "fp8_gemm_accumulate";
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2, op, ": ", name, " must be a 2-D CUDA tensor, got shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat8_e4m3fn || x.scalar_type() == at::kFloat8_e5m2, op, ": ", name,
+              " must be float8_e4m3fn or float8_e5m2, got ", x.scalar_type());
+  TORCH_CHECK(x.stride(1) == 1 && x.stride(0) >= x.size(1) && x.stride(0) % 16 == 0, op, ": ", name,
+              " must be row-major with a row stride that is a multiple of 16, got strides ", x.strides());
+  TORCH_CHECK(scale_inv.is_cuda() && scale_inv.scalar_type() == at::kFloat, op, ": ", name,
+              "'s scale_inv must be a float32 CUDA tensor");
+  const int64_t rows = x.size(0), blocks = (x.size(1) + 127) / 128;
+  int64_t expected = 0;
+  bool layout = true;
+  if (tiling == "tensor") {
+    expected = 1;
+  } else if (tiling == "row") {
+    expected = rows;
+    layout = scale_inv.is_contiguous();
+  } else if (tiling == "1x128") {
+    expected = rows * blocks;
+    layout = scale_inv.dim() == 2 && scale_inv.stride(0) == 1 && scale_inv.stride(1) == rows;
+  } else if (tiling == "128x128") {
+    expected = ((rows + 127) / 128) * blocks;
+    layout = scale_inv.is_contiguous();
+  } else {
+    TORCH_CHECK(false, op, ": ", name, "'s tiling must be \"tensor\", \"row\", \"1x128\" or \"128x128\", got \"",
+                tiling, "\"");
+  }
+  TORCH_CHECK(scale_inv.numel() == expected && layout, op, ": ", name, "'s ", tiling, " scale_inv of shape ",
+              scale_inv.sizes(), " and strides ", scale_inv.strides(), " does not fit ", name, " of shape ", x.sizes());
+}
+
+void fp8_gemm_accumulate(const torch::Tensor& a, const torch::Tensor& a_scale_inv, const std::string& a_tiling,
+                         const torch::Tensor& b, const torch::Tensor& b_scale_inv, const std::string& b_tiling,
+                         torch::Tensor out) {
+  const char* op = "fp8_gemm_accumulate";
+  check_fp8_operand(a, a_scale_inv, a_tiling, "a");
+  check_fp8_operand(b, b_scale_inv, b_tiling, "b");
+  TORCH_CHECK(a.size(1) == b.size(1) && a.size(1) % 16 == 0, op, ": a ", a.sizes(), " and b ", b.sizes(),
+              " must share K, a multiple of 16");
+  TORCH_CHECK(out.is_cuda() && out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == a.size(0) &&
+                  out.size(1) == b.size(0) && out.stride(1) == 1 && out.stride(0) >= out.size(1),
+              op, ": out must be float32 [", a.size(0), ", ", b.size(0), "] with unit column stride, got ",
+              out.scalar_type(), " ", out.sizes(), " strides ", out.strides());
+  TORCH_CHECK(a.device() == out.device() && b.device() == out.device(), op, ": a, b and out must share a device");
+  if (a.size(0) == 0 || b.size(0) == 0 || a.size(1) == 0) return;
+  fp8_gemm_accumulate_cuda(a, a_scale_inv, a_tiling, b, b_scale_inv, b_tiling, out);
+}
 }  // namespace
 
 #ifndef MQ2_HOPPER_KERNELS
@@ -712,4 +768,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("tiling"), pybind11::arg("rows_pad"));
   m.def("fp8_transpose", &fp8_transpose, "the contiguous transpose of FP8 codes x [R, C] or of each [R, C] of [G, R, C]",
         pybind11::arg("x"));
+  m.def("fp8_gemm_accumulate", &fp8_gemm_accumulate,
+        "out [M, N] (float32) += a [M, K] @ b [N, K]^T on FP8 codes with their scales, one cuBLASLt GEMM (beta 1)",
+        pybind11::arg("a"), pybind11::arg("a_scale_inv"), pybind11::arg("a_tiling"), pybind11::arg("b"),
+        pybind11::arg("b_scale_inv"), pybind11::arg("b_tiling"), pybind11::arg("out"));
 }

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from megatron_qwen2 import ops
 from megatron_qwen2.config import ModelConfig
 from megatron_qwen2.model.mlp import MLP
-from megatron_qwen2.ops.fp8 import (Fp8, Fp8Input, fused_recipe, group_ends, grouped_gemm, grouped_weight_gemm,
-                                    host_to_device, keep_t, padded, quantize_input, quantize_pair, t_again)
+from megatron_qwen2.ops.fp8 import (Fp8, Fp8Input, Fp8Tensor, add_weight_gemm, fused_recipe, gemm, group_ends,
+                                    grouped_gemm, grouped_weight_gemm, host_to_device, keep_t, padded, quantize_input,
+                                    quantize_pair, t_again)
 from megatron_qwen2.parallel.cp import sum_over_cp
 from megatron_qwen2.parallel.expert_dispatch import TokenDispatcher, capacity_mask, expert_capacity
 from megatron_qwen2.parallel.mappings import gather_from_sp, scatter_to_sp
@@ -193,27 +194,26 @@ class _DropPadding(torch.autograd.Function):
 
 
 def _expert_weight_grad(weight: torch.Tensor,
-                        dws: "torch.Tensor | Iterator[tuple[int, torch.Tensor]]") -> torch.Tensor:
-    """The gradient for a 3D expert weight from the experts' gradients (`grouped_weight_gemm`: one
-    [G, out, in] tensor, or (expert, gradient) for each expert with rows), added to main_grad where
-    there is one. Autograd is then handed a placeholder: the [G, out, in] tensor itself where it has
-    the weight's dtype (no second weight-sized tensor beside it), else an uninitialised one (the
-    experts' fp32 gradients are added one at a time: no fp32 copy of the whole)."""
+                        dws: "torch.Tensor | Iterator[tuple[int, Fp8Tensor, Fp8Tensor]]") -> torch.Tensor:
+    """The gradient for a 3D expert weight from `grouped_weight_gemm`'s result (one [G, out, in]
+    tensor, or for each expert with rows the operands of its product), added to main_grad where
+    there is one: each expert's product into main_grad[e] by `add_weight_gemm` (no fp32 product of
+    the whole). Autograd is then handed a placeholder: the [G, out, in] tensor itself where it has
+    the weight's dtype (no second weight-sized tensor beside it), else an uninitialised one."""
     if hasattr(weight, "main_grad"):
         main = weight.main_grad.view(weight.shape)
         weight.wgrad_in_main_grad = True
         if isinstance(dws, torch.Tensor):
             main.add_(dws)
             return dws if dws.dtype == weight.dtype else torch.empty_like(weight)
-        for e, dw in dws:
-            main[e].add_(dw)
-            del dw  # freed before the next product, and before the placeholder
+        for e, dyt, xt in dws:
+            add_weight_gemm(dyt, xt, main[e])
         return torch.empty_like(weight)
     if isinstance(dws, torch.Tensor):
         return dws.to(weight.dtype)
     grad = torch.zeros_like(weight)
-    for e, dw in dws:
-        grad[e].copy_(dw)
+    for e, dyt, xt in dws:
+        grad[e].copy_(gemm(dyt, xt, torch.float32))
     return grad
 
 

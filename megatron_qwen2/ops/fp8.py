@@ -365,6 +365,21 @@ def weight_gemm_slices(dyt: Fp8Tensor, xt: Fp8Tensor):
         yield r, gemm(dyt.rows(r, min(r + step, n)), xt, torch.float32)
 
 
+def add_weight_gemm(dyt: Fp8Tensor, xt: Fp8Tensor, out: torch.Tensor, in_gemm: bool = True) -> None:
+    """out [N, K] (fp32) += dy^T x, from dy^T [N, M] and x^T [K, M] quantised along M: one GEMM that
+    accumulates into out on CUDA with the extension built (csrc/fp8_gemm.cpp: no fp32 product beside
+    out, and no pass over it to add one), else `weight_gemm_slices`' products added slice by slice
+    (`in_gemm=False` asks for that: the baseline bench/fp8_wgrad.py measures it against). out must
+    start 16-byte aligned for the GEMM (cuBLASLt's FP8 kernels); a view that does not takes the slices."""
+    if (in_gemm and extension.use_kernel(dyt.data, xt.data, dtypes=FP8_DTYPES) and out.dtype == torch.float32
+            and out.data_ptr() % 16 == 0):
+        a, b = _whole_k_groups(dyt), _whole_k_groups(xt)
+        library.fp8_gemm_accumulate(a.data, a.scale_inv, a.tiling, b.data, b.scale_inv, b.tiling, out)
+        return
+    for r, dw in weight_gemm_slices(dyt, xt):
+        out[r:r + dw.shape[0]].add_(dw)
+
+
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`; to a GPU through pinned memory, so that the host does not wait
     for the device's queue to drain (a copy from pageable memory does)."""
@@ -407,12 +422,12 @@ def grouped_gemm(a: Fp8Tensor, b: Fp8Tensor, counts: list[int], out_dtype: torch
 
 
 def grouped_weight_gemm(a: Fp8Tensor, b: Fp8Tensor, counts: list[int],
-                        grouped: bool = True) -> "torch.Tensor | Iterator[tuple[int, torch.Tensor]]":
+                        grouped: bool = True) -> "torch.Tensor | Iterator[tuple[int, Fp8Tensor, Fp8Tensor]]":
     """The weight gradients of grouped rows: a [N, M] (dy^T) and b [K, M] (x^T), both quantised along
     M, whose columns are grouped by `counts` (multiples of the recipe's token multiple); for group g
     a[:, g] @ b[:, g]^T [N, K]. Where one torch._scaled_grouped_mm serves: all groups as one bf16
-    [G, N, K] tensor (zero for an empty group). Else (group, fp32 product) for each group with rows,
-    made one after another as they are taken, so that one group's product exists at a time."""
+    [G, N, K] tensor (zero for an empty group). Else (group, a's columns, b's columns) for each
+    group with rows, the operands of its product (`add_weight_gemm` adds it where it is kept)."""
     n, k = a.data.shape[0], b.data.shape[0]
     if _grouped_on_gpu(a, torch.bfloat16, grouped):
         g = len(counts)
@@ -424,8 +439,7 @@ def grouped_weight_gemm(a: Fp8Tensor, b: Fp8Tensor, counts: list[int],
             out[empty] = 0
         return out
     starts = itertools.accumulate(counts, initial=0)
-    return ((e, gemm(a.cols(s, s + c), b.cols(s, s + c), torch.float32))
-            for e, (s, c) in enumerate(zip(starts, counts)) if c)
+    return ((e, a.cols(s, s + c), b.cols(s, s + c)) for e, (s, c) in enumerate(zip(starts, counts)) if c)
 
 
 def fp8_unsupported(device: torch.device) -> Optional[str]:

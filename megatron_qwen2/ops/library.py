@@ -437,6 +437,19 @@ def _(x):
     return x.new_empty(*x.shape[:-2], x.shape[-1], x.shape[-2])
 
 
+@custom_op("megatron_qwen2::fp8_gemm_accumulate", mutates_args=("out",))
+def fp8_gemm_accumulate(a: Tensor, a_scale_inv: Tensor, a_tiling: str, b: Tensor, b_scale_inv: Tensor,
+                        b_tiling: str, out: Tensor) -> None:
+    """out [M, N] (fp32) += a [M, K] @ b [N, K]^T on FP8 codes quantised along K (ops.fp8.Fp8Tensor's
+    scale layouts), one cuBLASLt GEMM that reads out as its C (csrc/fp8_gemm.cpp)."""
+    _ext().fp8_gemm_accumulate(a, a_scale_inv, a_tiling, b, b_scale_inv, b_tiling, out)
+
+
+@fp8_gemm_accumulate.register_fake
+def _(a, a_scale_inv, a_tiling, b, b_scale_inv, b_tiling, out):
+    return None
+
+
 # ---- Ops whose output goes to an FP8 linear layer already quantised: y [rows, cols] padded with zero
 # rows to rows_pad, as fp8_quantize (fp8_quantize_tensorwise for "tensor") with the transpose would give
 # it, y itself never written: [data [rows_pad, cols], scale_inv, data_t [cols, rows_pad](, scale_inv_t

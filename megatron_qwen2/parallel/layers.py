@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron_qwen2.ops.fp8 import (Fp8, Fp8Input, gemm, keep_t, pad_rows, quantize_input, quantize_pair, t_again,
-                                    weight_gemm_slices)
+from megatron_qwen2.ops.fp8 import (Fp8, Fp8Input, Fp8Tensor, add_weight_gemm, gemm, keep_t, pad_rows, quantize_input,
+                                    quantize_pair, t_again, weight_gemm_slices)
 from megatron_qwen2.parallel.mappings import (copy_to_tp, gather_from_sp, reduce_from_tp,
                                               reduce_scatter_to_sp)
 from megatron_qwen2.parallel.shard import KvReplica, Shard, set_shard, shard_of
@@ -99,18 +99,16 @@ class _LinearMainGrad(torch.autograd.Function):
         return dx, torch.empty_like(weight), db
 
 
-def add_weight_grad(weight: torch.Tensor, slices: Iterable[tuple[int, torch.Tensor]]) -> torch.Tensor:
-    """The gradient to hand autograd for `weight` viewed as [-1, in], given its fp32 gradient as
-    (first row, rows) slices: each added to main_grad where the gradient buffer gave it one (no fp32
-    copy of the whole; a placeholder returned, as _LinearMainGrad does), else the slices joined in
-    the weight's dtype and shape."""
+def add_weight_grad(weight: torch.Tensor, dyt: Fp8Tensor, xt: Fp8Tensor) -> torch.Tensor:
+    """The gradient to hand autograd for `weight` viewed as [-1, in], given dy^T and x^T quantised
+    along the tokens: added into main_grad by the GEMM where the gradient buffer gave it one
+    (`add_weight_gemm`; a placeholder returned, as _LinearMainGrad does), else made in fp32 slices
+    joined in the weight's dtype and shape."""
     if hasattr(weight, "main_grad"):
-        main = weight.main_grad.view(-1, weight.shape[-1])
-        for r, dw in slices:
-            main[r:r + dw.shape[0]].add_(dw)
+        add_weight_gemm(dyt, xt, weight.main_grad.view(-1, weight.shape[-1]))
         weight.wgrad_in_main_grad = True
         return torch.empty_like(weight)
-    return torch.cat([dw for _, dw in slices]).to(weight.dtype).view(weight.shape)
+    return torch.cat([dw for _, dw in weight_gemm_slices(dyt, xt)]).to(weight.dtype).view(weight.shape)
 
 
 class _Fp8Linear(torch.autograd.Function):
@@ -144,7 +142,7 @@ class _Fp8Linear(torch.autograd.Function):
         dy2 = pad_rows(dy.reshape(rows, dy.shape[-1]), rcp.token_multiple)
         dyq, dyt = quantize_pair(dy2, rcp.activation_tiling, rcp.grad_dtype)
         dx = gemm(dyq, ctx.weight8.t(), dy.dtype)[:rows].view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        dw = add_weight_grad(weight, weight_gemm_slices(dyt, xt))
+        dw = add_weight_grad(weight, dyt, xt)
         db = dy2.sum(0) if ctx.has_bias else None
         return dx, dw, db, None, None
 

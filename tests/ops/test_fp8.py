@@ -219,30 +219,27 @@ def test_fp8_experts_match_their_bf16_reference(name):
     assert torch.equal(w.grad[1], torch.zeros_like(w.grad[1]))  # no rows, no gradient
 
 
-def test_each_experts_weight_gradient_is_freed_once_added():
-    """Where the experts' weight gradients come one GEMM at a time, each is added to main_grad and
-    freed before the next is made and before the placeholder for autograd: one expert's fp32
-    gradient exists at a time."""
-    import weakref
-
+@pytest.mark.parametrize("tiling", ["tensor", "row", "1x128"])
+def test_experts_weight_gradients_are_added_into_main_grad(tiling):
+    """Where the experts' weight gradients come one GEMM at a time, each expert's product is added
+    into its slice of main_grad (what was there kept), an expert without rows gets nothing, and
+    autograd is handed a placeholder; without main_grad the gradient is the products themselves."""
     from megatron_qwen2.model.moe import _expert_weight_grad
+    from megatron_qwen2.ops.fp8 import grouped_weight_gemm
 
-    w = torch.zeros(3, 4, 5)
-    w.main_grad = torch.zeros(3, 4, 5)
-    made = []
+    counts = [128, 0, 256]
+    dyt, xt = quantize(torch.randn(32, 384), tiling), quantize(torch.randn(48, 384), tiling)
+    expected = torch.zeros(3, 32, 48)
+    for e, s, c in ((0, 0, 128), (2, 128, 256)):
+        expected[e] = gemm(dyt.cols(s, s + c), xt.cols(s, s + c), torch.float32)
 
-    def products():
-        for e in (0, 2):
-            assert all(r() is None for r in made), "an earlier expert's gradient is still held"
-            dw = torch.full((4, 5), float(e + 1))
-            made.append(weakref.ref(dw))
-            yield e, dw
-            del dw
-        assert all(r() is None for r in made), "the last expert's gradient is still held"
-
-    placeholder = _expert_weight_grad(w, products())
+    w = torch.zeros(3, 32, 48)
+    w.main_grad = torch.ones(3, 32, 48)
+    placeholder = _expert_weight_grad(w, grouped_weight_gemm(dyt, xt, counts))
     assert placeholder.shape == w.shape and w.wgrad_in_main_grad
-    assert torch.equal(w.main_grad, torch.stack([torch.full((4, 5), 1.0), torch.zeros(4, 5), torch.full((4, 5), 3.0)]))
+    torch.testing.assert_close(w.main_grad, expected + 1)
+    torch.testing.assert_close(_expert_weight_grad(torch.zeros(3, 32, 48), grouped_weight_gemm(dyt, xt, counts)),
+                               expected)
 
 
 @pytest.mark.parametrize("tiling", ["1x128", "128x128"])

@@ -65,6 +65,64 @@ def test_the_emulated_product_is_the_gpu_product(name):
     assert rel(gpu.cpu(), cpu) < 5e-4
 
 
+@pytest.mark.parametrize("a_tiling,b_tiling", [("tensor", "tensor"), ("row", "row"), ("1x128", "1x128"),
+                                               ("1x128", "128x128")])
+@pytest.mark.parametrize("m,n,k", [(4608, 3584, 8192), (1152, 896, 1152), (384, 256, 640)])
+def test_the_accumulating_gemm_adds_the_product(monkeypatch, a_tiling, b_tiling, m, n, k):
+    """out += a @ b^T in one GEMM (csrc/fp8_gemm.cpp) is what was in out plus torch._scaled_mm's fp32
+    product, for out 16-byte aligned but not 256 (the heuristic is told); an out that is not
+    16-byte aligned takes the product-then-add path, with the same result."""
+    import megatron_qwen2.ops.fp8 as fp8
+
+    torch.manual_seed(0)
+    a = quantize(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), a_tiling)
+    b = quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), b_tiling)
+    product = gemm(a, b, torch.float32)
+    for offset, in_gemm in ((4, True), (1, False)):
+        buffer = torch.randn(offset + m * n + 64, device="cuda")
+        out, before = buffer[offset:offset + m * n].view(m, n), buffer.clone()
+        expected = out + product
+        with monkeypatch.context() as patch:
+            if in_gemm:  # the slices are the other path: this one must not take them
+                patch.setattr(fp8, "weight_gemm_slices", lambda *args: pytest.fail("took the product-then-add path"))
+            fp8.add_weight_gemm(a, b, out)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        untouched = torch.ones_like(buffer, dtype=torch.bool)
+        untouched[offset:offset + m * n] = False
+        assert torch.equal(buffer[untouched], before[untouched])  # nothing written beside out
+
+
+def test_the_accumulating_gemm_refuses_what_it_cannot_take():
+    from megatron_qwen2.ops import library
+
+    a, b = quantize(torch.randn(64, 128, device="cuda"), "tensor"), quantize(torch.randn(32, 128, device="cuda"), "tensor")
+    args = (a.data, a.scale_inv, "tensor", b.data, b.scale_inv, "tensor")
+    with pytest.raises(RuntimeError, match="out must be float32"):
+        library.fp8_gemm_accumulate(*args, torch.zeros(64, 32, device="cuda", dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="does not fit"):
+        library.fp8_gemm_accumulate(a.data, a.scale_inv, "row", *args[3:], torch.zeros(64, 32, device="cuda"))
+    with pytest.raises(RuntimeError, match="share K"):
+        library.fp8_gemm_accumulate(*args[:3], a.data[:32, :112], b.scale_inv, "tensor", torch.zeros(64, 32, device="cuda"))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_the_weight_gradient_into_main_grad_is_the_weight_gradient(name):
+    """With main_grad (the gradient buffer's), a layer's FP8 weight gradient is added into it by the
+    GEMM: what was there plus the gradient the layer hands autograd without main_grad."""
+    torch.manual_seed(2)
+    x = torch.randn(1000, 896, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(1000, 1152, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(1152, 896, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
+    linear(x, w, fp8=Fp8(recipe(name), Fp8Weights())).backward(dy)
+    plain = w.grad.float()
+    w.grad = None
+    w.main_grad = torch.ones(1152, 896, device="cuda")
+    linear(x, w, fp8=Fp8(recipe(name), Fp8Weights())).backward(dy)
+    assert w.wgrad_in_main_grad
+    # The plain gradient is rounded to bf16 (2^-8 relative); main_grad keeps fp32.
+    torch.testing.assert_close(w.main_grad - 1, plain, rtol=1e-2, atol=1e-2 * plain.abs().max().item())
+
+
 @pytest.mark.parametrize("name", RECIPES)
 def test_fp8_experts_on_the_gpu(name):
     torch.manual_seed(1)
