@@ -48,7 +48,7 @@ def _check_cuda_versions(nvcc: str, torch_cuda: str) -> None:
         _say(f"note: nvcc is CUDA {nvcc_version}, torch was built with CUDA {torch_cuda} (same major version: fine)")
 
 
-def _cublaslt(cuda_home: str) -> dict:
+def _cublaslt(cuda_home: "str | None") -> dict:
     """Where cublasLt.h and libcublasLt are (csrc/fp8_gemm.cpp calls cuBLASLt): the CUDA toolkit's, else
     those of the nvidia-cublas wheel torch depends on. CUDAExtension arguments, or a clear stop."""
     roots = [os.path.join(cuda_home, "include")] if cuda_home else []

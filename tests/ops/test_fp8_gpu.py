@@ -78,12 +78,12 @@ def test_the_accumulating_gemm_adds_the_product(monkeypatch, a_tiling, b_tiling,
     a = quantize(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), a_tiling)
     b = quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), b_tiling)
     product = gemm(a, b, torch.float32)
-    for offset, in_gemm in ((4, True), (1, False)):
+    for offset, expect_gemm in ((4, True), (1, False)):
         buffer = torch.randn(offset + m * n + 64, device="cuda")
         out, before = buffer[offset:offset + m * n].view(m, n), buffer.clone()
         expected = out + product
         with monkeypatch.context() as patch:
-            if in_gemm:  # the slices are the other path: this one must not take them
+            if expect_gemm:  # the slices are the other path: this one must not take them
                 patch.setattr(fp8, "weight_gemm_slices", lambda *args: pytest.fail("took the product-then-add path"))
             fp8.add_weight_gemm(a, b, out)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
