@@ -412,10 +412,12 @@ def _rank_memory(cfg: Config, dp: int, params: dict[str, int], largest: int, lay
     step_transient = 0.0 if path == "kernels" else 4 * opt_elems
     # Backward: the .grad of a weight (compute dtype) exists until the hook adds it into main_grad
     # (the largest weight of the model: conservative on stages without the embedding or head).
-    # An FP8 weight gradient is an fp32 GEMM output added into main_grad afterwards, slice by
-    # slice (ops/fp8.py WGRAD_SLICE_ELEMENTS); beside it, a dense W^T is made for the input gradient
-    # (1 B per element of the largest dense FP8 weight; rowwise quantises W again, W and W^T: 2 B).
-    grad_transient = max((2 if bf16 else 4) * largest, 4 * min(fp8[2], WGRAD_SLICE_ELEMENTS))
+    # An FP8 weight gradient is accumulated into main_grad by its GEMM on CUDA (ops/fp8.py
+    # add_weight_gemm); elsewhere it is an fp32 GEMM output added afterwards, slice by slice
+    # (WGRAD_SLICE_ELEMENTS). Beside it, a dense W^T is made for the input gradient (1 B per element
+    # of the largest dense FP8 weight; rowwise quantises W again, W and W^T: 2 B).
+    fp8_wgrad = 0 if path == "kernels" else 4 * min(fp8[2], WGRAD_SLICE_ELEMENTS)
+    grad_transient = max((2 if bf16 else 4) * largest, fp8_wgrad)
     grad_transient += (2 if rowwise else 1) * fp8[3]
     mem["grad transient (largest weight)"] = grad_transient
     mem["optimizer step transient"] = step_transient
