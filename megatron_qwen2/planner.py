@@ -26,7 +26,7 @@ import torch
 from megatron_qwen2.config import Config
 from megatron_qwen2.engine.pipeline import build_model_chunks, stage_layers
 from megatron_qwen2.engine.schedule import build_schedule, simulate, textbook_bubble_fraction
-from megatron_qwen2.model.flops import training_flops_per_token
+from megatron_qwen2.model.flops import fp8_flops_per_token, training_flops_per_token
 from megatron_qwen2.ops.fp8 import WGRAD_SLICE_ELEMENTS, Fp8, Fp8Weights, recipe
 from megatron_qwen2.parallel.shard import shard_of
 from megatron_qwen2.parallel.topology import Topology
@@ -46,10 +46,13 @@ CONTEXT_ALLOWANCE_GIB = 3.0
 # four 72B-shaped layers at tp 2 with sequence parallelism, 16 micro-batches, 452 TFLOP/s per GPU.
 DEFAULT_EFFICIENCY = 0.457
 # train.fp8: the step time of the 7B-width 8-layer slice, bf16 over FP8, each measured beside the
-# other in one run (bench/results/train_throughput_qwen2_7b_8layers_fp8_h100-80gb-hbm3_2026-12-07.json);
-# the planner divides the bf16 step time by it. The slice's bf16 vocabulary head is a fifth of its
-# FLOPs, so for a full-depth model this understates the gain.
+# other in one run (bench/results/train_throughput_qwen2_7b_8layers_fp8_h100-80gb-hbm3_2026-12-07.json),
+# and the share of that slice's FLOPs the FP8 GEMMs run (model/flops.py fp8_flops_per_token, seq
+# 4096). With the rest of the step (vocabulary head, attention core, router) taken as unchanged,
+# the FP8 share ran FP8_SLICE_SHARE / (1 / speed-up - 1 + FP8_SLICE_SHARE) times faster (its
+# quantisation included); the planner applies that rate to the FP8 share of the model it plans.
 FP8_STEP_SPEEDUP = {"tensorwise": 1.179, "rowwise": 1.131, "blockwise": 1.111}
+FP8_SLICE_SHARE = 0.7378
 # The MoE token exchanges (all-to-all over ep, gather / reduce-scatter over etp) are counted as
 # exposed time at an assumed bandwidth per GPU, not a measured one: NVLink 4 inside a node of 8
 # GPUs (450 GB/s a direction, of which an all-to-all reaches about 80 %) and one 400 Gb/s
@@ -59,13 +62,16 @@ EXCHANGE_GBPS = {"nvlink": 360.0, "infiniband": 40.0}
 
 
 def fp8_step_speedup(cfg: Config) -> float:
-    """How much faster train.fp8 makes the step: FP8_STEP_SPEEDUP for a dense model. A model with
+    """How much faster train.fp8 makes the step: the FP8 share of a dense model's FLOPs at the rate
+    the 7B-width slice measured (FP8_STEP_SPEEDUP, FP8_SLICE_SHARE), the rest unchanged. A model with
     routed experts is taken at its bf16 step time: a step of one 57B-A14B-width MoE layer measures
     x0.98-0.99 of bf16's in FP8
     (bench/results/train_throughput_qwen2_57b_a14b_1layer_fp8_h100-80gb-hbm3_2026-12-07.json)."""
     if cfg.train.fp8 == "none" or cfg.model.num_experts:
         return 1.0
-    return FP8_STEP_SPEEDUP[cfg.train.fp8]
+    rate = FP8_SLICE_SHARE / (1 / FP8_STEP_SPEEDUP[cfg.train.fp8] - 1 + FP8_SLICE_SHARE)
+    share = fp8_flops_per_token(cfg.model) / training_flops_per_token(cfg.model, cfg.train.seq_length)
+    return 1 / (1 - share + share / rate)
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -539,7 +545,7 @@ def format_plan(plan: Plan) -> str:
               f"{plan.bubble_textbook:.1%}",
               f"assumed efficiency {plan.efficiency:.1%} of {GPUS[plan.gpu]['peak_tflops']:.0f} TFLOP/s"
               + ("" if t.fp8 == "none" else ", FP8 step taken as bf16's (an MoE layer measured x0.99)"
-                 if plan.cfg.model.num_experts else f", FP8 step {fp8_step_speedup(plan.cfg):.2f}x faster (measured)")
+                 if plan.cfg.model.num_experts else f", FP8 step {fp8_step_speedup(plan.cfg):.2f}x faster (measured rate)")
               + ("" if not plan.exchange_s else f", + MoE token exchanges {plan.exchange_s:.2f} s (assumed bandwidth)")
               + f" -> step {plan.step_time_s:.2f} s, MFU {plan.mfu:.1%}, "
               f"{t.global_batch_size * t.seq_length / plan.step_time_s:,.0f} tokens/s"]

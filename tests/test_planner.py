@@ -170,7 +170,8 @@ def test_fp8_plan_against_the_recorded_fp8_runs(fp8):
     """Memory and step speed-up of train.fp8 against
     bench/results/train_throughput_qwen2_7b_8layers_fp8_h100-80gb-hbm3_2026-12-07.json (the 7B-width
     8-layer slice, micro-batch 2, bf16 and each recipe in one run)."""
-    from megatron_qwen2.planner import FP8_STEP_SPEEDUP
+    from megatron_qwen2.model.flops import fp8_flops_per_token, training_flops_per_token
+    from megatron_qwen2.planner import FP8_SLICE_SHARE, FP8_STEP_SPEEDUP, fp8_step_speedup
 
     name = "train_throughput_qwen2_7b_8layers_fp8_h100-80gb-hbm3_2026-12-07.json"
     data = json.loads((ROOT / "bench" / "results" / name).read_text())
@@ -179,20 +180,28 @@ def test_fp8_plan_against_the_recorded_fp8_runs(fp8):
     assert FP8_STEP_SPEEDUP[fp8] == pytest.approx(row["tokens_per_s"] / bf16["tokens_per_s"], abs=1e-3)
     cfg = Config(model=ModelConfig(name="qwen2_7b", **dict(M7, num_layers=8)), parallel=ParallelConfig(),
                  train=TrainConfig(**dict(BF16_4K, micro_batch_size=2, global_batch_size=16, fp8=fp8))).validate(1)
+    share = fp8_flops_per_token(cfg.model) / training_flops_per_token(cfg.model, cfg.train.seq_length)
+    assert FP8_SLICE_SHARE == pytest.approx(share, abs=1e-4)
+    assert fp8_step_speedup(cfg) == pytest.approx(FP8_STEP_SPEEDUP[fp8], rel=1e-4)  # the slice gets its own
+    deeper = Config(model=ModelConfig(name="qwen2_7b", **dict(M7, num_layers=28)), parallel=ParallelConfig(),
+                    train=cfg.train).validate(1)
+    assert fp8_step_speedup(deeper) > FP8_STEP_SPEEDUP[fp8]  # a larger FP8 share gains more
     planned = make_plan(cfg, 1, "h200-141gb", context_gib=0.0).ranks[0].allocated
     measured = row["mem_peak_allocated_gib"] * 2 ** 30
     assert planned / measured - 1 == pytest.approx(0, abs=0.05)
 
 
 def test_fp8_speeds_up_a_dense_step_and_takes_a_moe_step_as_bf16s():
-    """train.fp8 divides a dense model's step by the measured speed-up; a model with routed experts
+    """train.fp8 divides a dense model's step by its FP8 speed-up; a model with routed experts
     (an MoE layer's step measured x0.99 in FP8) keeps its bf16 step time, and the plan says so."""
-    from megatron_qwen2.planner import FP8_STEP_SPEEDUP, format_plan
+    from megatron_qwen2.planner import fp8_step_speedup, format_plan
 
-    for model, factor in ((tiny(), FP8_STEP_SPEEDUP["tensorwise"]), (tiny(**MOE), 1.0)):
+    dense = config(tiny(), ParallelConfig(), 1, fp8="tensorwise")
+    for model, factor in ((tiny(), fp8_step_speedup(dense)), (tiny(**MOE), 1.0)):
         steps = [make_plan(config(model, ParallelConfig(), 1, fp8=fp8), 1).step_time_s
                  for fp8 in ("none", "tensorwise")]
         assert steps[0] / steps[1] == pytest.approx(factor)
+    assert fp8_step_speedup(dense) > 1
     text = format_plan(make_plan(config(tiny(**MOE), ParallelConfig(), 1, fp8="tensorwise"), 1))
     assert "FP8 step taken as bf16's" in text
 
