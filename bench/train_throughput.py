@@ -22,9 +22,9 @@ FLOP count.
 
 --fp8 tensorwise rowwise blockwise also measures our step with train.fp8 set to each recipe
 (ops/fp8.py), after the bf16 step and in the same run; their MFU uses the same bf16 FLOP count.
-The JSON also records the FLOP share FP8 takes (fp8_flops_per_token: the linear layers; the
-attention core, router and vocabulary head stay bf16) and the speed-up over bf16 that share bounds:
-1 / (1 - share + share / 2), with the FP8 GEMMs at twice the bf16 rate and nothing else faster.
+The JSON also records the FLOP share FP8 takes (fp8_flop_share: the linear layers; the attention
+core, router and vocabulary head stay bf16) and the speed-up over bf16 that share bounds
+(speedup_of_share at rate 2: the FP8 GEMMs at twice the bf16 rate and nothing else faster).
 
 --documents MEAN also measures our bf16 step on rows packed with documents (`Batch.document_ids`,
 what `data.reset_attention_mask=true` feeds the model): lengths uniform in 1 .. 2 MEAN - 1 tokens,
@@ -229,11 +229,11 @@ def measure_ours(mcfg, args, device, flops_per_token: float, ceiling: float | No
     result.update(ops_in_use(device, mcfg, args.seq, documents is not None), recompute=args.recompute, fp8=fp8,
                   documents_mean_tokens=documents)
     if step.step.fp8 is not None:
-        from megatron_qwen2.model.flops import fp8_flops_per_token
+        from megatron_qwen2.model.flops import fp8_flop_share, speedup_of_share
 
-        share = fp8_flops_per_token(mcfg) / flops_per_token
+        share = fp8_flop_share(mcfg, args.seq)
         result.update(fp8_weight_copies_gib=step.step.fp8.weights.nbytes() / 2**30, fp8_flop_share=share,
-                      fp8_speedup_bound=1 / (1 - share + share / 2))
+                      fp8_speedup_bound=speedup_of_share(share, 2))
     prof = profile_steps(step, device) if args.profile else None
     del step
     reset_memory(device)

@@ -26,7 +26,7 @@ import torch
 from megatron_qwen2.config import Config
 from megatron_qwen2.engine.pipeline import build_model_chunks, stage_layers
 from megatron_qwen2.engine.schedule import build_schedule, simulate, textbook_bubble_fraction
-from megatron_qwen2.model.flops import fp8_flops_per_token, training_flops_per_token
+from megatron_qwen2.model.flops import fp8_flop_share, speedup_of_share, training_flops_per_token
 from megatron_qwen2.ops.fp8 import WGRAD_SLICE_ELEMENTS, Fp8, Fp8Weights, recipe
 from megatron_qwen2.parallel.shard import shard_of
 from megatron_qwen2.parallel.topology import Topology
@@ -47,7 +47,7 @@ CONTEXT_ALLOWANCE_GIB = 3.0
 DEFAULT_EFFICIENCY = 0.457
 # train.fp8: the step time of the 7B-width 8-layer slice, bf16 over FP8, each measured beside the
 # other in one run (bench/results/train_throughput_qwen2_7b_8layers_fp8_h100-80gb-hbm3_2026-12-07.json),
-# and the share of that slice's FLOPs the FP8 GEMMs run (model/flops.py fp8_flops_per_token, seq
+# and the share of that slice's FLOPs the FP8 GEMMs run (model/flops.py fp8_flop_share, seq
 # 4096). With the rest of the step (vocabulary head, attention core, router) taken as unchanged,
 # the FP8 share ran FP8_SLICE_SHARE / (1 / speed-up - 1 + FP8_SLICE_SHARE) times faster (its
 # quantisation included); the planner applies that rate to the FP8 share of the model it plans.
@@ -70,8 +70,7 @@ def fp8_step_speedup(cfg: Config) -> float:
     if cfg.train.fp8 == "none" or cfg.model.num_experts:
         return 1.0
     rate = FP8_SLICE_SHARE / (1 / FP8_STEP_SPEEDUP[cfg.train.fp8] - 1 + FP8_SLICE_SHARE)
-    share = fp8_flops_per_token(cfg.model) / training_flops_per_token(cfg.model, cfg.train.seq_length)
-    return 1 / (1 - share + share / rate)
+    return speedup_of_share(fp8_flop_share(cfg.model, cfg.train.seq_length), rate)
 
 
 # ----------------------------------------------------------------------------- parameters

@@ -170,7 +170,7 @@ def test_fp8_plan_against_the_recorded_fp8_runs(fp8):
     """Memory and step speed-up of train.fp8 against
     bench/results/train_throughput_qwen2_7b_8layers_fp8_h100-80gb-hbm3_2026-12-07.json (the 7B-width
     8-layer slice, micro-batch 2, bf16 and each recipe in one run)."""
-    from megatron_qwen2.model.flops import fp8_flops_per_token, training_flops_per_token
+    from megatron_qwen2.model.flops import fp8_flop_share
     from megatron_qwen2.planner import FP8_SLICE_SHARE, FP8_STEP_SPEEDUP, fp8_step_speedup
 
     name = "train_throughput_qwen2_7b_8layers_fp8_h100-80gb-hbm3_2026-12-07.json"
@@ -180,8 +180,7 @@ def test_fp8_plan_against_the_recorded_fp8_runs(fp8):
     assert FP8_STEP_SPEEDUP[fp8] == pytest.approx(row["tokens_per_s"] / bf16["tokens_per_s"], abs=1e-3)
     cfg = Config(model=ModelConfig(name="qwen2_7b", **dict(M7, num_layers=8)), parallel=ParallelConfig(),
                  train=TrainConfig(**dict(BF16_4K, micro_batch_size=2, global_batch_size=16, fp8=fp8))).validate(1)
-    share = fp8_flops_per_token(cfg.model) / training_flops_per_token(cfg.model, cfg.train.seq_length)
-    assert FP8_SLICE_SHARE == pytest.approx(share, abs=1e-4)
+    assert FP8_SLICE_SHARE == pytest.approx(fp8_flop_share(cfg.model, cfg.train.seq_length), abs=1e-4)
     assert fp8_step_speedup(cfg) == pytest.approx(FP8_STEP_SPEEDUP[fp8], rel=1e-4)  # the slice gets its own
     deeper = Config(model=ModelConfig(name="qwen2_7b", **dict(M7, num_layers=28)), parallel=ParallelConfig(),
                     train=cfg.train).validate(1)

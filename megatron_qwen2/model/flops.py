@@ -35,3 +35,13 @@ def fp8_flops_per_token(cfg: ModelConfig) -> float:
     """The part of `training_flops_per_token` that `train.fp8` runs in FP8: the linear layers of
     attention and the MLP or experts. The attention core, router and vocabulary head stay bf16."""
     return 3 * sum(_projection_flops(cfg, i) for i in range(cfg.num_layers))
+
+
+def fp8_flop_share(cfg: ModelConfig, seq_length: int) -> float:
+    """The share of a training step's FLOPs that `train.fp8` runs in FP8."""
+    return fp8_flops_per_token(cfg) / training_flops_per_token(cfg, seq_length)
+
+
+def speedup_of_share(share: float, rate: float) -> float:
+    """A step's speed-up when `share` of it runs `rate` times faster and the rest takes as long."""
+    return 1 / (1 - share + share / rate)
